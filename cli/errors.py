@@ -1,0 +1,57 @@
+"""The one table mapping typed errors to a one-line message and an exit code (docs/cli.md lists it)."""
+from __future__ import annotations
+
+import os
+import sys
+
+import click
+
+from ditkit.formats.errors import (ConfigError, DitkitError, FormatError, HardwareError, Interrupted,
+                                   OutputExistsError, QualityGateError, UnsupportedModelError)
+
+EXIT_OK = 0
+EXIT_GATE = 1  # a quality gate or parity check failed; the full report was still printed
+EXIT_INPUT = 2  # bad input or usage: nothing was written
+EXIT_INTERNAL = 3  # a bug in ditkit (run with DITKIT_DEBUG=1 for the traceback)
+EXIT_INTERRUPTED = 130  # SIGINT/SIGTERM: long jobs saved a resumable checkpoint first
+
+EXIT_CODES: dict[type, int] = {
+    QualityGateError: EXIT_GATE,
+    ConfigError: EXIT_INPUT,
+    FormatError: EXIT_INPUT,
+    UnsupportedModelError: EXIT_INPUT,
+    OutputExistsError: EXIT_INPUT,
+    HardwareError: EXIT_INPUT,
+    Interrupted: EXIT_INTERRUPTED,
+    click.UsageError: EXIT_INPUT,
+}
+
+
+def exit_code(err: BaseException) -> int:
+    for cls in type(err).__mro__:
+        if cls in EXIT_CODES:
+            return EXIT_CODES[cls]
+    return EXIT_INTERNAL
+
+
+def one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def report_error(err: BaseException) -> int:
+    """Print `Error: ...` on stderr (traceback only with DITKIT_DEBUG=1); return the exit code."""
+    if os.environ.get("DITKIT_DEBUG") == "1":
+        import traceback
+
+        traceback.print_exception(err)
+    code = exit_code(err)
+    if isinstance(err, click.UsageError):
+        msg = err.format_message()
+    elif isinstance(err, DitkitError):
+        msg = str(err)
+    elif isinstance(err, MemoryError):
+        msg = "out of memory; use a smaller --batch-size or resolution"
+    else:
+        msg = f"internal error ({type(err).__name__}: {err}); rerun with DITKIT_DEBUG=1 and report it"
+    print(f"Error: {one_line(msg)}", file=sys.stderr)
+    return code

@@ -1,0 +1,88 @@
+"""ditkit generate: sample images from a checkpoint."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from ditkit.formats.atomic import check_output
+from ditkit.formats.bundle import load_bundle
+from ditkit.formats.embeddings import load_embeddings
+from ditkit.formats.errors import ConfigError, FormatError
+from ditkit.formats.images import write_images
+from ditkit.formats.manifest import environment
+from ditkit.ops import distributed
+from ditkit.ops.generate import GenerateConfig, generate
+from ditkit.ops.runtime import resolve_device, resolve_dtype
+
+from . import output
+from .options import (ConfigOpt, DeviceOpt, DtypeOpt, FamilyOpt, ForceOpt, JsonOpt, ModelArg, OutOpt, SeedOpt)
+
+
+def parse_ints(text: str | None, flag: str) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(f"{flag} must be comma-separated integers, e.g. 3,7 (got {text!r})")
+
+
+def read_prompts(prompts: list[str], prompts_file: Path | None) -> list[str] | None:
+    if prompts_file is not None:
+        try:
+            prompts = prompts + [l.strip() for l in prompts_file.read_text().splitlines() if l.strip()]
+        except OSError as e:
+            raise FormatError(f"cannot read --prompts-file {prompts_file} ({e.strerror})")
+    return prompts or None
+
+
+def generate_cmd(
+    src: ModelArg = None,
+    out: OutOpt = Path("out"),
+    labels: Annotated[Optional[str], typer.Option(help="Class ids, comma-separated (dit), e.g. 3,7.")] = None,
+    prompt: Annotated[Optional[list[str]], typer.Option(help="A prompt (repeatable; text families).")] = None,
+    prompts_file: Annotated[Optional[Path], typer.Option(help="A file with one prompt per line.")] = None,
+    embeddings: Annotated[Optional[Path], typer.Option(help="Precomputed text embeddings (.safetensors).")] = None,
+    num_images: Annotated[Optional[int], typer.Option(help="Images to make; they cycle through labels/prompts.")] = None,
+    steps: Annotated[Optional[int], typer.Option(help="Denoising steps (default: the model's own).")] = None,
+    sampler: Annotated[Optional[str], typer.Option(help="ddim, dpm++, euler, flow-euler (default: the model's).")] = None,
+    guidance: Annotated[Optional[float], typer.Option(help="Classifier-free guidance scale (default: the model's).")] = None,
+    seed: SeedOpt = 0,
+    batch_size: Annotated[int, typer.Option(help="Images per forward pass (does not change the images).")] = 8,
+    height: Annotated[Optional[int], typer.Option(help="Height in pixels (default: native).")] = None,
+    width: Annotated[Optional[int], typer.Option(help="Width in pixels (default: native).")] = None,
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "fp32",
+    family: FamilyOpt = None,
+    config: ConfigOpt = None,
+    force: ForceOpt = False,
+    json_: JsonOpt = False,
+):
+    """Generate images (PNGs, a grid and a JSON sidecar); scored by the model's judge when it has one."""
+    cfg = GenerateConfig(labels=parse_ints(labels, "--labels"), prompts=read_prompts(prompt or [], prompts_file),
+                         num_images=num_images, steps=steps, sampler=sampler, guidance=guidance, seed=seed,
+                         batch_size=batch_size, height=height, width=width, device=resolve_device(device), dtype=dtype)
+    rank, _ = distributed.world()
+    if rank == 0:
+        check_output(out, force)
+    bundle = load_bundle(src, family=family, config=config, device=cfg.device,
+                         dtype=resolve_dtype(dtype, cfg.device))
+    emb = load_embeddings(embeddings) if embeddings else None
+    with distributed.process_group(cfg.device) as (rank, size):
+        n = cfg.num_images or 0
+        with output.progress("generating", n) as bar:
+            task = bar.add_task("generate", total=n or None)
+            images, report = generate(bundle, cfg, emb, progress=lambda k: bar.advance(task, k))
+    if images is None:
+        return  # not rank 0: rank 0 writes and reports
+    sidecar = {"command": "generate", "source": str(bundle.path), "source_sha256": bundle.parent_record()["sha256"],
+               "config": cfg.to_dict(), "report": report.to_dict(), "environment": environment(cfg.device)}
+    write_images(out, images, sidecar, force=force)
+    doc = {"out": str(out), **report.to_dict()}
+    if json_:
+        output.print_json(doc)
+    else:
+        doc.pop("conditions")
+        output.print_kv(f"generate -> {out}", doc)

@@ -1,0 +1,38 @@
+"""Typed errors. Library code raises these; cli/errors.py maps each to one line and an exit code."""
+
+
+class DitkitError(Exception):
+    """Base of every error ditkit reports to a user (never shown with a traceback)."""
+
+
+class ConfigError(DitkitError):
+    """An option or config field has a bad value. Names the field, the value and what is allowed."""
+
+
+class FormatError(DitkitError):
+    """A file or directory on disk is missing, unreadable, corrupt or not a checkpoint."""
+
+
+class UnsupportedModelError(DitkitError):
+    """The model's family (or the op's needs) is not supported for this operation."""
+
+
+class OutputExistsError(DitkitError):
+    """The output path exists and --force was not given."""
+
+
+class HardwareError(DitkitError):
+    """The requested scheme or device needs hardware this machine does not have."""
+
+
+class QualityGateError(DitkitError):
+    """A quality or speed gate failed (bench gates, export parity)."""
+
+
+class Interrupted(DitkitError):
+    """SIGINT/SIGTERM during a long job; a resumable checkpoint was written."""
+
+
+def choice_error(what: str, value, choices) -> ConfigError:
+    """'unknown sampler 'foo', choose one of: ddim, euler' - built from a registry's keys."""
+    return ConfigError(f"unknown {what} {value!r}, choose one of: {', '.join(sorted(choices))}")

@@ -1,0 +1,39 @@
+"""dit: DiTTransformer2DModel, class-conditional (facebookresearch/DiT, diffusers DiTPipeline)."""
+from __future__ import annotations
+
+import torch
+
+from .base import Family, split_learned_sigma
+
+
+class DiTFamily(Family):
+    def num_classes(self, transformer) -> int:
+        return transformer.config.num_embeds_ada_norm
+
+    def null_cond(self, transformer, cond):
+        # the label table's extra row (index num_classes) is the unconditional class (DiTPipeline: 1000)
+        return {"class_labels": torch.full_like(cond["class_labels"], self.num_classes(transformer))}
+
+    def dummy_cond(self, transformer, batch, generator):
+        n = min(self.num_classes(transformer), 10)
+        return {"class_labels": torch.randint(0, n, (batch,), generator=generator)}
+
+    def predict(self, transformer, latents, t, cond, guidance=1.0):
+        out = transformer(latents, timestep=t, class_labels=cond["class_labels"], return_dict=False)[0]
+        return split_learned_sigma(out, latents.shape[1])
+
+
+FAMILY = DiTFamily(
+    name="dit",
+    transformer_class="DiTTransformer2DModel",
+    pipeline_class="DiTPipeline",
+    conditioning="class",
+    prediction="epsilon",
+    samplers=("ddim", "dpm++", "euler"),
+    default_sampler="ddim",
+    default_steps=25,
+    default_guidance=4.0,
+    blocks_attr="transformer_blocks",
+    full_precision=(r"^pos_embed\.", r"timestep_embedder", r"class_embedder", r"^proj_out_"),
+    modulation=(r"\.norm1\.linear$",),
+)

@@ -1,0 +1,81 @@
+"""flux: FluxTransformer2DModel, flow matching on 2x2-packed latents, RoPE ids, guidance embedding."""
+from __future__ import annotations
+
+import torch
+
+from .base import Family
+
+
+def pack(latents: torch.Tensor) -> torch.Tensor:
+    b, c, h, w = latents.shape  # (B, C, h, w) -> (B, h/2 * w/2, C*4)
+    x = latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    b, _, d = tokens.shape  # (B, N, C*4) -> (B, C, h, w)
+    x = tokens.view(b, h // 2, w // 2, d // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
+    return x.reshape(b, d // 4, h, w)
+
+
+def image_ids(h: int, w: int, device, dtype) -> torch.Tensor:
+    ids = torch.zeros(h // 2, w // 2, 3)
+    ids[..., 1] = torch.arange(h // 2)[:, None]
+    ids[..., 2] = torch.arange(w // 2)[None, :]
+    return ids.reshape(-1, 3).to(device, dtype)  # (N, 3)
+
+
+class FluxFamily(Family):
+    def encode_prompts(self, pipe, prompts, device):
+        pe, pp, _ = pipe.encode_prompt(prompts, None, device=device)
+        return {"prompt_embeds": pe, "pooled_prompt_embeds": pp}, None
+
+    def latent_channels(self, transformer):
+        return transformer.config.in_channels // 4
+
+    def latent_size(self, transformer):
+        return 2 * 8  # flux has no native size in its config; 16x16 latents (128 px)
+
+    def uses_cfg(self, transformer, guidance):
+        return False  # dev folds guidance into an embedding; schnell needs none
+
+    def dummy_cond(self, transformer, batch, generator):
+        c = transformer.config
+        return {
+            "prompt_embeds": torch.randn(batch, 8, c.joint_attention_dim, generator=generator),
+            "pooled_prompt_embeds": torch.randn(batch, c.pooled_projection_dim, generator=generator),
+        }
+
+    def predict(self, transformer, latents, t, cond, guidance=1.0):
+        b, _, h, w = latents.shape
+        emb = cond["prompt_embeds"]
+        g = None
+        if transformer.config.guidance_embeds:
+            g = torch.full((b,), float(guidance), device=latents.device, dtype=latents.dtype)
+        out = transformer(
+            hidden_states=pack(latents),
+            encoder_hidden_states=emb,
+            pooled_projections=cond["pooled_prompt_embeds"],
+            timestep=t / 1000,  # flux embeds sigma in [0, 1]
+            img_ids=image_ids(h, w, latents.device, latents.dtype),
+            txt_ids=torch.zeros(emb.shape[1], 3, device=latents.device, dtype=latents.dtype),
+            guidance=g,
+            return_dict=False,
+        )[0]
+        return unpack(out, h, w)
+
+
+FAMILY = FluxFamily(
+    name="flux",
+    transformer_class="FluxTransformer2DModel",
+    pipeline_class="FluxPipeline",
+    conditioning="text",
+    prediction="flow",
+    samplers=("flow-euler",),
+    default_sampler="flow-euler",
+    default_steps=28,
+    default_guidance=3.5,
+    blocks_attr="transformer_blocks",
+    full_precision=(r"^x_embedder$", r"^time_text_embed\.", r"^context_embedder$", r"^proj_out$", r"^norm_out\."),
+    modulation=(r"\.norm1(_context)?\.linear$", r"\.norm\.linear$"),
+)

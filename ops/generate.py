@@ -1,0 +1,190 @@
+"""generate(bundle, GenerateConfig) -> (images, GenerateReport): sample images, score them with the judge."""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+
+from ditkit.formats.errors import ConfigError
+from . import distributed
+from .runtime import resolve_device, resolve_dtype
+from ditkit.formats.errors import choice_error
+
+from .sample import SAMPLERS, decode, denoise, image_noise, make_scheduler
+
+
+@dataclass
+class GenerateConfig:
+    labels: list[int] | None = None  # class-conditional families; default: the bundle's labels
+    prompts: list[str] | None = None  # text families
+    num_images: int | None = None  # default: one per label or prompt; images cycle through them
+    steps: int | None = None  # default: the bundle's own (its manifest, else its family's)
+    sampler: str | None = None
+    guidance: float | None = None
+    seed: int = 0
+    batch_size: int = 8
+    height: int | None = None  # pixels; default: the checkpoint's native size
+    width: int | None = None
+    device: str = "cpu"
+    dtype: str = "fp32"
+
+    def __post_init__(self):
+        if self.num_images is not None and self.num_images < 1:
+            raise ConfigError(f"--num-images must be >= 1 (got {self.num_images})")
+        if self.steps is not None and not 1 <= self.steps <= 1000:
+            raise ConfigError(f"--steps must be in 1..1000 (got {self.steps})")
+        if self.batch_size < 1:
+            raise ConfigError(f"--batch-size must be >= 1 (got {self.batch_size})")
+        if self.guidance is not None and self.guidance < 0:
+            raise ConfigError(f"--guidance must be >= 0 (got {self.guidance})")
+        if self.sampler is not None and self.sampler not in SAMPLERS:
+            raise choice_error("sampler", self.sampler, SAMPLERS)
+        for name in ("height", "width"):
+            v = getattr(self, name)
+            if v is not None and (v < 8 or v % 8):
+                raise ConfigError(f"--{name} must be a positive multiple of 8 (got {v})")
+        if self.labels is not None and any(l < 0 for l in self.labels):
+            raise ConfigError(f"--labels must be class ids >= 0 (got {self.labels})")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class GenerateReport:
+    family: str
+    sampler: str
+    steps: int
+    guidance: float
+    seed: int
+    height: int
+    width: int
+    num_images: int
+    batch_size: int
+    device: str
+    dtype: str
+    world_size: int
+    conditions: list = field(default_factory=list)  # per image: its label or prompt
+    seconds: float = 0.0
+    images_per_s: float = 0.0
+    decoded: bool = True  # False when the bundle has no VAE (latents shown)
+    judge: dict | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def settings(bundle, cfg: GenerateConfig) -> tuple[str, int, float]:
+    d = bundle.defaults()
+    return (cfg.sampler or d["sampler"], cfg.steps or d["steps"],
+            d["guidance"] if cfg.guidance is None else cfg.guidance)
+
+
+def vae_scale(bundle) -> int:
+    vae = bundle.vae
+    if vae is None:
+        return bundle.family.vae_scale_fallback
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def latent_hw(bundle, height: int | None, width: int | None) -> tuple[int, int]:
+    s, native = vae_scale(bundle), bundle.family.latent_size(bundle.transformer)
+    return ((height // s) if height else native, (width // s) if width else native)
+
+
+def conditions(bundle, cfg: GenerateConfig, device, embeddings=None):
+    """(per-image condition values, cond rows, uncond rows, row index per image)."""
+    fam, tr = bundle.family, bundle.transformer
+    if fam.conditioning == "class":
+        if cfg.prompts:
+            raise ConfigError(f"the {fam.name} family is class-conditional: use --labels, not --prompt")
+        n_classes = tr.config.num_embeds_ada_norm
+        labels = cfg.labels if cfg.labels else bundle.defaults().get("labels", list(range(min(10, n_classes))))
+        bad = [l for l in labels if l >= n_classes]
+        if bad:
+            raise ConfigError(f"--labels {bad} out of range: this model has classes 0..{n_classes - 1}")
+        cond = {"class_labels": torch.tensor(labels, device=device)}
+        return labels, cond, fam.null_cond(tr, cond)
+    if cfg.labels:
+        raise ConfigError(f"the {fam.name} family is text-conditioned: use --prompt, not --labels")
+    if embeddings is not None:
+        prompts, cond, uncond = embeddings
+        if cfg.prompts:
+            missing = [p for p in cfg.prompts if p not in prompts]
+            if missing:
+                raise ConfigError(f"prompt {missing[0]!r} is not in the embeddings file; its prompts: {prompts[:5]}")
+            rows = [prompts.index(p) for p in cfg.prompts]
+            cond = {k: v[rows] for k, v in cond.items()}
+            uncond = None if uncond is None else {k: v[rows] for k, v in uncond.items()}
+            prompts = list(cfg.prompts)
+        return prompts, cond, uncond
+    if not cfg.prompts:
+        raise ConfigError(f"the {fam.name} family needs --prompt (or --prompts-file / --embeddings)")
+    if not any(k.startswith("text_encoder") for k in bundle.components):
+        raise ConfigError(f"{bundle.name} has no text encoder; pass precomputed --embeddings FILE")
+    import diffusers
+
+    pipe = getattr(diffusers, bundle.pipeline_class)(transformer=tr, **bundle.components)
+    with torch.no_grad():
+        cond, uncond = fam.encode_prompts(pipe, list(cfg.prompts), device)
+    return list(cfg.prompts), cond, uncond
+
+
+def _rows(d: dict | None, idx: list[int], dtype) -> dict | None:
+    if d is None:
+        return None
+    return {k: (v[idx].to(dtype) if v.is_floating_point() else v[idx]) for k, v in d.items()}
+
+
+def generate(bundle, cfg: GenerateConfig, embeddings=None,
+             progress: Callable[[int], None] | None = None) -> tuple[np.ndarray | None, GenerateReport]:
+    """Images (N, H, W, 3) uint8 in index order (None on ranks other than 0 under a launcher)."""
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    fam, tr = bundle.family, bundle.transformer
+    sampler, steps, guidance = settings(bundle, cfg)
+    make_scheduler(fam, bundle.scheduler, sampler)  # validates the sampler before any work
+    h, w = latent_hw(bundle, cfg.height, cfg.width)
+    values, cond, uncond = conditions(bundle, cfg, device, embeddings)
+    use_cfg = fam.uses_cfg(tr, guidance)
+    if use_cfg and uncond is None:
+        raise ConfigError(f"guidance {guidance} needs unconditional embeddings; the embeddings file has no "
+                          "negative_* tensors (or pass --guidance 1)")
+    n = cfg.num_images or len(values)
+    row_of = [i % len(values) for i in range(n)]
+    shape = (fam.latent_channels(tr), h, w)
+
+    rank, size = distributed.world()
+    mine = distributed.shard(list(range(n)), rank, size)
+    t0 = time.perf_counter()
+    out: dict[int, np.ndarray] = {}
+    for start in range(0, len(mine), cfg.batch_size):
+        idx = mine[start:start + cfg.batch_size]
+        rows = [row_of[i] for i in idx]
+        noise = image_noise(cfg.seed, idx, shape).to(device)
+        lat = denoise(fam, tr, make_scheduler(fam, bundle.scheduler, sampler), noise, _rows(cond, rows, dtype),
+                      _rows(uncond, rows, dtype) if use_cfg else None, guidance, steps)
+        imgs = decode(bundle.vae, lat)
+        out.update(zip(idx, imgs))
+        if progress is not None:
+            progress(len(idx))
+    seconds = time.perf_counter() - t0
+    parts = distributed.gather(out, rank, size)
+    images = None
+    if parts is not None:
+        merged = {k: v for p in parts for k, v in p.items()}
+        images = np.stack([merged[i] for i in range(n)])
+    report = GenerateReport(
+        family=fam.name, sampler=sampler, steps=steps, guidance=guidance, seed=cfg.seed,
+        height=h * vae_scale(bundle), width=w * vae_scale(bundle), num_images=n, batch_size=cfg.batch_size,
+        device=device, dtype=cfg.dtype, world_size=size, conditions=[values[r] for r in row_of],
+        seconds=round(seconds, 4), images_per_s=round(len(mine) / seconds, 3) if seconds else 0.0,
+        decoded=bundle.vae is not None)
+    if images is not None and bundle.judge is not None and fam.conditioning == "class":
+        from .judge import score
+
+        report.judge = score(bundle.judge, images, report.conditions).to_dict()
+    return images, report

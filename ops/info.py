@@ -1,0 +1,81 @@
+"""info(bundle, InfoConfig) -> (bundle, InfoReport): what a checkpoint is, its size and its cost per step."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from ditkit.formats.errors import ConfigError
+
+from .generate import latent_hw, vae_scale
+
+
+@dataclass
+class InfoConfig:
+    height: int | None = None  # pixels; default: native resolution
+    width: int | None = None
+    batch: int = 1  # FLOPs are counted for one transformer call at this batch
+
+    def __post_init__(self):
+        if self.batch < 1:
+            raise ConfigError(f"--batch must be >= 1 (got {self.batch})")
+
+
+@dataclass
+class InfoReport:
+    path: str | None
+    family: str
+    kind: str
+    pipeline_class: str | None
+    components: list[str]
+    params: int  # transformer
+    params_total: int  # every module in the bundle
+    dtype: str
+    disk_bytes: int  # transformer weights
+    disk_bytes_total: int
+    height: int
+    width: int
+    latent_shape: list[int]
+    num_blocks: int
+    flops_per_step: int  # one transformer call, batch `batch`, counted with torch's FlopCounterMode
+    defaults: dict = field(default_factory=dict)
+    op: str | None = None
+    lineage: list = field(default_factory=list)
+    has_judge: bool = False
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def count_params(module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+@torch.no_grad()
+def count_flops(bundle, batch: int, hw: tuple[int, int]) -> int:
+    fam, tr = bundle.family, bundle.transformer
+    latents, t, cond = fam.dummy_inputs(tr, batch, hw)
+    with FlopCounterMode(display=False) as counter:
+        fam.predict(tr, latents, t, cond)
+    return int(counter.get_total_flops())
+
+
+def info(bundle, cfg: InfoConfig):
+    hw = latent_hw(bundle, cfg.height, cfg.width)
+    s = vae_scale(bundle)
+    modules = [bundle.transformer] + [c for c in bundle.components.values() if isinstance(c, torch.nn.Module)]
+    report = InfoReport(
+        path=str(bundle.path.resolve()) if bundle.path else None,
+        family=bundle.family.name, kind=bundle.kind, pipeline_class=bundle.pipeline_class,
+        components=sorted(bundle.components), params=count_params(bundle.transformer),
+        params_total=sum(count_params(m) for m in modules),
+        dtype=str(next(bundle.transformer.parameters()).dtype).replace("torch.", ""),
+        disk_bytes=bundle.transformer_bytes_on_disk(), disk_bytes_total=bundle.bytes_on_disk(),
+        height=hw[0] * s, width=hw[1] * s,
+        latent_shape=[bundle.family.latent_channels(bundle.transformer), *hw],
+        num_blocks=len(bundle.family.blocks(bundle.transformer)),
+        flops_per_step=count_flops(bundle, cfg.batch, hw),
+        defaults=bundle.defaults(), op=bundle.manifest.get("op"), lineage=bundle.manifest.get("lineage", []),
+        has_judge=bundle.judge is not None)
+    return bundle, report

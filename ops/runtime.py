@@ -1,0 +1,33 @@
+"""Device and dtype choices shared by every op (one registry, one validation)."""
+from __future__ import annotations
+
+import torch
+
+from ditkit.formats.errors import ConfigError, HardwareError, choice_error
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise HardwareError(f"--device {device}: no CUDA device is available here; use --device cpu")
+        return device
+    if device != "cpu":
+        raise ConfigError(f"unknown device {device!r}, choose one of: auto, cpu, cuda, cuda:N")
+    return device
+
+
+def resolve_dtype(dtype: str, device: str) -> torch.dtype:
+    if dtype not in DTYPES:
+        raise choice_error("dtype", dtype, DTYPES)
+    if dtype != "fp32" and not device.startswith("cuda"):
+        raise ConfigError(f"--dtype {dtype} is for CUDA devices; on {device} use --dtype fp32")
+    return DTYPES[dtype]
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()

@@ -1,0 +1,132 @@
+"""The sampler shared by every family: per-image seeded noise, a diffusers scheduler, CFG, VAE decode.
+
+Each image's noise depends only on (seed, image index), never on batch size or process count, and all
+registered samplers are deterministic, so an image is the same however the work is split.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+
+from ditkit.formats.errors import ConfigError, choice_error
+from ditkit.formats.families import Family
+
+# name -> (diffusers scheduler class, overrides, families' prediction kind)
+SAMPLERS: dict[str, tuple[str, dict, str]] = {
+    "ddim": ("DDIMScheduler", {}, "epsilon"),
+    "dpm++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}, "epsilon"),
+    "euler": ("EulerDiscreteScheduler", {}, "epsilon"),
+    "flow-euler": ("FlowMatchEulerDiscreteScheduler", {}, "flow"),
+}
+
+# a scheduler config for bundles that ship none (bare transformers)
+DEFAULT_SCHEDULER = {
+    "epsilon": ("DDPMScheduler", {"num_train_timesteps": 1000, "beta_schedule": "linear",
+                                  "beta_start": 0.0001, "beta_end": 0.02, "prediction_type": "epsilon"}),
+    "flow": ("FlowMatchEulerDiscreteScheduler", {"num_train_timesteps": 1000, "shift": 3.0}),
+}
+
+
+def make_scheduler(family: Family, base_scheduler, sampler: str):
+    import diffusers
+
+    if sampler not in SAMPLERS:
+        raise choice_error("sampler", sampler, SAMPLERS)
+    if sampler not in family.samplers:
+        raise ConfigError(f"sampler {sampler!r} does not fit the {family.name} family; choose one of: "
+                          f"{', '.join(family.samplers)}")
+    cls_name, overrides, _ = SAMPLERS[sampler]
+    if base_scheduler is not None:
+        config = dict(base_scheduler.config)
+    else:
+        _, config = DEFAULT_SCHEDULER[family.prediction]
+    cls = getattr(diffusers, cls_name)
+    if base_scheduler is not None and type(base_scheduler).__name__ == cls_name:
+        return cls.from_config(config)
+    return cls.from_config({**config, **overrides})
+
+
+def image_seed(seed: int, index: int) -> int:
+    """A 63-bit seed for image `index` of a run seeded `seed` (SeedSequence mixes both)."""
+    return int(np.random.SeedSequence([seed, index]).generate_state(2, dtype=np.uint64)[0] >> np.uint64(1))
+
+
+def image_noise(seed: int, indices: list[int], shape: tuple[int, ...]) -> torch.Tensor:
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(image_seed(seed, i)))
+                        for i in indices])
+
+
+def _set_timesteps(sched, steps: int, latents: torch.Tensor, device):
+    kwargs = {}
+    if getattr(sched.config, "use_dynamic_shifting", False):
+        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+        c = sched.config
+        seq = (latents.shape[-1] // 2) * (latents.shape[-2] // 2)
+        kwargs["mu"] = calculate_shift(seq, c.get("base_image_seq_len", 256), c.get("max_image_seq_len", 4096),
+                                       c.get("base_shift", 0.5), c.get("max_shift", 1.15))
+    sched.set_timesteps(steps, device=device, **kwargs)
+
+
+def _cat(a: dict, b: dict) -> dict:
+    return {k: torch.cat([a[k], b[k]]) for k in a}
+
+
+@torch.no_grad()
+def denoise(family: Family, transformer, sched, noise: torch.Tensor, cond: dict, uncond: dict | None,
+            guidance: float, steps: int, on_step: Callable[[], None] | None = None,
+            predict: Callable | None = None) -> torch.Tensor:
+    """Run the reverse process from `noise` (B, C, h, w); returns the final latents.
+
+    `predict(latents, t, cond) -> output` replaces the transformer call (e.g. an onnxruntime session).
+    """
+    predict = predict or (lambda x, t, c: family.predict(transformer, x, t, c, guidance))
+    p = next(transformer.parameters(), None) if transformer is not None else None
+    dtype = p.dtype if p is not None else torch.float32
+    device = noise.device
+    _set_timesteps(sched, steps, noise, device)
+    latents = noise * getattr(sched, "init_noise_sigma", 1.0)  # flow schedulers start at unit noise
+    scale = getattr(sched, "scale_model_input", lambda x, t: x)
+    cfg = uncond is not None
+    both = _cat(cond, uncond) if cfg else cond
+    for t in sched.timesteps:
+        x = scale(latents, t)
+        x = torch.cat([x, x]) if cfg else x
+        tt = t.expand(x.shape[0]).to(device)
+        out = predict(x.to(dtype), tt, both).float()
+        if cfg:
+            c, u = out.chunk(2)
+            out = u + guidance * (c - u)
+        latents = sched.step(out, t, latents, return_dict=False)[0]
+        if on_step is not None:
+            on_step()
+    return latents
+
+
+@torch.no_grad()
+def decode(vae, latents: torch.Tensor) -> np.ndarray:
+    """Latents -> uint8 images (N, H, W, 3). Without a VAE, the first latent channels are shown."""
+    if vae is None:
+        x = latents[:, :3] if latents.shape[1] >= 3 else latents[:, :1].repeat(1, 3, 1, 1)
+        x = x / 4.0  # unit-variance latents into roughly [-1, 1]
+    else:
+        c = vae.config
+        z = latents / c.scaling_factor
+        if getattr(c, "shift_factor", None):
+            z = z + c.shift_factor
+        x = vae.decode(z.to(vae.dtype), return_dict=False)[0].float()
+    x = ((x / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).cpu().numpy()
+
+
+@dataclass
+class Request:
+    """What to sample: one entry per image (class label or prompt index), and the sampler settings."""
+    sampler: str
+    steps: int
+    guidance: float
+    seed: int
+    latent_hw: tuple[int, int]
