@@ -168,7 +168,7 @@ def _load_pipeline(path: Path) -> Bundle:
     if (path / JUDGE_DIR).is_dir():
         from .judge import load_judge
 
-        judge = load_judge(path / JUDGE_DIR)
+        judge = load_judge(path / JUDGE_DIR).judge  # a Judge with its reference statistics set
     return Bundle(family=fam, transformer=pipe.transformer, components=components,
                   pipeline_class=index.get("_class_name", fam.pipeline_class), pipeline_extra=extra,
                   manifest=read_manifest(path) or {}, path=path, kind="pipeline", judge=judge)
@@ -273,4 +273,4 @@ def write_bundle_dir(bundle: Bundle, root: Path) -> None:
     if bundle.judge is not None:
         from .judge import save_judge
 
-        save_judge(bundle.judge, root / JUDGE_DIR)
+        save_judge(bundle.judge, dir=root / JUDGE_DIR)

@@ -1,0 +1,62 @@
+"""Shared fixtures: tiny real models of every family, and a CLI runner that captures exit code and output."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+import tiny  # noqa: E402
+
+FAMILY_NAMES = ["dit", "pixart", "sd3", "flux"]
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """tiny_dir(family) -> a diffusers pipeline directory with a tiny random model of that family."""
+    root = tmp_path_factory.mktemp("tiny")
+    cache = {}
+
+    def make(family: str) -> Path:
+        if family not in cache:
+            cache[family] = tiny.write_tiny_pipeline(family, root / family)
+        return cache[family]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_embeddings(tmp_path_factory):
+    """tiny_embeddings(family) -> a precomputed prompt-embeddings file for a text family's tiny model."""
+    root = tmp_path_factory.mktemp("emb")
+    return lambda family: tiny.tiny_embeddings(family, root / f"{family}.safetensors")
+
+
+class CliResult:
+    def __init__(self, code, out, err):
+        self.code, self.out, self.err = code, out, err
+
+    def json(self):
+        import json
+
+        return json.loads(self.out)
+
+    @property
+    def error_line(self) -> str:
+        lines = [l for l in self.err.splitlines() if l.strip()]
+        return lines[-1] if lines else ""
+
+
+@pytest.fixture
+def cli(capsys):
+    """cli(*args) runs `ditkit args...` in-process and returns CliResult(code, stdout, stderr)."""
+    from ditkit.cli.main import main
+
+    def run(*args) -> CliResult:
+        capsys.readouterr()
+        code = main([str(a) for a in args])
+        captured = capsys.readouterr()
+        return CliResult(code, captured.out, captured.err)
+
+    return run
