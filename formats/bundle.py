@@ -261,7 +261,10 @@ def write_bundle_dir(bundle: Bundle, root: Path) -> None:
 
     if bundle.pipeline_class is not None:
         cls = getattr(diffusers, bundle.pipeline_class)
-        pipe = cls(transformer=bundle.transformer, **bundle.components, **bundle.pipeline_extra)
+        expected, _ = cls._get_signature_keys(cls)
+        parts = {k: None for k in expected if k not in bundle.components and k != "transformer"}
+        parts.update(bundle.components)
+        pipe = cls(transformer=bundle.transformer, **parts, **bundle.pipeline_extra)
         pipe.save_pretrained(root, safe_serialization=True)
         if bundle.pipeline_extra:  # keep non-module args (DiT's id2label) in model_index.json
             index_path = root / "model_index.json"

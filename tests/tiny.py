@@ -20,6 +20,10 @@ def tiny_vae(latent_channels: int) -> AutoencoderKL:
 
 
 def tiny_transformer(family: str):
+    return _tiny_transformer(family).eval()
+
+
+def _tiny_transformer(family: str):
     torch.manual_seed(0)
     if family == "dit":
         return diffusers.DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=16, in_channels=4,

@@ -1,0 +1,42 @@
+# ditkit: set-up, the main job on the embedded default, tests, benchmarks.
+# `make demo` and `make test` each do their own set-up (a virtual environment in .venv).
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+OUT    ?= out
+
+.PHONY: setup demo test test-all bench clean tiny-digits cli-docs
+
+setup: $(VENV)/.installed
+
+# On a machine without an NVIDIA driver, install the CPU build of torch first (a local wheel here);
+# pyproject's range (torch>=2.4,<3) then accepts it instead of pulling several GB of CUDA packages.
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	if ! command -v nvidia-smi >/dev/null 2>&1; then $(BIN)/python -m pip install -q "torch==2.13.0"; fi
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $@
+
+# The main job on the embedded default model: a grid of every digit, scored by its judge, then its info.
+demo: setup
+	$(BIN)/ditkit generate tiny-digits -o $(OUT)/demo --labels 0,1,2,3,4,5,6,7,8,9 --num-images 20 --seed 0 --force
+	$(BIN)/ditkit info tiny-digits
+
+test: setup
+	$(BIN)/python -m pytest -q -m "not slow and not gpu"
+
+test-all: setup
+	$(BIN)/python -m pytest -q
+
+# Rebuild the embedded default from scratch (about 10-15 minutes on 2 CPU cores).
+tiny-digits: setup
+	$(BIN)/python -m ditkit.ops.defaults.tiny_digits --out formats/assets/tiny-digits
+
+# Regenerate docs/cli-reference.md from --help (CI checks it is current).
+cli-docs: setup
+	$(BIN)/python -m ditkit.cli.reference > docs/cli-reference.md
+
+clean:
+	rm -rf $(OUT) .pytest_cache
