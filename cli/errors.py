@@ -4,7 +4,10 @@ from __future__ import annotations
 import os
 import sys
 
-import click
+try:  # typer >= 0.2x ships its own copy of click
+    from typer._click import exceptions as click_exceptions
+except ImportError:  # pragma: no cover - older typer uses click itself
+    from click import exceptions as click_exceptions
 
 from ditkit.formats.errors import (ConfigError, DitkitError, FormatError, HardwareError, Interrupted,
                                    OutputExistsError, QualityGateError, UnsupportedModelError)
@@ -23,7 +26,7 @@ EXIT_CODES: dict[type, int] = {
     OutputExistsError: EXIT_INPUT,
     HardwareError: EXIT_INPUT,
     Interrupted: EXIT_INTERRUPTED,
-    click.UsageError: EXIT_INPUT,
+    click_exceptions.UsageError: EXIT_INPUT,
 }
 
 
@@ -45,7 +48,7 @@ def report_error(err: BaseException) -> int:
 
         traceback.print_exception(err)
     code = exit_code(err)
-    if isinstance(err, click.UsageError):
+    if isinstance(err, click_exceptions.UsageError):
         msg = err.format_message()
     elif isinstance(err, DitkitError):
         msg = str(err)

@@ -4,11 +4,11 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+import warnings
 
-import click
 import typer
 
-from .errors import EXIT_OK, report_error
+from .errors import EXIT_OK, click_exceptions, report_error
 
 app = typer.Typer(
     name="ditkit", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
@@ -40,12 +40,20 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # ditkit never downloads: checkpoints are local
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    if os.environ.get("DITKIT_DEBUG") != "1":
+        warnings.filterwarnings("ignore")  # library deprecation chatter is not for ditkit's users
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.disable_progress_bar()  # ditkit draws its own progress on stderr
     try:
         app(args=argv, standalone_mode=False, prog_name="ditkit")
         code = EXIT_OK
-    except click.exceptions.Exit as e:  # --help, no args
+    except typer.Exit as e:  # --help
         code = e.exit_code
-    except click.exceptions.Abort:
+    except click_exceptions.NoArgsIsHelpError as e:
+        print(e.ctx.get_help() if e.ctx else "", file=sys.stderr)
+        code = 2
+    except typer.Abort:
         print("Error: aborted", file=sys.stderr)
         code = 130
     except BaseException as e:  # noqa: BLE001 - every error leaves as one line and a code
