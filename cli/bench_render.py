@@ -33,7 +33,8 @@ def header(r: dict) -> str:
             f"{r['world_size']} process(es); dense matmul peak {r['peak_flops'] / 1e9:.1f} GFLOP/s "
             f"({r['peak_flops_dtype']}, n={r['peak_flops_matmul']}, measured in this run); timing: "
             f"{r['timing']['warmup_rounds']} warm-up + {r['timing']['step_repeats']} per-step rounds, "
-            f"1 + {r['timing']['image_repeats']} end-to-end rounds, interleaved; medians (p90)")
+            f"1 + {r['timing']['image_repeats']} end-to-end rounds, interleaved; medians (p90); speedups: "
+            f"median per-round ratios of {'CPU time' if r['speedup_basis'] == 'cpu-time' else 'wall time'}")
 
 
 def sections(r: dict) -> list[tuple[str, list[str], list[list[str]]]]:
@@ -44,17 +45,22 @@ def sections(r: dict) -> list[tuple[str, list[str], list[list[str]]]]:
             [[m["name"], m["role"], m["family"], m["kernels"]["summary"], _count(m["params"]),
               f"{_mb(m['disk_bytes'])} / {_mb(m['disk_bytes_total'])}", m["sampler"] or "-", _f(m["steps"], "{}")]
              for m in models])]
-    speed_cols = ["model", "ms/step (p90)", "ms/image (p90)", "images/s", "peak memory", "GFLOP/step", "MFU",
-                  "speedup/step", "speedup/image"]
+    cpu = r["speedup_basis"] == "cpu-time"
+    speed_cols = ["model", "ms/step (p90)", "ms/image (p90)"] + (["CPU ms/step", "CPU ms/image"] if cpu else []) + \
+        ["images/s", "peak memory", "GFLOP/step", "MFU", "speedup/step", "speedup/image"]
 
     def speed_row(name, m, row):
-        return [name, f"{row['latency_ms_per_step']:.3f} ({row['latency_ms_per_step_p90']:.3f})",
-                "-" if row["latency_ms_per_image"] is None else
-                f"{row['latency_ms_per_image']:.2f} ({row['latency_ms_per_image_p90']:.2f})",
-                _f(row["images_per_s"], "{:.2f}"), _mb(row["peak_memory_bytes"]), f"{row['flops_per_step'] / 1e9:.3f}",
-                f"{100 * row['mfu']:.1f}%", _speedup({**row, "speedup_is_real": m["speedup_is_real"]}, "speedup_per_step"),
-                _speedup({**row, "speedup_is_real": m["speedup_is_real"]}, "speedup_per_image")]
-    out.append((f"speed at batch {b0} (per step: 2 x batch rows with CFG)", speed_cols,
+        step = f"{row['latency_ms_per_step']:.3f} ({row['latency_ms_per_step_p90']:.3f})"
+        image = ("-" if row["latency_ms_per_image"] is None else
+                 f"{row['latency_ms_per_image']:.2f} ({row['latency_ms_per_image_p90']:.2f})")
+        cpu_cells = [_f(row["cpu_ms_per_step"], "{:.3f}"), _f(row["cpu_ms_per_image"], "{:.2f}")] if cpu else []
+        gflop = None if row["flops_per_step"] is None else row["flops_per_step"] / 1e9
+        mfu = None if row["mfu"] is None else 100 * row["mfu"]
+        real = {**row, "speedup_is_real": m["speedup_is_real"]}
+        return [name, step, image, *cpu_cells, _f(row["images_per_s"], "{:.2f}"), _mb(row["peak_memory_bytes"]),
+                _f(gflop, "{:.3f}"), _f(mfu, "{:.1f}%"), _speedup(real, "speedup_per_step"),
+                _speedup(real, "speedup_per_image")]
+    out.append((f"speed at batch {b0} (a step: 2 x batch rows where CFG is on)", speed_cols,
                 [speed_row(m["name"], m, m["by_batch_size"][0]) for m in models]))
     if len(models[0]["by_batch_size"]) > 1:
         out.append(("speed by batch size", ["batch"] + speed_cols,
@@ -75,15 +81,24 @@ def sections(r: dict) -> list[tuple[str, list[str], list[list[str]]]]:
     return out
 
 
-def print_tables(r: dict, console) -> None:
+def print_tables(r: dict) -> None:
+    import sys
+
+    from rich.console import Console
+
+    console = Console(file=sys.stdout, soft_wrap=True)
+    if not console.is_terminal:  # a pipe or file: wide enough that no cell wraps
+        console = Console(file=sys.stdout, width=200, soft_wrap=True)
     console.print(header(r))
+    for w in r["warnings"]:
+        console.print(f"warning: {w}")
     for title, cols, rows in sections(r):
         table = Table(title=title, title_justify="left")
         for c in cols:
             table.add_column(c, overflow="fold")
         for row in rows:
             table.add_row(*row)
-        console.print(table, width=max(console.width, 160))
+        console.print(table)
 
 
 def markdown(r: dict, command: str | None = None) -> str:
@@ -91,6 +106,7 @@ def markdown(r: dict, command: str | None = None) -> str:
     if command:
         lines += [f"`{command}`", ""]
     lines += [header(r) + ".", ""]
+    lines += [f"> warning: {w}" for w in r["warnings"]] + ([""] if r["warnings"] else [])
     for title, cols, rows in sections(r):
         lines += [f"**{title}**", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
         lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in rows]
@@ -132,7 +148,9 @@ def plot(r: dict, path: Path) -> list[str]:
             drawn.append(f"{panel}:{m['name']}")
         if panel == "latency":
             ax.set(xlabel="transformer parameters (M)", ylabel="ms per step (median)", title="latency vs size")
-            ax.set_yscale("log")
+            ys = [m["latency_ms_per_step"] for m in models]
+            if max(ys) > 20 * min(ys):
+                ax.set_yscale("log")
         else:
             ax.axvline(1.0, color="grey", lw=0.8, ls="--")
             ax.set(xlabel="speedup vs base (per image; per step for bare transformers)",

@@ -1,6 +1,7 @@
 """ditkit generate: sample images from a checkpoint."""
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -38,6 +39,27 @@ def read_prompts(prompts: list[str], prompts_file: Path | None) -> list[str] | N
     return prompts or None
 
 
+def with_lora(bundle, paths: list[Path], scales: list[float]) -> list[dict]:
+    """Load --lora adapters into the bundle (ops.lora.apply_lora); their summaries for the report."""
+    if scales and not paths:
+        raise ConfigError("--lora-scale needs --lora ADAPTER")
+    if not paths:
+        return []
+    from ditkit.formats.lora import load_adapter
+    from ditkit.ops.lora import apply_lora
+
+    adapters = [load_adapter(p) for p in paths]
+    scales = scales or [1.0]
+    scales = scales * len(adapters) if len(scales) == 1 else scales
+    apply_lora(bundle, adapters, scales)
+    base = bundle.parent_record().get("sha256")
+    for a in adapters:
+        if a.base_sha256 and base and a.base_sha256 != base:
+            print(f"note: {a.path} was trained on another base ({a.base_sha256[:12]}), this is {base[:12]}",
+                  file=sys.stderr)
+    return [{**a.summary(), "scale": s} for a, s in zip(adapters, scales)]
+
+
 def generate_cmd(
     src: ModelArg = None,
     out: OutOpt = Path("out"),
@@ -55,6 +77,11 @@ def generate_cmd(
     width: Annotated[Optional[int], typer.Option(help="Width in pixels (default: native).")] = None,
     device: DeviceOpt = "cpu",
     dtype: DtypeOpt = "fp32",
+    backend: Annotated[Optional[str], typer.Option(help="pytorch or onnxruntime (an ONNX bundle from ditkit export; "
+                                                   "default: the model's own).")] = None,
+    lora: Annotated[Optional[list[Path]], typer.Option(help="A LoRA adapter .safetensors (repeatable).")] = None,
+    lora_scale: Annotated[Optional[list[float]], typer.Option(help="Scale of the adapters (one, or one per "
+                                                                   "--lora; default 1).")] = None,
     family: FamilyOpt = None,
     config: ConfigOpt = None,
     force: ForceOpt = False,
@@ -63,12 +90,14 @@ def generate_cmd(
     """Generate images (PNGs, a grid and a JSON sidecar); scored by the model's judge when it has one."""
     cfg = GenerateConfig(labels=parse_ints(labels, "--labels"), prompts=read_prompts(prompt or [], prompts_file),
                          num_images=num_images, steps=steps, sampler=sampler, guidance=guidance, seed=seed,
-                         batch_size=batch_size, height=height, width=width, device=resolve_device(device), dtype=dtype)
+                         batch_size=batch_size, height=height, width=width, device=resolve_device(device), dtype=dtype,
+                         backend=backend)
     rank, _ = distributed.world()
     if rank == 0:
         check_output(out, force)
     bundle = load_bundle(src, family=family, config=config, device=cfg.device,
                          dtype=resolve_dtype(dtype, cfg.device))
+    adapters = with_lora(bundle, lora or [], lora_scale or [])
     emb = load_embeddings(embeddings) if embeddings else None
     with distributed.process_group(cfg.device) as (rank, size):
         n = cfg.num_images or 0
@@ -79,8 +108,10 @@ def generate_cmd(
         return  # not rank 0: rank 0 writes and reports
     sidecar = {"command": "generate", "source": str(bundle.path), "source_sha256": bundle.parent_record()["sha256"],
                "config": cfg.to_dict(), "report": report.to_dict(), "environment": environment(cfg.device)}
+    if adapters:
+        sidecar["lora"] = adapters
     write_images(out, images, sidecar, force=force)
-    doc = {"out": str(out), **report.to_dict()}
+    doc = {"out": str(out), **report.to_dict(), **({"lora": adapters} if adapters else {})}
     if json_:
         output.print_json(doc)
     else:

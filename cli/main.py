@@ -24,6 +24,8 @@ COMMANDS = {
     "prune": "prune:prune_cmd",
     "quantize": "quantize:quantize_cmd",
     "export": "export:export_cmd",
+    "distill": "distill:distill_cmd",
+    "lora-train": "lora:lora_train_cmd",
 }
 for name, target in COMMANDS.items():
     module_name, fn = target.split(":")

@@ -6,6 +6,7 @@ Sources (load_bundle):
   - a bare transformer directory (config.json + safetensors);
   - a single .safetensors file (--family, plus --config when the keys don't determine it);
   - a facebookresearch/DiT .pt checkpoint (read with weights_only=True, converted to diffusers keys).
+  - an ONNX bundle directory (transformer.onnx; formats/onnx_bundle.py), run by onnxruntime.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import dit_original
+from . import dit_original, quantized
 from .atomic import atomic_dir
 from .errors import ConfigError, FormatError, UnsupportedModelError
 from .families import FAMILIES, Family, detect_family, get_family
@@ -107,10 +108,14 @@ def load_bundle(src: str | os.PathLike | None = None, *, family: str | None = No
                 device: str = "cpu", dtype: torch.dtype = torch.float32) -> Bundle:
     path = resolve_source(src)
     if path.is_dir():
-        if (path / "model_index.json").is_file():
-            bundle = _load_pipeline(path)
+        if (path / "transformer.onnx").is_file():  # an ONNX bundle (ditkit export --format onnx)
+            from .onnx_bundle import load_onnx_bundle
+
+            bundle = load_onnx_bundle(path, device)
+        elif (path / "model_index.json").is_file():
+            bundle = _load_pipeline(path, device)
         elif (path / "config.json").is_file():
-            bundle = _load_transformer_dir(path)
+            bundle = _load_transformer_dir(path, device)
         else:
             raise FormatError(f"{path} is not a checkpoint: expected model_index.json (diffusers pipeline) "
                               "or config.json + safetensors (transformer)")
@@ -143,7 +148,7 @@ def _wrap_load_error(path: Path, e: Exception) -> FormatError:
     return FormatError(f"{path} could not be loaded ({msg[:200]}); check that it is a complete, uncorrupted checkpoint")
 
 
-def _load_pipeline(path: Path) -> Bundle:
+def _load_pipeline(path: Path, device: str = "cpu") -> Bundle:
     import diffusers
 
     check_tree(path)
@@ -156,6 +161,8 @@ def _load_pipeline(path: Path) -> Bundle:
     expected, _ = cls._get_signature_keys(cls)
     absent = {k: None for k in expected if k not in index or index[k] in (None, [None, None])}
     absent.pop("transformer", None)
+    if quantized.is_quantized_dir(path / "transformer"):  # `ditkit quantize` output: rebuilt for the device
+        absent["transformer"] = quantized.load_transformer(path / "transformer", fam, device)
     try:
         pipe = cls.from_pretrained(path, use_safetensors=True, **absent)
     except Exception as e:  # diffusers raises many types for bad checkpoints
@@ -174,16 +181,19 @@ def _load_pipeline(path: Path) -> Bundle:
                   manifest=read_manifest(path) or {}, path=path, kind="pipeline", judge=judge)
 
 
-def _load_transformer_dir(path: Path) -> Bundle:
+def _load_transformer_dir(path: Path, device: str = "cpu") -> Bundle:
     check_tree(path)
     conf = read_json(path / "config.json", "transformer config")
     fam = detect_family(conf, str(path / "config.json"))
     if not list(path.glob("*.safetensors")):
         raise FormatError(f"{path} has a config.json but no .safetensors weights (pickled .bin weights are not loaded)")
-    try:
-        model = fam.transformer_cls().from_pretrained(path, use_safetensors=True)
-    except Exception as e:
-        raise _wrap_load_error(path, e) from e
+    if quantized.is_quantized_dir(path):
+        model = quantized.load_transformer(path, fam, device)
+    else:
+        try:
+            model = fam.transformer_cls().from_pretrained(path, use_safetensors=True)
+        except Exception as e:
+            raise _wrap_load_error(path, e) from e
     return Bundle(family=fam, transformer=model, manifest=read_manifest(path) or {}, path=path, kind="transformer")
 
 
@@ -258,6 +268,9 @@ def save_bundle(bundle: Bundle, out: os.PathLike, manifest: dict, force: bool = 
 
 def write_bundle_dir(bundle: Bundle, root: Path) -> None:
     import diffusers
+
+    if quantized.is_quantized(bundle.transformer):  # quantized modules: tensors + quantization.json
+        return quantized.write_bundle_dir(bundle, root)
 
     if bundle.pipeline_class is not None:
         cls = getattr(diffusers, bundle.pipeline_class)

@@ -1,6 +1,7 @@
 """generate(bundle, GenerateConfig) -> (images, GenerateReport): sample images, score them with the judge."""
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable
@@ -12,6 +13,7 @@ from ditkit.formats.errors import ConfigError
 from . import distributed
 from .runtime import resolve_device, resolve_dtype
 from ditkit.formats.errors import choice_error
+from ditkit.formats.onnx_bundle import BACKENDS, resolve_backend
 
 from .sample import SAMPLERS, decode, denoise, image_noise, make_scheduler
 
@@ -30,6 +32,7 @@ class GenerateConfig:
     width: int | None = None
     device: str = "cpu"
     dtype: str = "fp32"
+    backend: str | None = None  # "pytorch" or "onnxruntime"; default: the bundle's own (ONNX bundles: onnxruntime)
 
     def __post_init__(self):
         if self.num_images is not None and self.num_images < 1:
@@ -42,6 +45,8 @@ class GenerateConfig:
             raise ConfigError(f"--guidance must be >= 0 (got {self.guidance})")
         if self.sampler is not None and self.sampler not in SAMPLERS:
             raise choice_error("sampler", self.sampler, SAMPLERS)
+        if self.backend is not None and self.backend not in BACKENDS:
+            raise choice_error("backend", self.backend, BACKENDS)
         for name in ("height", "width"):
             v = getattr(self, name)
             if v is not None and (v < 8 or v % 8):
@@ -71,6 +76,7 @@ class GenerateReport:
     seconds: float = 0.0
     images_per_s: float = 0.0
     decoded: bool = True  # False when the bundle has no VAE (latents shown)
+    backend: str = "pytorch"  # what ran the transformer: pytorch or onnxruntime
     judge: dict | None = None
 
     def to_dict(self) -> dict:
@@ -145,6 +151,7 @@ def generate(bundle, cfg: GenerateConfig, embeddings=None,
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     fam, tr = bundle.family, bundle.transformer
+    backend = resolve_backend(bundle, cfg.backend)  # an ONNX bundle runs through its OnnxTransformer
     sampler, steps, guidance = settings(bundle, cfg)
     make_scheduler(fam, bundle.scheduler, sampler)  # validates the sampler before any work
     h, w = latent_hw(bundle, cfg.height, cfg.width)
@@ -182,9 +189,25 @@ def generate(bundle, cfg: GenerateConfig, embeddings=None,
         height=h * vae_scale(bundle), width=w * vae_scale(bundle), num_images=n, batch_size=cfg.batch_size,
         device=device, dtype=cfg.dtype, world_size=size, conditions=[values[r] for r in row_of],
         seconds=round(seconds, 4), images_per_s=round(len(mine) / seconds, 3) if seconds else 0.0,
-        decoded=bundle.vae is not None)
-    if images is not None and bundle.judge is not None and fam.conditioning == "class":
+        decoded=bundle.vae is not None, backend=backend)
+    labels = judge_labels(bundle, report.conditions) if images is not None and bundle.judge is not None else None
+    if labels is not None:
         from .judge import score
 
-        report.judge = score(bundle.judge, images, report.conditions).to_dict()
+        report.judge = score(bundle.judge, images, labels).to_dict()
     return images, report
+
+
+def judge_labels(bundle, conditions: list) -> list[int] | None:
+    """The judge's class per image: the label itself, or for prompts the one class word each names (the
+    bundle's defaults `prompt_labels`, e.g. {"seven": 7}); None when a prompt names no class or several."""
+    if bundle.family.conditioning == "class":
+        return list(conditions)
+    words = bundle.defaults().get("prompt_labels") or {}
+    out = []
+    for prompt in conditions:
+        hits = {v for w, v in words.items() if re.search(rf"(?<!\w){re.escape(w.lower())}(?!\w)", prompt.lower())}
+        if len(hits) != 1:
+            return None
+        out.append(int(hits.pop()))
+    return out or None

@@ -1,0 +1,151 @@
+"""Regenerate docs/benchmarks.md: every figure in it comes from a `ditkit bench` command this script runs.
+
+    .venv/bin/python docs/benchmarks.py [--threads N] [--cache out/bench-archs] [--out docs/benchmarks.md]
+                                        [--only tiny-digits,dit-xl-2-256,pixart-alpha-512]
+
+(`make bench` runs it.) It writes the full-size random-weight architectures into --cache once
+(python -m ditkit.ops.archs; about 5.5 GB), runs each bench with --json, keeps the JSON next to them, and
+renders the tables from that JSON under the exact command that produced it. CUDA runs are added when
+torch sees a GPU; otherwise the CUDA section says they were not measured.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+PIXART_TOKENS = 120  # PixArt-alpha's T5 max_sequence_length
+
+# title, what it shows, bench arguments ({cache} is filled in); CPU runs
+CPU_RUNS = [
+    ("tiny-digits", "tiny-digits against itself (the embedded default, with its judge)",
+     "The method's self-check: the same model twice must give speedups of 1.0 within noise and identical "
+     "images (PSNR capped at 100 dB, SSIM 1).",
+     ["tiny-digits", "tiny-digits", "--batch-sizes", "1,8"]),
+    ("dit-xl-2-256", "DiT-XL/2 256px, random weights (bare transformer)",
+     "Speed and memory only (random weights make no images). CPU: batch 1 only, one FLOP-count call then "
+     "3 timed rounds - a step takes seconds here.",
+     ["{cache}/dit-xl-2-256", "--batch-sizes", "1", "--warmup", "0", "--repeats", "3", "--num-images", "0"]),
+    ("pixart-alpha-512", "PixArt-alpha 512px, random weights (bare transformer)",
+     f"Conditioned on random T5-shaped embeddings of {PIXART_TOKENS} tokens (PixArt-alpha's prompt length). "
+     "CPU: batch 1 only, one FLOP-count call then 3 timed rounds.",
+     ["{cache}/pixart-alpha-512", "--embeddings", "{cache}/pixart-t5-120.safetensors", "--batch-sizes", "1",
+      "--warmup", "0", "--repeats", "3", "--num-images", "0"]),
+]
+CUDA_RUNS = [
+    ("tiny-digits", "tiny-digits against itself", "", ["tiny-digits", "tiny-digits", "--batch-sizes", "1,8"]),
+    ("dit-xl-2-256", "DiT-XL/2 256px, random weights, bf16", "",
+     ["{cache}/dit-xl-2-256", "--batch-sizes", "1,8,32", "--num-images", "0", "--dtype", "bf16"]),
+    ("pixart-alpha-512", "PixArt-alpha 512px, random weights, bf16", "",
+     ["{cache}/pixart-alpha-512", "--embeddings", "{cache}/pixart-t5-120.safetensors", "--batch-sizes", "1,8",
+      "--num-images", "0", "--dtype", "bf16"]),
+]
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def prepare(cache: Path, names: set[str]) -> None:
+    """The random-weight architectures and the PixArt embeddings, written once into `cache`."""
+    from ditkit.formats.embeddings import save_embeddings
+
+    cache.mkdir(parents=True, exist_ok=True)
+    for name in ("dit-xl-2-256", "pixart-alpha-512"):
+        if name in names and not (cache / name / "config.json").is_file():
+            log(f"writing {cache / name}")
+            subprocess.run([sys.executable, "-m", "ditkit.ops.archs", name, "--out", str(cache / name)], check=True)
+    emb = cache / "pixart-t5-120.safetensors"
+    if "pixart-alpha-512" in names and not emb.is_file():
+        g = torch.Generator().manual_seed(0)
+        rows = {"prompt_embeds": torch.randn(1, PIXART_TOKENS, 4096, generator=g) * 0.1,
+                "prompt_attention_mask": torch.ones(1, PIXART_TOKENS, dtype=torch.long)}
+        save_embeddings(emb, ["random T5-shaped embedding"], rows, {k: v.clone() for k, v in rows.items()})
+
+
+def run(args: list[str], extra: list[str], cache: Path, store: Path, key: str, reuse: bool) -> tuple[str, dict, str]:
+    """(the command, its JSON report, when it ran); with `reuse`, a stored result of the identical command."""
+    argv = ["ditkit", "bench", *[a.format(cache=cache) for a in args], *extra, "--json"]
+    command = " ".join(shlex.quote(a) for a in argv)
+    stored = store / f"{key}.json"
+    if reuse and stored.is_file():
+        rec = json.loads(stored.read_text())
+        if rec.get("command") == command:
+            log(f"reusing {stored} ({rec['ran']}): {command}")
+            return command, rec["report"], rec["ran"]
+    log(f"$ {command}")
+    p = subprocess.run([str(BIN / "ditkit"), *argv[1:]], cwd=ROOT, capture_output=True, text=True)
+    sys.stderr.write(p.stderr)
+    if p.returncode != 0:
+        raise SystemExit(f"benchmark failed (exit {p.returncode}): {command}")
+    ran = datetime.datetime.now().isoformat(timespec="minutes")
+    stored.write_text(json.dumps({"command": command, "ran": ran, "report": json.loads(p.stdout)}, indent=1))
+    return command, json.loads(p.stdout), ran
+
+
+def main(argv: list[str] | None = None) -> int:
+    from ditkit.cli.bench_render import markdown
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cache", type=Path, default=Path("out/bench-archs"), help="where the random-weight models go")
+    ap.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks.md")
+    ap.add_argument("--threads", type=int, default=None, help="passed to every bench as --threads")
+    ap.add_argument("--only", default=None, help="comma-separated run keys (default: all)")
+    ap.add_argument("--reuse", action="store_true",
+                    help="reuse the stored result of an identical command (in CACHE/results) instead of re-running it")
+    a = ap.parse_args(argv)
+    keys = set(a.only.split(",")) if a.only else {k for k, *_ in CPU_RUNS}
+    cache = a.cache  # as given: commands run in the repository root, and are quoted that way
+    full = cache if cache.is_absolute() else ROOT / cache
+    prepare(full, keys)
+    store = full / "results"
+    store.mkdir(parents=True, exist_ok=True)
+    extra = ["--threads", str(a.threads)] if a.threads else []
+    script = "python docs/benchmarks.py" + (f" --threads {a.threads}" if a.threads else "") + \
+        (" --reuse" if a.reuse else "")
+
+    out = ["# Benchmarks", "",
+           f"Produced by `{script}` (`make bench`). Every table below is "
+           "rendered from the JSON printed by the `ditkit bench` command quoted above it; re-run the script "
+           "to reproduce them on your machine. How to read them: [bench.md](bench.md).", "",
+           "- **ms/step**: one transformer call on the rows one sampler step needs (2 x batch with "
+           "classifier-free guidance), median of the timed rounds (p90 in brackets).",
+           "- **ms/image**: denoise + VAE decode at the model's own sampler and step count, per image.",
+           "- **MFU**: FLOPs of the timed call (torch's FlopCounterMode) per second, over the dense matmul "
+           "peak that the same run measured on the same device.",
+           "- **peak memory**: weights in memory + the call's peak growth (CPU: resident set; CUDA: allocated).",
+           "- DiT-XL/2 in diffusers' layout has 749.8M parameters, not the original 675M: every block carries "
+           "its own copy of the timestep and label embedders.", ""]
+    out += ["## CPU (this machine)", ""]
+    for key, title, about, args in CPU_RUNS:
+        if key not in keys:
+            continue
+        command, doc, ran = run(args, extra, cache, store, f"cpu-{key}", a.reuse)
+        out += [f"### {title}", "", f"{about} Ran {ran}.", "", markdown(doc, command=command), ""]
+    out += ["## CUDA", ""]
+    if torch.cuda.is_available():
+        for key, title, about, args in CUDA_RUNS:
+            if key not in keys:
+                continue
+            command, doc, ran = run(args, ["--device", "cuda"], cache, store, f"cuda-{key}", a.reuse)
+            out += [f"### {title}", "", f"Ran {ran}.", "", markdown(doc, command=command), ""]
+    else:
+        out += ["**Not measured in this run**: torch saw no CUDA device on the machine that ran the script. "
+                "On a GPU machine the same script adds DiT-XL/2 and PixArt-alpha in bf16 at batch sizes "
+                "1, 8 (and 32 for DiT-XL/2), and tiny-digits, with `--device cuda` (CUDA events, "
+                "max_memory_allocated, a bf16 matmul peak).", ""]
+    a.out.write_text("\n".join(out).rstrip() + "\n")
+    log(f"wrote {a.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,289 @@
+"""LoRA adapters on disk: one safetensors file, in the diffusers/PEFT layout or kohya's.
+
+PEFT layout (the default, what diffusers' `pipe.load_lora_weights` reads for sd3 and flux):
+    transformer.<module>.lora_A.weight   (rank, in)
+    transformer.<module>.lora_B.weight   (out, rank)
+  header metadata:
+    lora_adapter_metadata   JSON {"transformer.r", "transformer.lora_alpha", "transformer.target_modules", ...}:
+                            diffusers builds its peft LoraConfig from it, so alpha survives the trip
+    ditkit_lora             JSON {rank, alpha, targets, family, base_sha256, modules, format, ditkit, ...}
+    rank, alpha, targets, family, base_sha256   the same, as plain strings (readable by any safetensors tool)
+
+kohya layout (`--format kohya`):
+    lora_transformer_<module with '.' -> '_'>.lora_down.weight   (= lora_A)
+    lora_transformer_<module with '.' -> '_'>.lora_up.weight     (= lora_B)
+    lora_transformer_<module with '.' -> '_'>.alpha              0-d tensor (the effective scale is alpha / rank)
+  header metadata: ss_network_dim, ss_network_alpha, ss_network_module, plus ditkit's keys above. These are
+  the names diffusers' kohya converter maps back for flux ("lora_transformer_" + diffusers names); dit, pixart
+  and sd3 files use the same scheme and load with ditkit.
+
+Reading accepts both layouts and foreign files of either (alpha defaults to the rank when a file has none,
+as diffusers does, and the Adapter says so). Matching an adapter to a model is strict: a key that names no
+module of the model, or a shape that does not fit, is a FormatError listing the keys.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .atomic import atomic_file
+from .errors import ConfigError, FormatError
+from .manifest import version
+from .safetensors_check import read_header
+
+ADAPTER_FORMATS = ("peft", "kohya")
+PEFT_PREFIX = "transformer."
+KOHYA_PREFIXES = ("lora_transformer_", "lora_unet_")
+DIFFUSERS_META_KEY = "lora_adapter_metadata"  # diffusers.loaders.lora_base.LORA_ADAPTER_METADATA_KEY
+DITKIT_META_KEY = "ditkit_lora"
+
+
+@dataclass
+class Adapter:
+    """A LoRA adapter: per target module, A (rank, in) and B (out, rank); output += (alpha / rank) * B A x."""
+    A: dict[str, torch.Tensor]  # module name -> lora_A weight
+    B: dict[str, torch.Tensor]  # module name -> lora_B weight
+    rank: int
+    alpha: float
+    family: str | None = None
+    targets: list[str] = field(default_factory=list)  # target groups it was trained on (attention, mlp, ...)
+    base_sha256: str | None = None
+    info: dict = field(default_factory=dict)  # trigger, training config, report, source format
+    path: Path | None = None
+
+    @property
+    def modules(self) -> list[str]:
+        return sorted(self.A)
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    @property
+    def num_params(self) -> int:
+        return sum(t.numel() for t in self.A.values()) + sum(t.numel() for t in self.B.values())
+
+    def peft_state_dict(self) -> dict[str, torch.Tensor]:
+        """Keys as peft's get/set_peft_model_state_dict use them (no adapter name, no prefix)."""
+        sd = {f"{m}.lora_A.weight": a for m, a in self.A.items()}
+        sd.update({f"{m}.lora_B.weight": b for m, b in self.B.items()})
+        return sd
+
+    def summary(self) -> dict:
+        return {"rank": self.rank, "alpha": self.alpha, "scale": self.scale, "family": self.family,
+                "targets": self.targets, "modules": len(self.A), "params": self.num_params,
+                "base_sha256": self.base_sha256, "path": str(self.path) if self.path else None}
+
+
+def adapter_from_peft_state(state: dict[str, torch.Tensor], rank: int, alpha: float, **kw) -> Adapter:
+    A, B = {}, {}
+    for k, v in state.items():
+        m = re.match(r"^(.*)\.lora_([AB])\.weight$", k)
+        if m is None:
+            raise FormatError(f"unexpected LoRA key {k!r}: expected <module>.lora_A.weight / lora_B.weight")
+        (A if m.group(2) == "A" else B)[m.group(1)] = v.detach().cpu().contiguous()
+    _check_pairs(A, B, "adapter")
+    return Adapter(A=A, B=B, rank=rank, alpha=float(alpha), **kw)
+
+
+def _check_pairs(A: dict, B: dict, where) -> None:
+    lonely = sorted(set(A) ^ set(B))
+    if lonely:
+        raise FormatError(f"{where}: LoRA modules without both A and B matrices: {', '.join(lonely[:5])}; "
+                          "the file is incomplete")
+    for m in A:
+        if A[m].ndim != 2 or B[m].ndim != 2 or A[m].shape[0] != B[m].shape[1]:
+            raise FormatError(f"{where}: {m} has lora_A {tuple(A[m].shape)} and lora_B {tuple(B[m].shape)}, "
+                              "which do not form a rank-r product; the file is damaged")
+
+
+# -- writing ---------------------------------------------------------------------------------------
+
+def _ditkit_meta(adapter: Adapter, fmt: str) -> dict[str, str]:
+    doc = {"format": fmt, "rank": adapter.rank, "alpha": adapter.alpha, "targets": adapter.targets,
+           "family": adapter.family, "base_sha256": adapter.base_sha256, "modules": adapter.modules,
+           "ditkit": version("ditkit"), **{k: v for k, v in adapter.info.items() if k != "source_format"}}
+    return {DITKIT_META_KEY: json.dumps(doc, sort_keys=True, default=str), "rank": str(adapter.rank),
+            "alpha": repr(float(adapter.alpha)), "targets": json.dumps(adapter.targets),
+            "family": adapter.family or "", "base_sha256": adapter.base_sha256 or ""}
+
+
+def kohya_name(module: str) -> str:
+    return KOHYA_PREFIXES[0] + module.replace(".", "_")
+
+
+def to_tensors(adapter: Adapter, fmt: str = "peft") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, metadata) of the file `save_adapter` writes."""
+    if fmt not in ADAPTER_FORMATS:
+        raise ConfigError(f"unknown adapter format {fmt!r}, choose one of: {', '.join(ADAPTER_FORMATS)}")
+    meta = {"format": "pt", **_ditkit_meta(adapter, fmt)}
+    tensors: dict[str, torch.Tensor] = {}
+    if fmt == "peft":
+        for m in adapter.modules:
+            tensors[f"{PEFT_PREFIX}{m}.lora_A.weight"] = adapter.A[m]
+            tensors[f"{PEFT_PREFIX}{m}.lora_B.weight"] = adapter.B[m]
+        peft_config = {"r": adapter.rank, "lora_alpha": adapter.alpha, "target_modules": adapter.modules,
+                       "lora_dropout": 0.0, "bias": "none", "init_lora_weights": True, "use_dora": False}
+        meta[DIFFUSERS_META_KEY] = json.dumps({f"transformer.{k}": v for k, v in peft_config.items()},
+                                              sort_keys=True)
+    else:
+        for m in adapter.modules:
+            name = kohya_name(m)
+            tensors[f"{name}.lora_down.weight"] = adapter.A[m]
+            tensors[f"{name}.lora_up.weight"] = adapter.B[m]
+            tensors[f"{name}.alpha"] = torch.tensor(float(adapter.alpha))
+        meta.update({"ss_network_dim": str(adapter.rank), "ss_network_alpha": repr(float(adapter.alpha)),
+                     "ss_network_module": "networks.lora"})
+    return {k: v.detach().cpu().contiguous() for k, v in tensors.items()}, meta
+
+
+def save_adapter(path: Path, adapter: Adapter, fmt: str = "peft", force: bool = False) -> Path:
+    """Write the adapter atomically to `path` (.safetensors) in `fmt` (peft or kohya)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ConfigError(f"adapter output {path} must end in .safetensors")
+    tensors, meta = to_tensors(adapter, fmt)
+    with atomic_file(path, force=force) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
+    return path
+
+
+# -- reading ---------------------------------------------------------------------------------------
+
+def load_adapter(path: Path) -> Adapter:
+    """Read a PEFT/diffusers or kohya LoRA file. kohya module names stay flat (`_`-joined) until `match`."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise FormatError(f"adapter {path} does not exist; give a .safetensors file written by lora-train")
+    header = read_header(path)
+    meta = header.get("__metadata__") or {}
+    try:
+        tensors = load_file(str(path))
+    except Exception as e:  # safetensors raises several types for damaged files
+        raise FormatError(f"adapter {path} could not be read ({str(e)[:120]}); re-copy it")
+    if not tensors:
+        raise FormatError(f"adapter {path} holds no tensors")
+    doc = {}
+    if DITKIT_META_KEY in meta:
+        try:
+            doc = json.loads(meta[DITKIT_META_KEY])
+        except json.JSONDecodeError:
+            raise FormatError(f"adapter {path}: its {DITKIT_META_KEY} metadata is not JSON; re-export it")
+    keys = list(tensors)
+    if any(k.endswith(".lora_down.weight") for k in keys):
+        A, B, alphas, fmt = _read_kohya(tensors, path)
+    elif any(".lora_A." in k for k in keys):
+        (A, B), alphas, fmt = _read_peft(tensors, path), {}, "peft"
+    else:
+        raise FormatError(f"adapter {path} is not a LoRA file: no lora_A/lora_B or lora_down/lora_up keys "
+                          f"(first key: {keys[0]})")
+    _check_pairs(A, B, path)
+    ranks = {a.shape[0] for a in A.values()}
+    if len(ranks) != 1:
+        raise FormatError(f"adapter {path} mixes ranks {sorted(ranks)}; ditkit reads single-rank adapters")
+    rank = ranks.pop()
+    alpha, alpha_source = _alpha(meta, doc, alphas, rank)
+    if alphas and len(set(alphas.values())) > 1:  # per-module kohya alphas: fold each into its B
+        for m, a in alphas.items():
+            B[m] = B[m] * (a / alpha)
+    info = {k: v for k, v in doc.items()
+            if k not in ("format", "rank", "alpha", "targets", "family", "base_sha256", "modules")}
+    info.update({"source_format": fmt, "alpha_source": alpha_source})
+    targets = doc.get("targets") or _json_list(meta.get("targets"))
+    return Adapter(A=A, B=B, rank=rank, alpha=alpha, family=doc.get("family") or meta.get("family") or None,
+                   targets=list(targets or []), base_sha256=doc.get("base_sha256") or meta.get("base_sha256") or None,
+                   info=info, path=path)
+
+
+def _json_list(text):
+    try:
+        v = json.loads(text) if text else None
+    except json.JSONDecodeError:
+        return None
+    return v if isinstance(v, list) else None
+
+
+def _read_peft(tensors: dict, path: Path):
+    A, B = {}, {}
+    for k, v in tensors.items():
+        m = re.match(r"^(?:base_model\.model\.|transformer\.)?(.*)\.lora_([AB])(?:\.[^.]+)?\.weight$", k)
+        if m is None:
+            raise FormatError(f"adapter {path}: unexpected key {k!r} (expected transformer.<module>.lora_A.weight); "
+                              "it may hold text-encoder or DoRA weights, which ditkit does not load")
+        (A if m.group(2) == "A" else B)[m.group(1)] = v
+    return A, B
+
+
+def _read_kohya(tensors: dict, path: Path):
+    A, B, alphas = {}, {}, {}
+    for k, v in tensors.items():
+        m = re.match(r"^(lora_[a-z0-9]+_)(.*)\.(lora_down\.weight|lora_up\.weight|alpha)$", k)
+        if m is None or m.group(1) not in KOHYA_PREFIXES:
+            raise FormatError(f"adapter {path}: unexpected kohya key {k!r} (expected lora_transformer_<module>."
+                              "lora_down.weight / lora_up.weight / alpha); text-encoder LoRAs are not loaded")
+        flat = m.group(2)
+        if m.group(3) == "alpha":
+            alphas[flat] = float(v.float().item())
+        else:
+            (A if m.group(3) == "lora_down.weight" else B)[flat] = v
+    return A, B, alphas, "kohya"
+
+
+def _alpha(meta: dict, doc: dict, alphas: dict, rank: int) -> tuple[float, str]:
+    if "alpha" in doc:
+        return float(doc["alpha"]), "ditkit metadata"
+    if alphas:
+        return float(next(iter(alphas.values()))), "kohya .alpha tensors"
+    if DIFFUSERS_META_KEY in meta:
+        try:
+            d = json.loads(meta[DIFFUSERS_META_KEY])
+            a = d.get("transformer.lora_alpha", d.get("lora_alpha"))
+            if a is not None:
+                return float(a), "diffusers lora_adapter_metadata"
+        except (json.JSONDecodeError, AttributeError):
+            pass
+    if meta.get("ss_network_alpha"):
+        return float(meta["ss_network_alpha"]), "ss_network_alpha metadata"
+    return float(rank), "none in the file: alpha = rank (diffusers' default)"
+
+
+def match(adapter: Adapter, modules: dict[str, tuple[int, int]]) -> Adapter:
+    """Resolve the adapter's module names against a model's Linear layers {name: (out, in)}.
+
+    kohya's flat names (dots replaced by underscores) are mapped back to the model's names. Every key must
+    name a module and fit its shape; otherwise FormatError lists the keys that did not match.
+    """
+    flat = {name.replace(".", "_"): name for name in modules}
+    resolved_A, resolved_B, unmatched, misfit = {}, {}, [], []
+    for m in adapter.modules:
+        name = m if m in modules else flat.get(m)
+        if name is None:
+            unmatched.append(m)
+            continue
+        out_f, in_f = modules[name]
+        a, b = adapter.A[m], adapter.B[m]
+        if a.shape[1] != in_f or b.shape[0] != out_f:
+            misfit.append(f"{name} (adapter {b.shape[0]}x{a.shape[1]}, model {out_f}x{in_f})")
+            continue
+        resolved_A[name], resolved_B[name] = a, b
+    where = adapter.path or "adapter"
+    if unmatched:
+        n = len(unmatched)
+        what = "matches no module of this model" if n == len(adapter.modules) else \
+            f"matches only {len(adapter.modules) - n} of its {len(adapter.modules)} modules"
+        raise FormatError(f"{where} {what}; unmatched keys: {', '.join(unmatched[:8])}"
+                          f"{' ...' if n > 8 else ''} (trained for family {adapter.family or 'unknown'}: "
+                          "use it with the model it was trained on)")
+    if misfit:
+        raise FormatError(f"{where} does not fit this model's shapes: {', '.join(misfit[:5])}; "
+                          "it was trained on a different architecture")
+    return Adapter(A=resolved_A, B=resolved_B, rank=adapter.rank, alpha=adapter.alpha, family=adapter.family,
+                   targets=adapter.targets, base_sha256=adapter.base_sha256, info=adapter.info, path=adapter.path)

@@ -1,0 +1,168 @@
+"""depth: remove whole transformer blocks, chosen by their measured effect on the output (LD-Pruner).
+
+Scoring (one shot): each candidate block is taken out alone and the transformer's output over the calibration
+set is compared with the base's (relative MSE); the blocks whose removal moves the output least go. Surgery:
+the state dict loses those blocks, the rest are renumbered, and the depth field(s) of the config are rewritten,
+so diffusers (DiTPipeline.from_pretrained included) builds the shallower model from the config alone.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ditkit.formats.errors import ConfigError
+
+from .calibration import Calibration, output_error
+from .rebuild import rebuild
+
+
+@dataclass(frozen=True)
+class Stack:
+    attr: str  # the ModuleList on the transformer
+    config_key: str  # the config field holding its length
+    keep_last: bool = False  # SD3: the last block is built differently (context_pre_only), so it stays
+
+
+# family -> its block stacks, in execution order
+STACKS: dict[str, tuple[Stack, ...]] = {
+    "dit": (Stack("transformer_blocks", "num_layers"),),
+    "pixart": (Stack("transformer_blocks", "num_layers"),),
+    "sd3": (Stack("transformer_blocks", "num_layers", keep_last=True),),
+    "flux": (Stack("transformer_blocks", "num_layers"), Stack("single_transformer_blocks", "num_single_layers")),
+}
+
+
+def block_names(family, tr) -> list[str]:
+    """Every block as 'attr.i', in execution order (what --blocks indexes)."""
+    return [f"{s.attr}.{i}" for s in STACKS[family.name] for i in range(len(getattr(tr, s.attr)))]
+
+
+def protected(family, tr) -> set[str]:
+    out = set()
+    for s in STACKS[family.name]:
+        n = len(getattr(tr, s.attr))
+        if s.keep_last and n:
+            out.add(f"{s.attr}.{n - 1}")
+    return out
+
+
+def _without(tr, family, removed: set[str]):
+    """Context: the transformer runs with the `removed` blocks taken out of its ModuleLists."""
+    class _Ctx:
+        def __enter__(self):
+            self.saved = {}
+            for s in STACKS[family.name]:
+                blocks = getattr(tr, s.attr)
+                self.saved[s.attr] = blocks
+                setattr(tr, s.attr, nn.ModuleList([b for i, b in enumerate(blocks) if f"{s.attr}.{i}" not in removed]))
+
+        def __exit__(self, *exc):
+            for attr, blocks in self.saved.items():
+                setattr(tr, attr, blocks)
+
+    return _Ctx()
+
+
+def score_blocks(family, tr, calib: Calibration, candidates: list[str], say=None) -> dict[str, float]:
+    """Relative output MSE with each candidate block removed alone (higher = more important)."""
+    scores = {}
+    for i, name in enumerate(candidates):
+        with _without(tr, family, {name}):
+            scores[name] = output_error(family, tr, calib)["rel_mse"]
+        if say is not None:
+            say(f"scored {name} ({i + 1}/{len(candidates)}): output rel. MSE {scores[name]:.4g} without it")
+    return scores
+
+
+def choose(cfg, names: list[str], keep_fixed: set[str]) -> int | None:
+    """How many blocks to remove (None when --blocks names them)."""
+    total = len(names)
+    if cfg.blocks is not None:
+        return None
+    if cfg.keep is not None:
+        if not 1 <= cfg.keep <= total:
+            raise ConfigError(f"--keep {cfg.keep} is out of range: this model has {total} blocks (keep 1..{total})")
+        n = total - cfg.keep
+    else:
+        n = round(cfg.ratio * total)
+    n = min(n, total - max(1, len(keep_fixed)))
+    if n < 1:
+        raise ConfigError(f"--ratio {cfg.ratio} removes no block of {total}; raise it (or use --keep / --blocks)")
+    return n
+
+
+def pick_by_hand(cfg, names: list[str], fixed: set[str]) -> list[str]:
+    bad = [i for i in cfg.blocks if not 0 <= i < len(names)]
+    if bad:
+        raise ConfigError(f"--blocks {bad} out of range: this model has blocks 0..{len(names) - 1}")
+    chosen = [names[i] for i in sorted(set(cfg.blocks))]
+    if fixed & set(chosen):
+        raise ConfigError(f"--blocks: {sorted(fixed & set(chosen))} cannot be removed (built differently from the "
+                          "others); choose other blocks")
+    if len(chosen) >= len(names):
+        raise ConfigError("--blocks names every block; keep at least one")
+    return chosen
+
+
+def remove_blocks(family, tr, removed: list[str]) -> nn.Module:
+    """The transformer without `removed`, rebuilt from a config with the new depth(s)."""
+    stacks = STACKS[family.name]
+    gone = set(removed)
+    renumber: dict[str, dict[int, int]] = {}
+    updates = {}
+    for s in stacks:
+        kept = [i for i in range(len(getattr(tr, s.attr))) if f"{s.attr}.{i}" not in gone]
+        renumber[s.attr] = {old: new for new, old in enumerate(kept)}
+        updates[s.config_key] = len(kept)
+    dual = tr.config.get("dual_attention_layers") if hasattr(tr.config, "get") else None
+    if dual:  # SD3.5: indices of the blocks with a second attention follow their blocks
+        updates["dual_attention_layers"] = tuple(renumber["transformer_blocks"][i] for i in dual
+                                                 if i in renumber["transformer_blocks"])
+    state = {}
+    pattern = re.compile(r"^(" + "|".join(re.escape(s.attr) for s in stacks) + r")\.(\d+)\.(.*)$")
+    for k, v in tr.state_dict().items():
+        m = pattern.match(k)
+        if m is None:
+            state[k] = v.clone()
+            continue
+        attr, i, rest = m.group(1), int(m.group(2)), m.group(3)
+        if i in renumber[attr]:
+            state[f"{attr}.{renumber[attr][i]}.{rest}"] = v.clone()
+    return rebuild(tr, updates, state)
+
+
+def check(bundle, cfg) -> None:
+    """Reject impossible requests before any calibration work."""
+    fam, tr = bundle.family, bundle.transformer
+    names, fixed = block_names(fam, tr), protected(fam, tr)
+    if choose(cfg, names, fixed) is None:
+        pick_by_hand(cfg, names, fixed)
+
+
+def run(bundle, cfg, calib: Calibration, say=None):
+    """(pruned transformer, plan)."""
+    fam, tr = bundle.family, bundle.transformer
+    names = block_names(fam, tr)
+    fixed = protected(fam, tr)
+    candidates = [n for n in names if n not in fixed]
+    n_remove = choose(cfg, names, fixed)
+    scores = {}
+    if n_remove is None:
+        removed = pick_by_hand(cfg, names, fixed)
+        criterion = "by hand (--blocks)"
+    else:
+        scores = score_blocks(fam, tr, calib, candidates, say)
+        removed = sorted(sorted(candidates, key=lambda n: (scores[n], names.index(n)))[:n_remove], key=names.index)
+        criterion = "calibration output rel. MSE with the block removed alone (LD-Pruner), lowest removed"
+    pruned = remove_blocks(fam, tr, removed)
+    plan = {
+        "blocks_before": len(names), "blocks_after": len(names) - len(removed),
+        "removed_blocks": removed, "removed_indices": [names.index(n) for n in removed],
+        "kept_blocks": [n for n in names if n not in removed], "protected": sorted(fixed),
+        "criterion": criterion, "scores": {k: (None if v is None else round(v, 6)) for k, v in scores.items()},
+        "config": {s.config_key: pruned.config[s.config_key] for s in STACKS[fam.name]},
+    }
+    return pruned, plan

@@ -1,0 +1,116 @@
+"""What every quantized module kind shares: the Kind contract, int8 row quantization, byte counts, SQNR.
+
+A *kind* is one quantized module type as it sits on disk (e.g. "int8-linear": int8 weights + one fp32
+scale per output row). It knows how to make itself from a float module, which plain tensors it is
+written as, and how to rebuild itself from them on a given device. The on-disk form is the same
+whichever kernel runs it: an "int8-linear" runs through torch.ao's fbgemm kernel on CPU and through
+torch._int_mm on CUDA.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+
+KIND_ATTR = "ditkit_kind"  # set on every quantized module: its on-disk kind
+KERNEL_ATTR = "ditkit_kernel"  # set on every quantized module: the kernel path that runs it (bench reports it)
+FALLBACK_ATTR = "kernel_fallback"  # True where the matmul runs in float on dequantized weights (bench: no real speedup)
+SPEC_ATTR = "ditkit_spec"  # set on every quantized module: JSON-able options needed to rebuild it
+
+
+@dataclass(frozen=True)
+class Kind:
+    name: str
+    source: type  # the float module type it replaces (nn.Linear, nn.Embedding)
+    make: Callable  # (float_module, device, opts: dict) -> quantized module
+    tensors: Callable  # (quantized module) -> {suffix: tensor}, everything needed to rebuild it
+    rebuild: Callable  # (spec: dict, tensors: dict, device) -> quantized module
+    doc: str = ""
+
+
+def tag(module: nn.Module, kind: str, kernel: str, spec: dict, fallback: bool = False) -> nn.Module:
+    setattr(module, KIND_ATTR, kind)
+    setattr(module, KERNEL_ATTR, kernel)
+    setattr(module, SPEC_ATTR, spec)
+    setattr(module, FALLBACK_ATTR, fallback)
+    return module
+
+
+def is_quantized_module(module: nn.Module) -> bool:
+    return getattr(module, KIND_ATTR, None) is not None
+
+
+def linear_spec(lin: nn.Linear, **extra) -> dict:
+    return {"in_features": lin.in_features, "out_features": lin.out_features, "bias": lin.bias is not None, **extra}
+
+
+def float_bias(lin: nn.Linear) -> torch.Tensor | None:
+    return None if lin.bias is None else lin.bias.detach().float().clone()
+
+
+def int8_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 per row: w (N, K) float -> (q int8 (N, K) in [-127, 127], scale fp32 (N,))."""
+    w = w.detach().float()
+    scale = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12)  # (N,)
+    q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    return q, scale
+
+
+# -- measuring -------------------------------------------------------------------------------------
+
+def own_tensors(module: nn.Module) -> list[torch.Tensor]:
+    """The module's own parameters and persistent buffers (not its children's)."""
+    out = [p for p in module._parameters.values() if p is not None]
+    skip = getattr(module, "_non_persistent_buffers_set", set())
+    out += [b for n, b in module._buffers.items() if b is not None and n not in skip]
+    return out
+
+
+def memory_bytes(model: nn.Module, kinds: dict[str, Kind]) -> int:
+    """Bytes held by the weights: parameters, persistent buffers, and each quantized module's tensors.
+
+    torch.ao keeps its int8 weights in an fbgemm packed object rather than tensors; it is counted by the
+    int8 weight + scales it packs (the packed copy adds column offsets, under 1%).
+    """
+    total = 0
+
+    def walk(m: nn.Module):
+        nonlocal total
+        kind = getattr(m, KIND_ATTR, None)
+        if kind is not None:
+            total += sum(t.numel() * t.element_size() for t in kinds[kind].tensors(m).values())
+            return
+        total += sum(t.numel() * t.element_size() for t in own_tensors(m))
+        for child in m.children():
+            walk(child)
+
+    walk(model)
+    return total
+
+
+def sqnr_db(signal: float, noise: float) -> float:
+    """10 log10(sum x^2 / sum (x - y)^2); inf when identical (reported as null in JSON)."""
+    if noise <= 0.0:
+        return math.inf
+    if signal <= 0.0:
+        return -math.inf
+    return 10.0 * math.log10(signal / noise)
+
+
+@dataclass
+class Energy:
+    signal: float = 0.0
+    noise: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+    def add(self, ref: torch.Tensor, out: torch.Tensor) -> None:
+        ref, out = ref.detach().double(), out.detach().double()
+        self.signal += float(ref.pow(2).sum())
+        self.noise += float((out - ref).pow(2).sum())
+
+    @property
+    def db(self) -> float:
+        return sqnr_db(self.signal, self.noise)

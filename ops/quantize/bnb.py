@@ -1,0 +1,149 @@
+"""bitsandbytes: LLM.int8() Linear8bitLt, and 4-bit (nf4 / fp4, blocks of 64) Linear4bit.
+
+bitsandbytes 0.50 runs both on CPU. Written as plain tensors: Linear8bitLt as its int8 weight (CB)
+and row scales (SCB); Linear4bit as the packed uint8 weight plus bitsandbytes' own serialized
+quant state (`QuantState.as_dict(packed=True)`), rebuilt with `Params4bit.from_prequantized`.
+"""
+from __future__ import annotations
+
+import logging
+import warnings
+
+import torch
+from torch import nn
+
+from ditkit.ops.runtime import DTYPES
+
+from .base import Kind, float_bias, linear_spec, tag
+
+INT8 = "bnb-int8-linear"
+LINEAR4 = "bnb-4bit-linear"
+INT8_THRESHOLD = 6.0  # LLM.int8()'s outlier threshold, as in diffusers' BitsAndBytesConfig default
+
+
+def _bnb():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import bitsandbytes
+
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # per-layer "slow inference" notices
+    return bitsandbytes
+
+
+def _on_cuda(device: str) -> bool:
+    return str(device).startswith("cuda")
+
+
+def _dense4(device: str) -> bool:
+    """CPU without AVX512-BF16: every call dequantizes the whole weight and multiplies in float."""
+    from bitsandbytes.functional import has_avx512bf16
+
+    return not _on_cuda(device) and not has_avx512bf16()
+
+
+def _dense8(device: str) -> bool:
+    """CPU without AVX-512: the int8 values are multiplied by an fp32 matmul."""
+    return not _on_cuda(device) and torch.backends.cpu.get_cpu_capability() != "AVX512"
+
+
+def _kernel4(device: str, compute: str | None) -> str:
+    if _on_cuda(device):
+        return "bitsandbytes 4-bit CUDA: gemv_4bit for single rows, else dequantize_4bit + cuBLAS matmul"
+    if not _dense4(device):
+        return "bitsandbytes 4-bit CPU: fused gemv_4bit (AVX512-BF16, bf16 compute)"
+    return f"bitsandbytes 4-bit CPU: dequantize_4bit (C++ kernel) + F.linear in {compute or 'the input dtype'}"
+
+
+def _kernel8(device: str) -> str:
+    if _on_cuda(device):
+        return f"bitsandbytes LLM.int8() CUDA: int8 GEMM, fp16 outlier columns above {INT8_THRESHOLD}"
+    mm = "fp32 matmul of the int8 values (no AVX-512 here)" if _dense8(device) else "torch._int_mm"
+    return f"bitsandbytes LLM.int8() CPU: activations cast to fp16 and quantized per row, {mm}, " \
+           f"fp16 outlier columns above {INT8_THRESHOLD}"
+
+
+# -- LLM.int8() ------------------------------------------------------------------------------------
+
+def _int8(cb: torch.Tensor, scb: torch.Tensor | None, bias, device: str, spec: dict, weight=None) -> nn.Module:
+    bnb = _bnb()
+    m = bnb.nn.Linear8bitLt(spec["in_features"], spec["out_features"], bias=spec["bias"], has_fp16_weights=False, threshold=INT8_THRESHOLD, device="meta")
+    if weight is not None:  # quantize a float weight: Int8Params quantizes on .to(device)
+        m.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False)
+    else:
+        m.weight = bnb.nn.Int8Params(cb, requires_grad=False, has_fp16_weights=False)
+        m.weight.CB, m.weight.SCB = m.weight.data, scb
+    m.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+    m = m.to(device)
+    return tag(m, INT8, _kernel8(device), spec, fallback=_dense8(device))
+
+
+def make_int8(lin: nn.Linear, device: str, opts: dict) -> nn.Module:
+    w = lin.weight.detach().float().clone()
+    return _int8(None, None, float_bias(lin), device, linear_spec(lin), weight=w)
+
+
+def int8_tensors(m) -> dict[str, torch.Tensor]:
+    scb = m.weight.SCB if m.weight.SCB is not None else m.state.SCB  # the first call moves it to m.state
+    out = {"weight": m.weight.data, "weight_scb": scb}
+    if m.bias is not None:
+        out["bias"] = m.bias
+    return {k: v.detach().cpu().contiguous() for k, v in out.items()}
+
+
+def rebuild_int8(spec: dict, t: dict, device: str) -> nn.Module:
+    return _int8(t["weight"], t["weight_scb"], t.get("bias"), device, dict(spec))
+
+
+# -- 4-bit -----------------------------------------------------------------------------------------
+
+STATE = "qs."  # prefix of the quant-state tensors among a module's tensors
+
+
+def _state_tensors(param) -> dict[str, torch.Tensor]:
+    out = {"weight": param.data}
+    out.update({STATE + k: v for k, v in param.quant_state.as_dict(packed=True).items()})
+    return {k: v.detach().cpu().contiguous() for k, v in out.items()}
+
+
+def _prequantized(bnb, t: dict, device: str, module):
+    stats = {k[len(STATE):]: v.to(device) for k, v in t.items() if k.startswith(STATE)}
+    return bnb.nn.Params4bit.from_prequantized(data=t["weight"].to(device), quantized_stats=stats,
+                                                requires_grad=False, device=device, module=module)
+
+
+def _linear4(spec: dict, device: str, weight=None, t=None, bias=None) -> nn.Module:
+    bnb = _bnb()
+    cd = spec.get("compute_dtype")
+    m = bnb.nn.Linear4bit(spec["in_features"], spec["out_features"], bias=spec["bias"],
+                          compute_dtype=DTYPES[cd] if cd else None, quant_type=spec["quant_type"],
+                          compress_statistics=True, device="meta")
+    if weight is not None:  # Params4bit quantizes on .to(device)
+        m.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type=spec["quant_type"],
+                                     compress_statistics=True, module=m)
+    else:
+        m.weight = _prequantized(bnb, t, device, m)
+    m.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+    m = m.to(device)
+    return tag(m, LINEAR4, _kernel4(device, cd), spec, fallback=_dense4(device))
+
+
+def make_linear4(lin: nn.Linear, device: str, opts: dict) -> nn.Module:
+    spec = linear_spec(lin, quant_type=opts["quant_type"], compute_dtype=opts.get("compute_dtype"))
+    return _linear4(spec, device, weight=lin.weight.detach().float().clone(), bias=float_bias(lin))
+
+
+def linear4_tensors(m) -> dict[str, torch.Tensor]:
+    out = _state_tensors(m.weight)
+    if m.bias is not None:
+        out["bias"] = m.bias.detach().cpu().float().contiguous()
+    return out
+
+
+def rebuild_linear4(spec: dict, t: dict, device: str) -> nn.Module:
+    return _linear4(dict(spec), device, t=t, bias=t.get("bias"))
+
+
+KIND_BNB_INT8 = Kind(INT8, nn.Linear, make_int8, int8_tensors, rebuild_int8,
+                     "bitsandbytes LLM.int8(): int8 weights (per row), int8 activations with fp16 outliers")
+KIND_BNB_4BIT = Kind(LINEAR4, nn.Linear, make_linear4, linear4_tensors, rebuild_linear4,
+                     "bitsandbytes 4-bit weights (nf4/fp4, blocks of 64, double-quantized absmax)")

@@ -1,0 +1,93 @@
+"""int8 dynamic: int8 weights (one scale per output row) and int8 activations quantized on the fly.
+
+CPU: torch.ao's dynamically quantized Linear (fbgemm/x86 kernels). Measured here on a DiT-XL/2-sized
+MLP (docs/quantize.md): 0.5x the fp32 time, while torch._int_mm took 24x and
+torch._weight_int8pack_mm 43x on this AVX2 CPU (no VNNI / AVX-512), so torch.ao is the only int8
+path worth running on CPU. The API is deprecated in favour of torchao but present in torch 2.13.
+CUDA: torch._int_mm (cuBLASLt int8 GEMM) with per-token activation scales; rows that the kernel
+cannot take (M <= 16, K or N not multiples of 8) run the dequantized weight through F.linear.
+On disk both are the same tensors: weight int8 (N, K), weight_scale fp32 (N,), bias fp32 (N,).
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import Kind, float_bias, int8_rows, linear_spec, tag
+
+KIND = "int8-dynamic-linear"
+
+
+def _ao_linear(q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, spec: dict) -> nn.Module:
+    n, k = q.shape
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao's deprecation notices (import, quantized tensor creation)
+        from torch.ao.nn.quantized.dynamic import Linear as DynamicQuantizedLinear
+
+        m = DynamicQuantizedLinear(k, n, bias_=bias is not None, dtype=torch.qint8)
+        qw = torch._make_per_channel_quantized_tensor(q, scale.double(), torch.zeros(n, dtype=torch.long), 0)
+        m.set_weight_bias(qw, bias)
+    engine = torch.backends.quantized.engine
+    return tag(m, KIND, f"torch.ao dynamic int8 ({engine}/fbgemm): per-channel int8 weights, per-tensor int8 "
+               "activations quantized each call (7-bit range)", spec)
+
+
+class Int8MMLinear(nn.Module):
+    """int8 x int8 -> int32 through torch._int_mm, activations quantized per token each call (CUDA)."""
+
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.in_features, self.out_features = q.shape[1], q.shape[0]
+        self.register_buffer("weight", q)  # (N, K) int8
+        self.register_buffer("weight_scale", scale)  # (N,) fp32
+        self.register_buffer("bias", bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features).float()  # (M, K)
+        m = x2.shape[0]
+        if m > 16 and self.in_features % 8 == 0 and self.out_features % 8 == 0:
+            a = (x2.abs().amax(dim=1, keepdim=True) / 127.0).clamp(min=1e-12)  # (M, 1) per-token scale
+            xq = torch.round(x2 / a).clamp(-127, 127).to(torch.int8)
+            y = torch._int_mm(xq, self.weight.t()).float() * a * self.weight_scale  # (M, N)
+        else:  # shapes cuBLASLt's int8 GEMM refuses: dequantized weight, same numbers to within fp32 rounding
+            y = F.linear(x2, self.weight.float() * self.weight_scale[:, None])
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
+
+
+def _module(q, scale, bias, device: str, spec: dict) -> nn.Module:
+    if str(device).startswith("cuda"):
+        m = Int8MMLinear(q, scale, bias).to(device)
+        return tag(m, KIND, "torch._int_mm (cuBLASLt int8 GEMM): per-row int8 weights, per-token int8 activations "
+                   "quantized each call; M <= 16 rows run the dequantized weight", spec)
+    return _ao_linear(q, scale, bias, spec)
+
+
+def make(lin: nn.Linear, device: str, opts: dict) -> nn.Module:
+    q, scale = int8_rows(lin.weight)
+    return _module(q, scale, float_bias(lin), device, linear_spec(lin))
+
+
+def tensors(m: nn.Module) -> dict[str, torch.Tensor]:
+    if isinstance(m, Int8MMLinear):
+        out = {"weight": m.weight, "weight_scale": m.weight_scale}
+        bias = m.bias
+    else:  # torch.ao: unpack the fbgemm weight
+        qw, bias = m._weight_bias()
+        out = {"weight": qw.int_repr(), "weight_scale": qw.q_per_channel_scales().float()}
+    if bias is not None:
+        out["bias"] = bias.detach().float()
+    return {k: v.detach().cpu().contiguous() for k, v in out.items()}
+
+
+def rebuild(spec: dict, t: dict, device: str) -> nn.Module:
+    return _module(t["weight"], t["weight_scale"].float(), t.get("bias"), device, dict(spec))
+
+
+KIND_INT8_DYNAMIC = Kind(KIND, nn.Linear, make, tensors, rebuild,
+                         "int8 weights (per output row) x int8 activations (dynamic)")

@@ -1,0 +1,219 @@
+"""ditkit quantize: every CPU scheme on every family's tiny model (SQNR, size, skipped layers, reload equality),
+hardware refusals, the CLI contract, the on-disk format, and chains (a depth-pruned model; generate)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import FAMILY_NAMES
+from ditkit.formats import quantized
+from ditkit.formats.bundle import load_bundle, save_bundle
+from ditkit.formats.errors import ConfigError, FormatError, HardwareError, UnsupportedModelError
+from ditkit.formats.manifest import new_manifest
+from ditkit.ops.quantize import KINDS, QuantizeConfig, check_hardware, quantize
+from ditkit.ops.quantize.base import KERNEL_ATTR, int8_rows, sqnr_db
+
+CPU_SCHEMES = ["int8-dynamic", "int8-weight-only", "bnb-int8", "bnb-nf4", "bnb-fp4"]
+# Bounds from measured tiny-model figures with a margin (docs/quantize.md has the full table).
+MIN_SQNR = {"int8-dynamic": 35.0, "int8-weight-only": 40.0, "bnb-int8": 40.0, "bnb-nf4": 20.0, "bnb-fp4": 18.0}
+MIN_LAYER_SQNR = {"int8-dynamic": 28.0, "int8-weight-only": 38.0, "bnb-int8": 38.0, "bnb-nf4": 16.0, "bnb-fp4": 14.0}
+# Tiny models keep a large share of their weights in full precision (embeddings, final layers), and
+# 4-bit blocks carry fixed per-layer statistics, so the bounds sit well above the 0.25x / 0.14x of big models.
+MAX_DISK_RATIO = {"int8-dynamic": 0.6, "int8-weight-only": 0.6, "bnb-int8": 0.6, "bnb-nf4": 0.66, "bnb-fp4": 0.66}
+FAST = dict(calib_batches=1, calib_batch_size=2)
+
+
+def _save(variant, report, out):
+    return quantized.save(variant, out, lambda n: (report.set_disk_after(n), {"op": "quantize"})[1])
+
+
+def _out(bundle, seed=7, batch=2):
+    fam, tr = bundle.family, bundle.transformer
+    x, t, c = fam.dummy_inputs(tr, batch, seed=seed)
+    t = torch.tensor([100.0, 800.0][:batch])
+    with torch.no_grad():
+        return fam.predict(tr, x, t, c)
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+@pytest.mark.parametrize("scheme", CPU_SCHEMES)
+def test_scheme_on_family(tiny_dir, tmp_path, family, scheme):
+    base = load_bundle(tiny_dir(family))
+    float_weights = {n: m.weight.detach().clone() for n, m in base.transformer.named_modules()
+                     if type(m) in (nn.Linear, nn.Embedding)}
+    ref = _out(base)
+    variant, report = quantize(base, QuantizeConfig(scheme=scheme, **FAST))
+
+    # error: whole output and every layer on its own float inputs
+    assert report.sqnr_db >= MIN_SQNR[scheme], report.sqnr_db
+    assert report.sqnr_db_min_layer >= MIN_LAYER_SQNR[scheme], (report.worst_layer, report.sqnr_db_min_layer)
+    got = _out(variant)
+    assert torch.isfinite(got).all()
+    assert sqnr_db(ref.double().pow(2).sum().item(), (got.double() - ref.double()).pow(2).sum().item()) >= MIN_SQNR[scheme] - 5
+
+    # kept layers are the untouched float modules; quantized ones name their kernel
+    tr = variant.transformer
+    assert report.layers_full_precision == len(report.full_precision) > 0
+    for kept in report.full_precision:
+        m = tr.get_submodule(kept["name"])
+        assert type(m) in (nn.Linear, nn.Embedding)
+        assert torch.equal(m.weight, float_weights[kept["name"]])
+    for layer in report.layers:
+        assert getattr(tr.get_submodule(layer["name"]), KERNEL_ATTR)
+    assert sum(k["count"] for k in report.kernels.values()) == report.layers_quantized == len(report.layers)
+    roles = {l["name"]: (l["role"], l["kind"]) for l in report.layers}
+    in_blocks = base.family.blocks_attr + "."
+    for name in float_weights:  # sensitive layers: fp32 at the top level, int8 weight-only inside blocks
+        if base.family.is_full_precision(name):
+            if name.startswith(in_blocks):
+                assert roles[name][0] == "sensitive" and roles[name][1] in ("int8-weight-linear", "int8-embedding")
+            else:
+                assert any(k["name"] == name and "family" in k["reason"] for k in report.full_precision)
+
+    # size, and a reload that computes the very same numbers
+    _save(variant, report, tmp_path / "q")
+    assert report.disk_ratio <= MAX_DISK_RATIO[scheme], report.disk_ratio
+    assert report.memory_bytes_after < report.memory_bytes_before
+    again = load_bundle(tmp_path / "q")
+    assert quantized.is_quantized(again.transformer)
+    assert again.transformer_bytes_on_disk() == report.disk_bytes_after
+    assert torch.equal(_out(again), got)
+
+
+def test_keep_modulation_skip_and_sensitive_fp32(tiny_dir):
+    base = load_bundle(tiny_dir("dit"))
+    fam = base.family
+    _, report = quantize(base, QuantizeConfig(modulation="keep", skip=[r"attn1\.to_out"], sensitive="fp32", **FAST))
+    tr = base.transformer  # quantized in place
+    reasons = {k["name"]: k["reason"] for k in report.full_precision}
+    mods = [n for n, m in tr.named_modules() if fam.is_modulation(n)]
+    assert mods and all(type(tr.get_submodule(n)) is nn.Linear and "modulation" in reasons[n] for n in mods)
+    outs = [n for n, _ in tr.named_modules() if n.endswith("attn1.to_out.0")]
+    assert outs and all(reasons[n] == r"--skip attn1\.to_out" for n in outs)
+    sensitive = [n for n, m in tr.named_modules() if fam.is_full_precision(n) and type(m) in (nn.Linear, nn.Embedding)]
+    assert any(type(tr.get_submodule(n)) is nn.Embedding for n in sensitive)  # the label tables
+    assert sensitive and all("sensitive" in reasons[n] for n in sensitive)
+    assert report.modulation == "keep" and report.sensitive == "fp32"
+
+
+def test_fp8_refused_on_cpu(cli, tiny_dir, tmp_path):
+    with pytest.raises(HardwareError, match=r"compute capability >= 8\.9"):
+        check_hardware(QuantizeConfig(scheme="fp8"))
+    r = cli("quantize", tiny_dir("dit"), "-o", tmp_path / "q", "--scheme", "fp8")
+    assert r.code == 2
+    assert r.error_line.startswith("Error: fp8 needs a CUDA GPU with compute capability >= 8.9")
+    assert not (tmp_path / "q").exists()
+
+
+def test_fp8_and_int_mm_modules_numerically(tmp_path):
+    """The CUDA kernels' modules (fp8 via torch._scaled_mm, int8 via torch._int_mm) checked on CPU, where
+    PyTorch has reference implementations of both ops."""
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 48)
+    x = torch.randn(20, 64)
+    ref = lin(x).detach()
+    from ditkit.ops.quantize import fp8, torch_dynamic
+
+    q8 = fp8.make(lin, "cpu", {"compute_dtype": "fp32"})
+    y = q8(x)
+    assert sqnr_db(ref.pow(2).sum().item(), (y - ref).pow(2).sum().item()) >= 25
+    again = KINDS["fp8-linear"].rebuild(q8.ditkit_spec, KINDS["fp8-linear"].tensors(q8), "cpu")
+    assert torch.equal(again(x), y)
+    assert not fp8.fits(nn.Linear(40, 48)) and fp8.fits(lin)
+
+    q, s = int8_rows(lin.weight)
+    mm = torch_dynamic.Int8MMLinear(q, s, lin.bias.detach())
+    for rows in (x, x[:4]):  # the int8 GEMM path (M > 16) and the dequantized path (M <= 16)
+        r = lin(rows).detach()
+        assert sqnr_db(r.pow(2).sum().item(), (mm(rows) - r).pow(2).sum().item()) >= 35
+
+
+def test_cli_json_and_errors(cli, tiny_dir, tmp_path):
+    src = tiny_dir("dit")
+    r = cli("quantize", src, "-o", tmp_path / "q", "--scheme", "int8-dynamic", "--calib-batches", "1", "--json")
+    assert r.code == 0, r.err
+    doc = r.json()
+    assert doc["scheme"] == "int8-dynamic" and doc["disk_bytes_after"] > 0 and doc["sqnr_db"] > 35
+    assert "DynamicQuantizedLinear" in doc["kernels"]
+    manifest = json.loads((tmp_path / "q" / "ditkit.json").read_text())
+    assert manifest["op"] == "quantize" and manifest["report"]["disk_bytes_after"] == doc["disk_bytes_after"]
+    assert manifest["config"]["scheme"] == "int8-dynamic"
+
+    r = cli("quantize", src, "-o", tmp_path / "x", "--scheme", "int9")
+    assert r.code == 2 and r.error_line.startswith("Error: unknown scheme 'int9', choose one of: bnb-fp4, bnb-int8")
+    r = cli("quantize", src, "-o", tmp_path / "x", "--compute-dtype", "bf16")
+    assert r.code == 2 and r.error_line.startswith("Error: --compute-dtype does not apply to int8-dynamic")
+    r = cli("quantize", src, "-o", tmp_path / "x", "--skip", "attn1(")
+    assert r.code == 2 and r.error_line.startswith("Error: --skip 'attn1(' is not a valid regular expression")
+    r = cli("quantize", src, "-o", tmp_path / "q")
+    assert r.code == 2 and "already exists" in r.error_line
+    r = cli("quantize", tmp_path / "q", "-o", tmp_path / "qq")  # a quantized model is not quantized again
+    assert r.code == 2 and "already quantized" in r.error_line
+    assert not (tmp_path / "x").exists() and not (tmp_path / "qq").exists()
+
+
+def test_damaged_checkpoint_is_a_format_error(tiny_dir, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    variant, report = quantize(load_bundle(tiny_dir("dit")), QuantizeConfig(**FAST))
+    _save(variant, report, tmp_path / "q")
+    weights = tmp_path / "q" / "transformer" / quantized.WEIGHTS
+    state = load_file(weights)
+    state.pop(next(k for k in state if k.endswith("attn1.to_q.weight_scale")))
+    save_file(state, weights)
+    with pytest.raises(FormatError, match="cannot be rebuilt"):
+        load_bundle(tmp_path / "q")
+    doc = json.loads((tmp_path / "q" / "transformer" / quantized.QUANT_CONFIG).read_text())
+    doc["modules"][next(iter(doc["modules"]))]["kind"] = "int3-linear"
+    (tmp_path / "q" / "transformer" / quantized.QUANT_CONFIG).write_text(json.dumps(doc))
+    with pytest.raises(FormatError, match="unknown quantized kind 'int3-linear'"):
+        load_bundle(tmp_path / "q")
+
+
+def test_config_validation():
+    with pytest.raises(ConfigError, match="--modulation"):
+        QuantizeConfig(modulation="half")
+    with pytest.raises(ConfigError, match="calib-batches"):
+        QuantizeConfig(calib_batches=0)
+    assert QuantizeConfig(scheme="bnb-nf4", compute_dtype="bf16").to_dict()["compute_dtype"] == "bf16"
+
+
+def test_pruned_variant_quantizes_reloads_in_fresh_process_and_generates(cli, tiny_dir, tmp_path):
+    """A depth-pruned model (a block deleted, config.num_layers fixed) is a normal bundle: it quantizes,
+    reloads in a fresh process with identical outputs, and generate takes it."""
+    base = load_bundle(tiny_dir("dit"))
+    tr = base.transformer
+    del tr.transformer_blocks[1]
+    tr.register_to_config(num_layers=1)
+    save_bundle(base, tmp_path / "pruned", new_manifest(family="dit", op="prune", config={}, report={},
+                                                          parent=None, defaults={"steps": 2}))
+    r = cli("quantize", tmp_path / "pruned", "-o", tmp_path / "q", "--scheme", "bnb-nf4", "--calib-batches", "1",
+            "--json")
+    assert r.code == 0, r.err
+    q = load_bundle(tmp_path / "q")
+    assert len(q.transformer.transformer_blocks) == 1 and q.manifest["defaults"] == {"steps": 2}
+    assert q.manifest["parent"]["path"].endswith("pruned")
+    expected = _out(q)
+    code = ("import sys, torch; from ditkit.formats.bundle import load_bundle; b = load_bundle(sys.argv[1]); "
+            "x, t, c = b.family.dummy_inputs(b.transformer, 2, seed=7); t = torch.tensor([100.0, 800.0]); "
+            "torch.save(b.family.predict(b.transformer, x, t, c), sys.argv[2])")
+    subprocess.run([sys.executable, "-c", code, str(tmp_path / "q"), str(tmp_path / "y.pt")], check=True,
+                   capture_output=True)
+    assert torch.equal(torch.load(tmp_path / "y.pt", weights_only=True), expected)
+    r = cli("generate", tmp_path / "q", "-o", tmp_path / "img", "--num-images", "2", "--json")
+    assert r.code == 0, r.err
+    assert r.json()["num_images"] == 2
+
+
+def test_lora_wrapped_model_refused(tiny_dir):
+    from peft import LoraConfig, inject_adapter_in_model
+
+    base = load_bundle(tiny_dir("dit"))
+    inject_adapter_in_model(LoraConfig(r=2, target_modules=["to_q"]), base.transformer)
+    with pytest.raises(UnsupportedModelError, match="fuse the LoRA first"):
+        quantize(base, QuantizeConfig(**FAST))
