@@ -117,6 +117,8 @@ class OnnxModule(nn.Module):
     def __init__(self, path: Path, device: str = "cpu"):
         super().__init__()
         self.path = Path(path)
+        self.ort_device = device  # the execution provider's device (cpu, cuda:N)
+        self.threads = torch.get_num_threads()
         self.session = make_session(self.path, device)
         self.device_marker = nn.Parameter(torch.empty(0), requires_grad=False)
         self.graph_inputs = {i.name: i for i in self.session.get_inputs()}
@@ -140,6 +142,9 @@ class OnnxModule(nn.Module):
 
     def run(self, feeds: dict[str, torch.Tensor]) -> torch.Tensor:
         self.check_shapes(feeds)
+        if self.threads != torch.get_num_threads():  # follow torch's thread budget (bench --threads sets it late)
+            self.threads = torch.get_num_threads()
+            self.session = make_session(self.path, self.ort_device)
         arrays = {k: np.ascontiguousarray(v.detach().cpu().numpy(),
                                           dtype=_ORT_TYPES.get(self.graph_inputs[k].type, np.float32))
                   for k, v in feeds.items()}

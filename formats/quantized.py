@@ -45,6 +45,21 @@ def quantized_modules(model) -> dict:
     return {n: m for n, m in model.named_modules() if getattr(m, "ditkit_kind", None)}
 
 
+def param_count(model) -> int:
+    """Parameters as the float model had them: quantized modules count their logical weights and biases
+    (torch.ao keeps its int8 weights outside .parameters(), so a plain count would miss them)."""
+    qmods = quantized_modules(model)
+    total = sum(t.numel() for name, t in _plain_tensors(model, set(qmods)).items()
+                if isinstance(t, __import__("torch").nn.Parameter))
+    for m in qmods.values():
+        s = m.ditkit_spec
+        if "in_features" in s:
+            total += s["in_features"] * s["out_features"] + (s["out_features"] if s.get("bias") else 0)
+        else:
+            total += s["num_embeddings"] * s["embedding_dim"]
+    return total
+
+
 def _plain_tensors(model, skip: set[str]) -> dict:
     """Parameters and persistent buffers of every module outside the quantized ones."""
     out = {}

@@ -71,6 +71,7 @@ def test_schema_top_level(report):
                 "gates", "passed"):
         assert key in report, key
     assert report["device"] == "cpu" and report["cuda"] is None and report["threads"] == 1
+    assert report["speedup_basis"] == "cpu-time"  # one CPU thread: ratios of CPU time, immune to other jobs
     assert report["peak_flops"] > 1e8 and report["peak_flops_dtype"] == "float32"
     assert report["gates"] == [] and report["passed"] is True
     assert [m["role"] for m in report["models"]] == ["base", "variant", "variant"]
@@ -89,6 +90,7 @@ def test_schema_models(report):
         head = m["by_batch_size"][0]
         assert m["latency_ms_per_step"] == head["latency_ms_per_step"] > 0
         assert m["latency_ms_per_step_p90"] >= m["latency_ms_per_step"]
+        assert all(r["cpu_ms_per_step"] > 0 for r in m["by_batch_size"])
         # with CFG one step is a call on 2 x batch rows; FLOPs grow linearly with the rows
         assert [r["rows_per_call"] for r in m["by_batch_size"]] == [2, 4]
         assert m["by_batch_size"][1]["flops_per_step"] == 2 * head["flops_per_step"] > 0
@@ -104,6 +106,7 @@ def test_schema_models(report):
     assert base["speedup_per_step"] == base["speedup_per_image"] == 1.0
     assert base["steps"] == 4 and base["sampler"] == "ddim"
     assert base["images_per_s"] == pytest.approx(1e3 / base["latency_ms_per_image"], rel=1e-3)
+    assert base["by_batch_size"][1]["cpu_ms_per_image"] > 0 and bare["by_batch_size"][0]["cpu_ms_per_image"] is None
 
 
 def test_schema_quality_and_bare(report):

@@ -9,9 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-import tiny
 from ditkit.formats.bundle import DEFAULT_MODELS, load_bundle
-from ditkit.formats.errors import FormatError, QualityGateError, UnsupportedModelError
+from ditkit.formats.errors import QualityGateError, UnsupportedModelError
 from ditkit.formats.safetensors_check import read_header
 from ditkit.ops.export import ExportConfig, ExportReport, _summarize, check_gate, export
 from ditkit.ops.generate import GenerateConfig, generate
@@ -144,6 +143,11 @@ def test_gate_summary_rules():
     assert rep.failures[0] == "transformer at batch 3, 8x8 latents: max abs 0.0003 (atol 0.0001), rel 0.0001 (rtol 0.001)"
     with pytest.raises(QualityGateError):
         check_gate(rep)
+    crashed = ExportReport(format="onnx", family="dit", precision="fp32", output="dir")
+    _summarize(crashed, rows[:1] + [{"batch": 3, "latent_hw": [12, 16], "text_tokens": None, "max_abs": None,
+                                     "max_rel": None, "error": "Attempting to broadcast an axis"}], 1e-4, 1e-4)
+    assert not crashed.passed and crashed.max_abs_error is None
+    assert crashed.failures == ["transformer at batch 3, 12x16 latents: Attempting to broadcast an axis"]
     ok = ExportReport(format="onnx", family="dit", precision="fp32", output="dir")
     _summarize(ok, rows[:1], 1e-4, 1e-4)
     assert ok.passed

@@ -21,6 +21,21 @@ from .base import Kind, float_bias, int8_rows, linear_spec, tag
 KIND = "int8-dynamic-linear"
 
 
+def _register_flops() -> None:
+    """Teach torch's FlopCounterMode (info, bench) the int8 GEMMs, which it does not count by itself."""
+    from torch.utils.flop_counter import flop_registry, register_flop_formula
+
+    def gemm(x, w, *args, out_val=None, **kwargs) -> int:  # (..., K) -> (..., N): 2 M K N
+        return 2 * x.numel() * out_val.shape[-1]
+
+    for op in (torch.ops.quantized.linear_dynamic, torch.ops.aten._int_mm):
+        if op not in flop_registry:
+            register_flop_formula(op, get_raw=True)(gemm)
+
+
+_register_flops()
+
+
 def _ao_linear(q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, spec: dict) -> nn.Module:
     n, k = q.shape
     with warnings.catch_warnings():
