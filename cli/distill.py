@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
+import torch
 import typer
 
 from ditkit.formats.atomic import atomic_file, check_output
@@ -136,6 +137,8 @@ def distill_cmd(
     checkpoint_dir: Annotated[Optional[Path], typer.Option(help="Checkpoints, log.jsonl and sample grids "
                                                                 "(default: OUT.ckpt beside OUT).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the interrupted run in the checkpoint dir.")] = False,
+    threads: Annotated[Optional[int], typer.Option(help="CPU threads for torch (default: torch's own; 1 is often "
+                                                        "fastest on a shared machine; keep it for --resume).")] = None,
     seed: SeedOpt = 0,
     device: DeviceOpt = "cpu",
     family: FamilyOpt = None,
@@ -162,6 +165,8 @@ def distill_cmd(
         raise ConfigError(f"--images does not apply to --mode {mode} (it is data-free)")
     if out is None:
         raise ConfigError("distill needs -o OUT")
+    if threads is not None and threads < 1:
+        raise ConfigError(f"--threads must be >= 1 (got {threads})")
     rank, _ = distributed.world()
     if rank == 0:
         check_output(out, force, inputs=(resolve_source(src),))
@@ -191,8 +196,10 @@ def distill_cmd(
                 say(f"  {k}: {plan[k]}")
         say(f"  checkpoints + log: {root}" + (" (resuming)" if resume else ""))
 
-    with distributed.process_group(device):
-        with output.progress(f"distill {mode}", cfg.steps) as bar:
+    threads_before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads or threads_before)
+        with distributed.process_group(device), output.progress(f"distill {mode}", cfg.steps) as bar:
             task = bar.add_task("train", total=cfg.steps)
             pool_task = bar.add_task("pool", total=cfg.pool_size)
             bundle, report = distill(
@@ -201,6 +208,8 @@ def distill_cmd(
                 embeddings=emb, images=data, log=say, on_plan=on_plan,
                 on_validation=lambda step, imgs, m: write_grid(root, step, imgs),
                 pool_progress=lambda k: bar.advance(pool_task, k))
+    finally:
+        torch.set_num_threads(threads_before)
     if rank != 0:
         return  # rank 0 writes and reports
     manifest = new_manifest(family=student.family.name, op="distill",

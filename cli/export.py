@@ -19,9 +19,13 @@ from . import output
 from .options import ConfigOpt, DeviceOpt, FamilyOpt, ForceOpt, JsonOpt, ModelArg
 
 FORMAT_HELP = "; ".join(f"{f.name}: {f.help}" for f in EXPORT_FORMATS.values())
-SHOWN = ("format", "family", "precision", "opset", "resolution", "resolution_note", "latent_hw", "dynamic_axes",
-         "external_data", "graph_bytes", "lora_fused", "max_abs_error", "max_rel_error", "atol", "rtol", "bit_exact",
-         "passed", "failures", "seconds_export", "seconds_check")
+SHOWN = {  # the table without --json; --json prints the whole report
+    "onnx": ("format", "family", "precision", "opset", "resolution", "resolution_note", "latent_hw", "dynamic_axes",
+             "external_data", "graph_bytes", "lora_fused", "max_abs_error", "max_rel_error", "atol", "rtol", "passed",
+             "failures", "seconds_export", "seconds_check"),
+    "layout": ("format", "family", "num_blocks", "params", "lora_fused", "bit_exact", "max_abs_error", "passed",
+               "failures", "seconds_check"),
+}
 
 
 def export_cmd(
@@ -73,5 +77,6 @@ def export_cmd(
         output.print_json(doc)
     else:
         output.print_kv(f"export -> {out}" if report.passed else "export (nothing written)",
-                        {k: doc[k] for k in ("out", *SHOWN) if doc.get(k) not in (None, [], {})})
+                        {k: doc[k] for k in ("out", *SHOWN["onnx" if fmt.name == "onnx" else "layout"])
+                         if doc.get(k) not in (None, [], {})})
     check_gate(report)

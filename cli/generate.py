@@ -72,7 +72,7 @@ def generate_cmd(
     sampler: Annotated[Optional[str], typer.Option(help="ddim, dpm++, euler, flow-euler (default: the model's).")] = None,
     guidance: Annotated[Optional[float], typer.Option(help="Classifier-free guidance scale (default: the model's).")] = None,
     seed: SeedOpt = 0,
-    batch_size: Annotated[int, typer.Option(help="Images per forward pass (does not change the images).")] = 8,
+    batch_size: Annotated[int, typer.Option(help="Images per forward pass, rounded up to a multiple of 4 (never changes the images).")] = 8,
     height: Annotated[Optional[int], typer.Option(help="Height in pixels (default: native).")] = None,
     width: Annotated[Optional[int], typer.Option(help="Width in pixels (default: native).")] = None,
     device: DeviceOpt = "cpu",

@@ -15,7 +15,7 @@ from .runtime import resolve_device, resolve_dtype
 from ditkit.formats.errors import choice_error
 from ditkit.formats.onnx_bundle import BACKENDS, resolve_backend
 
-from .sample import SAMPLERS, decode, denoise, image_noise, make_scheduler
+from .sample import SAMPLERS, decode, denoise, image_noise, make_scheduler, padded
 
 
 @dataclass
@@ -168,13 +168,15 @@ def generate(bundle, cfg: GenerateConfig, embeddings=None,
     mine = distributed.shard(list(range(n)), rank, size)
     t0 = time.perf_counter()
     out: dict[int, np.ndarray] = {}
-    for start in range(0, len(mine), cfg.batch_size):
-        idx = mine[start:start + cfg.batch_size]
-        rows = [row_of[i] for i in idx]
-        noise = image_noise(cfg.seed, idx, shape).to(device)
+    batch = padded(cfg.batch_size)  # a multiple of the sampler's quantum: pixels never depend on it
+    for start in range(0, len(mine), batch):
+        idx = mine[start:start + batch]
+        run = idx + idx[-1:] * (padded(len(idx)) - len(idx))  # the last batch padded with a repeat
+        rows = [row_of[i] for i in run]
+        noise = image_noise(cfg.seed, run, shape).to(device)
         lat = denoise(fam, tr, make_scheduler(fam, bundle.scheduler, sampler), noise, _rows(cond, rows, dtype),
                       _rows(uncond, rows, dtype) if use_cfg else None, guidance, steps)
-        imgs = decode(bundle.vae, lat)
+        imgs = decode(bundle.vae, lat[:len(idx)])
         out.update(zip(idx, imgs))
         if progress is not None:
             progress(len(idx))
@@ -186,7 +188,7 @@ def generate(bundle, cfg: GenerateConfig, embeddings=None,
         images = np.stack([merged[i] for i in range(n)])
     report = GenerateReport(
         family=fam.name, sampler=sampler, steps=steps, guidance=guidance, seed=cfg.seed,
-        height=h * vae_scale(bundle), width=w * vae_scale(bundle), num_images=n, batch_size=cfg.batch_size,
+        height=h * vae_scale(bundle), width=w * vae_scale(bundle), num_images=n, batch_size=batch,
         device=device, dtype=cfg.dtype, world_size=size, conditions=[values[r] for r in row_of],
         seconds=round(seconds, 4), images_per_s=round(len(mine) / seconds, 3) if seconds else 0.0,
         decoded=bundle.vae is not None, backend=backend)

@@ -2,6 +2,13 @@
 
 Each image's noise depends only on (seed, image index), never on batch size or process count, and all
 registered samplers are deterministic, so an image is the same however the work is split.
+
+Identical noise is not enough for identical pixels: CPU kernels pick other code paths for some row
+counts (MKL's GEMM for fewer than 12 rows that are not a multiple of 4; oneDNN's convolutions per batch
+size), which moves results by an ulp that 25 steps can carry into a pixel. So the transformer always
+sees a multiple of BATCH_QUANTUM images (the last batch padded with a repeat, then dropped) and the VAE
+always decodes exactly BATCH_QUANTUM latents per call; per-row results are then bit-identical for any
+--batch-size (tests/test_generate.py checks 1, 3, 7 and 8 against each other).
 """
 from __future__ import annotations
 
@@ -47,6 +54,19 @@ def make_scheduler(family: Family, base_scheduler, sampler: str):
     if base_scheduler is not None and type(base_scheduler).__name__ == cls_name:
         return cls.from_config(config)
     return cls.from_config({**config, **overrides})
+
+
+BATCH_QUANTUM = 4
+
+
+def padded(n: int) -> int:
+    """`n` rounded up to a multiple of BATCH_QUANTUM."""
+    return -(-n // BATCH_QUANTUM) * BATCH_QUANTUM
+
+
+def pad_rows(x: torch.Tensor, n: int) -> torch.Tensor:
+    """`x` with its last row repeated up to `n` rows."""
+    return x if x.shape[0] >= n else torch.cat([x, x[-1:].expand(n - x.shape[0], *x.shape[1:])])
 
 
 def image_seed(seed: int, index: int) -> int:
@@ -108,7 +128,12 @@ def denoise(family: Family, transformer, sched, noise: torch.Tensor, cond: dict,
 
 @torch.no_grad()
 def decode(vae, latents: torch.Tensor) -> np.ndarray:
-    """Latents -> uint8 images (N, H, W, 3). Without a VAE, the first latent channels are shown."""
+    """Latents -> uint8 images (N, H, W, 3), BATCH_QUANTUM latents per VAE call (see the module note).
+    Without a VAE, the first latent channels are shown."""
+    if vae is not None and latents.shape[0] != BATCH_QUANTUM:
+        n = latents.shape[0]
+        chunks = [pad_rows(latents[i:i + BATCH_QUANTUM], BATCH_QUANTUM) for i in range(0, n, BATCH_QUANTUM)]
+        return np.concatenate([decode(vae, c) for c in chunks])[:n]
     if vae is None:
         x = latents[:, :3] if latents.shape[1] >= 3 else latents[:, :1].repeat(1, 3, 1, 1)
         x = x / 4.0  # unit-variance latents into roughly [-1, 1]

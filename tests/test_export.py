@@ -23,7 +23,7 @@ needs_tiny_digits = pytest.mark.skipif(not (TINY_DIGITS / "model_index.json").is
 
 @pytest.fixture(scope="session")
 def onnx_dit(tiny_dir, tmp_path_factory):
-    """The tiny DiT pipeline exported to ONNX through the CLI: (bundle dir, --json report)."""
+    """The tiny DiT pipeline exported to ONNX (with its VAE decoder) through the CLI: (dir, --json report)."""
     from ditkit.cli.main import main
     import contextlib
     import io
@@ -31,7 +31,7 @@ def onnx_dit(tiny_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("onnx") / "dit"
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
-        code = main(["export", str(tiny_dir("dit")), "-o", str(out), "--json"])
+        code = main(["export", str(tiny_dir("dit")), "-o", str(out), "--vae", "onnx", "--json"])
     assert code == 0
     return out, json.loads(buf.getvalue())
 
@@ -59,13 +59,19 @@ def test_onnx_dit_parity_and_manifest(onnx_dit):
     assert max(o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")) >= 17
     assert [i.name for i in graph.graph.input] == ["hidden_states", "timestep", "class_labels"]
     assert graph.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
-    assert (out / "scheduler" / "scheduler_config.json").is_file() and (out / "vae" / "config.json").is_file()
+    assert (out / "scheduler" / "scheduler_config.json").is_file() and (out / "vae_decoder.onnx").is_file()
+    vae = doc["vae_decoder"]
+    assert vae["inputs"][0]["shape"] == ["batch", 4, "latent_height", "latent_width"]
+    assert len({tuple(r["latent_hw"]) for r in vae["parity"]}) == 2 and max(r["max_abs"] for r in vae["parity"]) <= 1e-4
     assert not list(out.parent.glob(".ditkit-export-*"))  # the staging directory is gone
 
 
 def test_onnx_bundle_is_a_drop_in_transformer(onnx_dit, tiny_dir):
+    from ditkit.formats.onnx_bundle import OnnxVaeDecoder
+
     ob, pb = load_bundle(onnx_dit[0]), load_bundle(tiny_dir("dit"))
-    assert ob.kind == "onnx" and ob.family.name == "dit" and ob.scheduler is not None and ob.vae is not None
+    assert ob.kind == "onnx" and ob.family.name == "dit" and ob.scheduler is not None
+    assert isinstance(ob.vae, OnnxVaeDecoder) and not list(ob.transformer.parameters())[0].numel()
     assert ob.transformer.config.num_embeds_ada_norm == 1000
     fam = ob.family
     for batch in (2, 5):  # what bench times: family.predict on the family's dummy inputs
@@ -74,6 +80,31 @@ def test_onnx_bundle_is_a_drop_in_transformer(onnx_dit, tiny_dir):
         ref = fam.predict(pb.transformer, x, t, cond)
         assert got.shape == ref.shape == (batch, 4, 8, 8)
         assert float((got - ref).abs().max()) <= 1e-4
+
+
+def test_onnx_bundle_with_pytorch_vae_round_trips(onnx_dit, tiny_dir, tmp_path):
+    """The writer/reader path of the default --vae pytorch: the VAE kept as diffusers safetensors."""
+    import shutil
+
+    from diffusers import AutoencoderKL
+
+    from ditkit.formats.bundle import Bundle
+    from ditkit.formats.onnx_bundle import save_onnx_bundle
+
+    ob, pb = load_bundle(onnx_dit[0]), load_bundle(tiny_dir("dit"))
+    stage = tmp_path / "stage"
+    stage.mkdir()
+    shutil.copy(onnx_dit[0] / "transformer.onnx", stage)
+    spec = {**ob.manifest["onnx"], "vae_decoder": None}
+    b = Bundle(family=ob.family, transformer=ob.transformer, components={"vae": pb.vae, "scheduler": pb.scheduler},
+               pipeline_class="DiTPipeline", manifest={"onnx": spec}, path=stage, kind="onnx")
+    save_onnx_bundle(b, tmp_path / "out", {"op": "export"})
+    back = load_bundle(tmp_path / "out")
+    assert isinstance(back.vae, AutoencoderKL) and _same_weights(back.vae, pb.vae)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "ditkit.json", "scheduler", "transformer.onnx", "transformer_config.json", "vae"]
+    cfg = GenerateConfig(labels=[5], num_images=2, steps=2)
+    assert psnr(generate(back, cfg)[0], generate(pb, cfg)[0]) >= 40.0
 
 
 def test_generate_backends_match(onnx_dit, tiny_dir, cli, tmp_path):
@@ -166,8 +197,8 @@ def test_cli_refuses_bad_options(tiny_dir, cli, tmp_path):
     assert r.code == 2 and r.error_line == "Error: --format safetensors writes one .safetensors file; give -o NAME.safetensors"
     r = cli("export", src, "-o", tmp_path / "a", "--format", "diffusers", "--precision", "fp16")
     assert r.code == 2 and "--precision and --vae apply to --format onnx" in r.error_line
-    r = cli("export", src, "-o", tmp_path / "a", "--opset", 16)
-    assert r.code == 2 and r.error_line == "Error: --opset must be in 17..23 (got 16)"
+    r = cli("export", src, "-o", tmp_path / "a", "--opset", 17)
+    assert r.code == 2 and r.error_line == "Error: --opset must be in 18..21 (got 17)"
     r = cli("export", tiny_dir("sd3"), "-o", tmp_path / "a.pt", "--format", "dit-original")
     assert r.code == 2 and r.error_line == ("Error: --format dit-original holds the dit family only (this model is "
                                             "sd3); choose another --format")

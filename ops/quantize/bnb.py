@@ -27,7 +27,24 @@ def _bnb():
         import bitsandbytes
 
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # per-layer "slow inference" notices
+    _register_flops()
     return bitsandbytes
+
+
+def _register_flops() -> None:
+    """Teach torch's FlopCounterMode (info, bench) bitsandbytes' GEMMs: custom ops it cannot see into."""
+    from torch.utils.flop_counter import flop_registry, register_flop_formula
+
+    ops = torch.ops.bitsandbytes
+    formulas = {  # raw args -> 2 M K N, with A (..., K) and N from the weight
+        "gemm_4bit": lambda A, B, shapeB, *a, out_val=None, **k: 2 * A.numel() * shapeB[0],
+        "int8_mixed_scaled_mm": lambda A, CA, CB, *a, out_val=None, **k: 2 * A.numel() * CB.shape[0],
+        "int8_scaled_mm": lambda A, B, *a, out_val=None, **k: 2 * A.numel() * B.shape[0],
+    }
+    for name, f in formulas.items():
+        op = getattr(ops, name, None)
+        if op is not None and op not in flop_registry:
+            register_flop_formula(op, get_raw=True)(f)
 
 
 def _on_cuda(device: str) -> bool:

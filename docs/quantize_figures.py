@@ -1,0 +1,157 @@
+"""Re-run the measurements quoted in docs/quantize.md. Each prints one JSON line per result.
+
+    .venv/bin/python docs/quantize_figures.py kernels [--rounds 7]
+        CPU int8 paths on a DiT-XL/2-sized MLP (1152 -> 4608 -> 1152, 512 tokens): fp32, torch.ao dynamic
+        (per-tensor and per-channel weights), torch._int_mm, torch._weight_int8pack_mm; interleaved, medians.
+    .venv/bin/python docs/quantize_figures.py tiny-digits N [base | SCHEME[:MODULATION[:SENSITIVE]] ...] [--out DIR]
+        Quantize tiny-digits, save, reload from disk, generate N images (seed 0, the model's own sampler,
+        steps and guidance), score them with its judge.
+    .venv/bin/python docs/quantize_figures.py latency BASE VARIANT [--rounds 5] [--batch 1]
+        Per-step latency of two transformers in one process: one warm-up call each, then alternating
+        rounds, medians and their ratio; and the output SQNR of VARIANT against BASE on that input.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+import warnings
+
+
+def sqnr(ref, out) -> float:
+    import torch
+
+    ref, out = ref.double(), out.double()
+    return round(10 * torch.log10(ref.pow(2).sum() / (out - ref).pow(2).sum()).item(), 2)
+
+
+def kernels(rounds: int) -> None:
+    import torch
+    import torch.nn.functional as F
+
+    from ditkit.ops.quantize.base import int8_rows
+
+    warnings.filterwarnings("ignore")
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicQuantizedLinear
+
+    torch.manual_seed(0)
+    d, h, t = 1152, 4608, 512
+    w1, w2, x = torch.randn(h, d) * 0.02, torch.randn(d, h) * 0.02, torch.randn(t, d)
+
+    def ao(w, per_channel):
+        m = DynamicQuantizedLinear(w.shape[1], w.shape[0], bias_=False)
+        if per_channel:
+            q, s = int8_rows(w)
+            qw = torch._make_per_channel_quantized_tensor(q, s.double(), torch.zeros(w.shape[0], dtype=torch.long), 0)
+        else:
+            qw = torch.quantize_per_tensor(w, float(w.abs().max() / 127), 0, torch.qint8)
+        m.set_weight_bias(qw, None)
+        return m
+
+    def int_mm(v, q, s):
+        a = v.abs().amax(1, keepdim=True) / 127
+        return torch._int_mm(torch.round(v / a).clamp(-127, 127).to(torch.int8), q.t()).float() * a * s
+
+    (q1, s1), (q2, s2) = int8_rows(w1), int8_rows(w2)
+    a1, a2, c1, c2 = ao(w1, False), ao(w2, False), ao(w1, True), ao(w2, True)
+    paths = {
+        "fp32": lambda v: F.gelu(v @ w1.t()) @ w2.t(),
+        "torch.ao per-tensor": lambda v: a2(F.gelu(a1(v))),
+        "torch.ao per-channel": lambda v: c2(F.gelu(c1(v))),
+        "torch._int_mm": lambda v: int_mm(F.gelu(int_mm(v, q1, s1)), q2, s2),
+        "torch._weight_int8pack_mm": lambda v: torch._weight_int8pack_mm(
+            F.gelu(torch._weight_int8pack_mm(v, q1, s1)), q2, s2),
+    }
+    ref = paths["fp32"](x)
+    times = {k: [] for k in paths}
+    for r in range(rounds):
+        for k, f in paths.items():
+            t0 = time.perf_counter()
+            f(x)
+            times[k].append(time.perf_counter() - t0)
+    base = statistics.median(times["fp32"][1:])
+    for k, f in paths.items():
+        med = statistics.median(times[k][1:])  # round 0 is the warm-up
+        print(json.dumps({"path": k, "median_ms": round(1000 * med, 1), "ratio": round(med / base, 2),
+                          "sqnr_db": None if k == "fp32" else sqnr(ref, f(x))}), flush=True)
+
+
+def tiny_digits(n: int, variants: list[str], out: str) -> None:
+    from ditkit.formats import quantized
+    from ditkit.formats.bundle import load_bundle
+    from ditkit.ops.generate import GenerateConfig, generate
+    from ditkit.ops.quantize import QuantizeConfig, quantize
+
+    gcfg = GenerateConfig(num_images=n, batch_size=50, seed=0)
+
+    def judged(path) -> dict:
+        _, rep = generate(load_bundle(path), gcfg)
+        return rep.judge
+
+    for spec in variants:
+        if spec == "base":
+            print(json.dumps({"variant": "base", "judge": judged("tiny-digits")}), flush=True)
+            continue
+        scheme, modulation, sensitive = (spec.split(":") + [None, None])[:3]
+        base = load_bundle("tiny-digits")
+        variant, rep = quantize(base, QuantizeConfig(scheme=scheme, modulation=modulation,
+                                                     sensitive=sensitive or "int8-in-blocks"))
+        path = f"{out}/{spec.replace(':', '_')}"
+        quantized.save(variant, path, lambda nb: (rep.set_disk_after(nb),
+                                                  {"op": "quantize", "defaults": base.manifest["defaults"]})[1],
+                       force=True)
+        print(json.dumps({"variant": spec, "disk_bytes_before": rep.disk_bytes_before,
+                          "disk_bytes_after": rep.disk_bytes_after, "disk_ratio": rep.disk_ratio,
+                          "memory_ratio": rep.memory_ratio, "sqnr_db": rep.sqnr_db,
+                          "sqnr_db_min_layer": rep.sqnr_db_min_layer, "worst_layer": rep.worst_layer,
+                          "judge": judged(path)}), flush=True)
+
+
+def latency(base_path: str, variant_path: str, rounds: int, batch: int) -> None:
+    import torch
+
+    from ditkit.formats.bundle import load_bundle
+
+    a, b = load_bundle(base_path), load_bundle(variant_path)
+    fam = a.family
+    x, t, c = fam.dummy_inputs(a.transformer, batch, seed=0)
+    times = {"base": [], "variant": []}
+    with torch.no_grad():
+        ya, yb = fam.predict(a.transformer, x, t, c), fam.predict(b.transformer, x, t, c)  # warm-up
+        for _ in range(rounds):
+            for name, bundle in (("base", a), ("variant", b)):
+                t0 = time.perf_counter()
+                fam.predict(bundle.transformer, x, t, c)
+                times[name].append(time.perf_counter() - t0)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(json.dumps({"batch": batch, "threads": torch.get_num_threads(), "median_s": med,
+                      "ratio": round(med["variant"] / med["base"], 3), "sqnr_db": sqnr(ya, yb),
+                      "rounds_s": times}), flush=True)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="what", required=True)
+    k = sub.add_parser("kernels")
+    k.add_argument("--rounds", type=int, default=7)
+    td = sub.add_parser("tiny-digits")
+    td.add_argument("n", type=int)
+    td.add_argument("variants", nargs="+")
+    td.add_argument("--out", default="out/quantize-figures")
+    lat = sub.add_parser("latency")
+    lat.add_argument("base")
+    lat.add_argument("variant")
+    lat.add_argument("--rounds", type=int, default=5)
+    lat.add_argument("--batch", type=int, default=1)
+    args = p.parse_args()
+    if args.what == "kernels":
+        kernels(args.rounds)
+    elif args.what == "tiny-digits":
+        tiny_digits(args.n, args.variants, args.out)
+    else:
+        latency(args.base, args.variant, args.rounds, args.batch)
+
+
+if __name__ == "__main__":
+    main()
