@@ -34,6 +34,11 @@ test-all: setup
 tiny-digits: setup
 	$(BIN)/python -m ditkit.ops.defaults.tiny_digits --out formats/assets/tiny-digits
 
+# Regenerate docs/benchmarks.md: writes full-size random-weight architectures and every variant into
+# $(OUT)/bench-archs (about 12 GB), then runs each `ditkit bench` the page quotes (about 30 minutes on 2 cores).
+bench: setup
+	$(BIN)/python docs/benchmarks.py --cache $(OUT)/bench-archs
+
 # Regenerate docs/cli-reference.md from --help (CI checks it is current).
 cli-docs: setup
 	$(BIN)/python -m ditkit.cli.reference > docs/cli-reference.md

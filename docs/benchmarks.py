@@ -1,7 +1,7 @@
 """Regenerate docs/benchmarks.md: every figure in it comes from a `ditkit bench` command this script runs.
 
     .venv/bin/python docs/benchmarks.py [--threads N] [--cache out/bench-archs] [--out docs/benchmarks.md]
-                                        [--only tiny-digits,dit-xl-2-256,pixart-alpha-512]
+                                        [--only tiny-digits,dit-xl-2-256-variants,...]
 
 (`make bench` runs it.) It writes the full-size random-weight architectures into --cache once
 (python -m ditkit.ops.archs; about 5.5 GB), runs each bench with --json, keeps the JSON next to them, and
@@ -24,16 +24,36 @@ ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 PIXART_TOKENS = 120  # PixArt-alpha's T5 max_sequence_length
 
+# variant name -> the ditkit command that builds it into {cache}/variants/NAME (once; skipped when present)
+VARIANTS = {
+    "td-depth50": ["prune", "tiny-digits", "--method", "depth", "--ratio", "0.5"],
+    "td-width50": ["prune", "tiny-digits", "--method", "width", "--ratio", "0.5"],
+    "td-magnitude40": ["prune", "tiny-digits", "--method", "magnitude", "--sparsity", "0.4"],
+    "td-int8": ["quantize", "tiny-digits", "--scheme", "int8-dynamic"],
+    "td-nf4": ["quantize", "tiny-digits", "--scheme", "bnb-nf4"],
+    "td-onnx": ["export", "tiny-digits", "--format", "onnx"],
+    "xl-depth50": ["prune", "{cache}/dit-xl-2-256", "--method", "depth", "--ratio", "0.5"],
+    "xl-width30": ["prune", "{cache}/dit-xl-2-256", "--method", "width", "--ratio", "0.3"],
+    "xl-int8": ["quantize", "{cache}/dit-xl-2-256", "--scheme", "int8-dynamic"],
+    "xl-onnx": ["export", "{cache}/dit-xl-2-256", "--format", "onnx"],
+}
+V = "{cache}/variants/"
+XL_CPU = ["--batch-sizes", "1", "--warmup", "0", "--repeats", "3", "--num-images", "0"]
+
 # title, what it shows, bench arguments ({cache} is filled in); CPU runs
 CPU_RUNS = [
     ("tiny-digits", "tiny-digits against itself (the embedded default, with its judge)",
      "The method's self-check: the same model twice must give speedups of 1.0 within noise and identical "
      "images (PSNR capped at 100 dB, SSIM 1).",
      ["tiny-digits", "tiny-digits", "--batch-sizes", "1,8"]),
-    ("dit-xl-2-256", "DiT-XL/2 256px, random weights (bare transformer)",
-     "Speed and memory only (random weights make no images). CPU: batch 1 only, one FLOP-count call then "
-     "3 timed rounds - a step takes seconds here.",
-     ["{cache}/dit-xl-2-256", "--batch-sizes", "1", "--warmup", "0", "--repeats", "3", "--num-images", "0"]),
+    ("tiny-digits-variants", "tiny-digits and its variants (prune, quantize, export)",
+     "Every op on the default, in one run against the base: pruned without retraining, quantized, and "
+     "the ONNX graph run by onnxruntime. Quality on 100 identical seeds, scored by the model's judge.",
+     ["tiny-digits", *(V + n for n in ("td-depth50", "td-width50", "td-magnitude40", "td-int8", "td-nf4",
+                                       "td-onnx")), "--batch-sizes", "1,8"]),
+    ("dit-xl-2-256-variants", "DiT-XL/2 256px, random weights, and its variants",
+     "Speed and memory only: depth 0.5 and width 0.3 pruning, int8-dynamic, ONNX. Batch 1, 3 timed rounds.",
+     ["{cache}/dit-xl-2-256", *(V + n for n in ("xl-depth50", "xl-width30", "xl-int8", "xl-onnx")), *XL_CPU]),
     ("pixart-alpha-512", "PixArt-alpha 512px, random weights (bare transformer)",
      f"Conditioned on random T5-shaped embeddings of {PIXART_TOKENS} tokens (PixArt-alpha's prompt length). "
      "CPU: batch 1 only, one FLOP-count call then 3 timed rounds.",
@@ -60,7 +80,7 @@ def prepare(cache: Path, names: set[str]) -> None:
 
     cache.mkdir(parents=True, exist_ok=True)
     for name in ("dit-xl-2-256", "pixart-alpha-512"):
-        if name in names and not (cache / name / "config.json").is_file():
+        if any(k.startswith(name) for k in names) and not (cache / name / "config.json").is_file():
             log(f"writing {cache / name}")
             subprocess.run([sys.executable, "-m", "ditkit.ops.archs", name, "--out", str(cache / name)], check=True)
     emb = cache / "pixart-t5-120.safetensors"
@@ -69,6 +89,24 @@ def prepare(cache: Path, names: set[str]) -> None:
         rows = {"prompt_embeds": torch.randn(1, PIXART_TOKENS, 4096, generator=g) * 0.1,
                 "prompt_attention_mask": torch.ones(1, PIXART_TOKENS, dtype=torch.long)}
         save_embeddings(emb, ["random T5-shaped embedding"], rows, {k: v.clone() for k, v in rows.items()})
+
+
+def build_variants(args: list[str], cache: Path, full: Path) -> list[str]:
+    """Build the variants a run names (ditkit prune/quantize/export); returns the commands that built them."""
+    commands = []
+    for a in args:
+        if not a.startswith(V):
+            continue
+        name = a[len(V):]
+        argv = ["ditkit", *[x.format(cache=cache) for x in VARIANTS[name]], "-o", V.format(cache=cache) + name]
+        commands.append(" ".join(shlex.quote(x) for x in argv))
+        if not (full / "variants" / name).exists():
+            log(f"$ {commands[-1]}")
+            p = subprocess.run([str(BIN / "ditkit"), *argv[1:]], cwd=ROOT, capture_output=True, text=True)
+            if p.returncode != 0:
+                sys.stderr.write(p.stderr)
+                raise SystemExit(f"building {name} failed (exit {p.returncode}): {commands[-1]}")
+    return commands
 
 
 def run(args: list[str], extra: list[str], cache: Path, store: Path, key: str, reuse: bool) -> tuple[str, dict, str]:
@@ -128,8 +166,12 @@ def main(argv: list[str] | None = None) -> int:
     for key, title, about, args in CPU_RUNS:
         if key not in keys:
             continue
+        built = build_variants(args, cache, full)
         command, doc, ran = run(args, extra, cache, store, f"cpu-{key}", a.reuse)
-        out += [f"### {title}", "", f"{about} Ran {ran}.", "", markdown(doc, command=command), ""]
+        out += [f"### {title}", "", f"{about} Ran {ran}.", ""]
+        if built:
+            out += ["The variants were built with:", "", "```sh", *built, "```", ""]
+        out += [markdown(doc, command=command), ""]
     out += ["## CUDA", ""]
     if torch.cuda.is_available():
         for key, title, about, args in CUDA_RUNS:

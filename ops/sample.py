@@ -8,7 +8,10 @@ counts (MKL's GEMM for fewer than 12 rows that are not a multiple of 4; oneDNN's
 size), which moves results by an ulp that 25 steps can carry into a pixel. So the transformer always
 sees a multiple of BATCH_QUANTUM images (the last batch padded with a repeat, then dropped) and the VAE
 always decodes exactly BATCH_QUANTUM latents per call; per-row results are then bit-identical for any
---batch-size (tests/test_generate.py checks 1, 3, 7 and 8 against each other).
+--batch-size (tests/test_generate.py checks 1, 7 and 8 against each other). oneDNN's convolutions also
+change with the thread count (a launcher gives each process one thread), so on CPU the VAE runs
+PyTorch's own convolution (about 1.3x slower for tiny-digits' VAE, which runs once per image, not per
+step): one process and `torchrun --nproc_per_node 2` then write the same pixels.
 """
 from __future__ import annotations
 
@@ -142,7 +145,8 @@ def decode(vae, latents: torch.Tensor) -> np.ndarray:
         z = latents / c.scaling_factor
         if getattr(c, "shift_factor", None):
             z = z + c.shift_factor
-        x = vae.decode(z.to(vae.dtype), return_dict=False)[0].float()
+        with torch.backends.mkldnn.flags(enabled=z.device.type != "cpu"):  # thread-count invariant on CPU
+            x = vae.decode(z.to(vae.dtype), return_dict=False)[0].float()
     x = ((x / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
     return x.permute(0, 2, 3, 1).cpu().numpy()
 
