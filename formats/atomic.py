@@ -17,7 +17,7 @@ def check_output(out: Path, force: bool, inputs: tuple[Path, ...] = ()) -> Path:
     """Validate an output path before any work is done (so bad input fails fast and writes nothing)."""
     out = Path(out).expanduser()
     if out.exists() and not force:
-        raise OutputExistsError(f"output {out} already exists; pass --force to replace it or choose another -o")
+        raise OutputExistsError(f"output '{out}' already exists; pass --force to replace it or choose another -o")
     resolved = out.resolve()
     for src in inputs:
         if src is not None and Path(src).exists() and resolved == Path(src).resolve():

@@ -10,6 +10,8 @@ Sources (load_bundle):
 """
 from __future__ import annotations
 
+import re
+
 import json
 import os
 from dataclasses import dataclass, field
@@ -246,8 +248,9 @@ def _load_dit_original(path: Path, family: str | None) -> Bundle:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # UnpicklingError for anything that is not plain tensors/containers
-        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
-        raise FormatError(f"{path} holds objects other than tensors and is refused without running them ({first}); "
+        m = re.search(r"Unsupported global: GLOBAL (\S+)|Unsupported operand \d+|Unsupported class \S+", str(e))
+        what = (f"it references {m.group(1)}" if m.group(1) else m.group(0)) if m else type(e).__name__
+        raise FormatError(f"{path} holds objects other than tensors and is refused without running them ({what}); "
                           "re-save the state dict alone (torch.save(model.state_dict(), ...))")
     state = dit_original.unwrap(obj, path)
     conf, converted = dit_original.to_diffusers(state, path)
