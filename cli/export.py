@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import shutil
+import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -26,6 +27,10 @@ SHOWN = {  # the table without --json; --json prints the whole report
     "layout": ("format", "family", "num_blocks", "params", "lora_fused", "bit_exact", "max_abs_error", "passed",
                "failures", "seconds_check"),
 }
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)  # talk; resolved at call time (works under captured stderr)
 
 
 def export_cmd(
@@ -62,9 +67,10 @@ def export_cmd(
     cfg.workdir = str(out.resolve().parent)
     bundle = load_bundle(src, family=family, config=config)
     parent = bundle.parent_record()
-    exported, report = export(bundle, cfg)
+    exported, report = export(bundle, cfg, log=log)
     try:
         if report.passed:
+            log(f"writing {out}")
             manifest = new_manifest(family=bundle.family.name, op="export", config=cfg.to_dict(),
                                     report=report.to_dict(), parent=parent, device=cfg.device,
                                     defaults=bundle.manifest.get("defaults", {}))

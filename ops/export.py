@@ -419,7 +419,7 @@ def _trace_transformer(fam, tr, trace_hw, other_hw, text, opset, path):
     return names, base, axes, files
 
 
-def _export_onnx(bundle, cfg: ExportConfig, report: ExportReport):
+def _export_onnx(bundle, cfg: ExportConfig, report: ExportReport, log: Callable[[str], None]):
     from ditkit.formats.bundle import Bundle
     from ditkit.formats.onnx_bundle import (TRANSFORMER_ONNX, VAE_DECODER_ONNX, OnnxTransformer, OnnxVaeDecoder,
                                             staging_dir, write_model_proto)
@@ -447,6 +447,8 @@ def _export_onnx(bundle, cfg: ExportConfig, report: ExportReport):
             if cfg.precision == "fp32" else TOLERANCE["fp32"]
         for trace_hw, other_hw in attempts:
             last = other_hw is None
+            log(f"exporting the transformer at {trace_hw[0]}x{trace_hw[1]} latents, "
+                f"{'dynamic' if not last else 'fixed'} resolution (torch.export + torch.onnx, opset {cfg.opset})")
             try:
                 names, template, axes, files = _trace_transformer(fam, tr, trace_hw, other_hw, text, cfg.opset, path)
             except Exception as e:
@@ -460,6 +462,7 @@ def _export_onnx(bundle, cfg: ExportConfig, report: ExportReport):
             sizes = [hw] if last else [hw, trace_hw]
             cases = [(b, s, (text[0] if b == PARITY_BATCHES[0] else text[1]) if text else None)
                      for s in sizes for b in PARITY_BATCHES]
+            log(f"checking {len(cases)} cases in onnxruntime against PyTorch")
             t1 = time.perf_counter()
             rows = transformer_parity(fam, tr, onnx_tr, cases)
             report.seconds_check += time.perf_counter() - t1
@@ -476,6 +479,7 @@ def _export_onnx(bundle, cfg: ExportConfig, report: ExportReport):
         # 2. fp16: convert the verified fp32 graph, keep fp32 inputs/outputs, check it again
         if cfg.precision == "fp16":
             del onnx_tr
+            log("converting the checked fp32 graph to fp16 and checking it again")
             _to_fp16(path, write_model_proto)
             onnx_tr = OnnxTransformer(path, spec, _config_dict(tr), cfg.device)
             t1 = time.perf_counter()
@@ -496,6 +500,7 @@ def _export_onnx(bundle, cfg: ExportConfig, report: ExportReport):
         if cfg.vae == "onnx":
             if bundle.vae is None:
                 raise ConfigError(f"{bundle.name} has no VAE to export; drop --vae onnx")
+            log("exporting and checking the VAE decoder")
             vae_spec, vae_rows = _export_vae(bundle.vae, hw, alt, cfg, stage / VAE_DECODER_ONNX)
             components["vae"] = OnnxVaeDecoder(stage / VAE_DECODER_ONNX, vae_spec["config"], cfg.device)
             report.vae_decoder = {k: vae_spec[k] for k in ("inputs", "outputs", "dynamic_axes")}
@@ -671,13 +676,14 @@ def _export_layout(bundle, cfg: ExportConfig, report: ExportReport):
     return bundle, report
 
 
-def export(bundle, cfg: ExportConfig):
+def export(bundle, cfg: ExportConfig, log: Callable[[str], None] | None = None):
     """Build `cfg.format` from `bundle` and check it. Returns (the exported bundle, report).
 
     LoRA layers are fused into the bundle's transformer first (in place: the bundle is consumed).
     ONNX: the returned bundle's path is a staging directory holding the graphs (formats.export_files.WRITERS
-    moves them into the output); other formats return the (fused) input bundle.
+    moves them into the output); other formats return the (fused) input bundle. `log` gets one line per phase.
     """
+    log = log or (lambda msg: None)
     fmt = EXPORT_FORMATS[cfg.format]
     check_exportable(bundle, fmt)
     tr = bundle.transformer
@@ -686,5 +692,6 @@ def export(bundle, cfg: ExportConfig):
                           params=sum(p.numel() for p in tr.parameters()))
     if fmt.name == "onnx":
         report.opset = cfg.opset
-        return _export_onnx(bundle, cfg, report)
+        return _export_onnx(bundle, cfg, report, log)
+    log(f"checking that the {fmt.name} layout reloads bit-exact")
     return _export_layout(bundle, cfg, report)

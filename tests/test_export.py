@@ -238,9 +238,13 @@ def _depth_pruned_copy(src: Path, dst: Path, keep: int) -> Path:
 def test_depth_pruned_diffusers_export_loads_with_from_pretrained(source, tiny_dir, cli, tmp_path):
     from diffusers import DiTPipeline
 
-    src = tiny_dir("dit") if source == "tiny" else TINY_DIGITS
-    keep = 1 if source == "tiny" else 3
-    pruned = _depth_pruned_copy(src, tmp_path / "pruned", keep)
+    if source == "tiny":
+        keep, pruned = 1, _depth_pruned_copy(tiny_dir("dit"), tmp_path / "pruned", 1)
+    else:  # what a user runs: ditkit prune, 6 -> 3 blocks
+        keep, pruned = 3, tmp_path / "pruned"
+        r = cli("prune", "tiny-digits", "-o", pruned, "--method", "depth", "--ratio", 0.5, "--calib-samples", 2,
+                "--json")
+        assert r.code == 0, r.err
     r = cli("export", pruned, "-o", tmp_path / "out", "--format", "diffusers", "--json")
     assert r.code == 0, r.err
     assert r.json()["bit_exact"] and r.json()["num_blocks"] == keep
