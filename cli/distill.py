@@ -110,6 +110,9 @@ def distill_cmd(
     output_weight: Annotated[Optional[float], typer.Option(help="recover: weight of output matching (1.0).")] = None,
     feature_weight: Annotated[Optional[float], typer.Option(help="recover: weight of block-feature matching "
                                                                  f"({_default('recover', 'feature_weight')}).")] = None,
+    cfg_weight: Annotated[Optional[float], typer.Option(help="recover: weight of the guidance direction's relative "
+                                                             "error, cond minus uncond output "
+                                                             f"({_default('recover', 'cfg_weight')}).")] = None,
     mask_outliers: Annotated[Optional[float], typer.Option(help="recover: fraction of tokens with the largest feature "
                                                                 "error dropped from the loss (0 = off).")] = None,
     images: Annotated[Optional[Path], typer.Option(help="recover: image folder for a ground-truth loss (DIR/<class>/"
@@ -137,8 +140,9 @@ def distill_cmd(
     checkpoint_dir: Annotated[Optional[Path], typer.Option(help="Checkpoints, log.jsonl and sample grids "
                                                                 "(default: OUT.ckpt beside OUT).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the interrupted run in the checkpoint dir.")] = False,
-    threads: Annotated[Optional[int], typer.Option(help="CPU threads for torch (default: torch's own; 1 is often "
-                                                        "fastest on a shared machine; keep it for --resume).")] = None,
+    threads: Annotated[Optional[int], typer.Option(help="CPU threads for torch (default 1: small models gain little "
+                                                        "from more, and contended threads wait for each other; keep "
+                                                        "it for --resume).")] = None,
     seed: SeedOpt = 0,
     device: DeviceOpt = "cpu",
     family: FamilyOpt = None,
@@ -157,7 +161,7 @@ def distill_cmd(
                         max_grad_norm=max_grad_norm, mixed_precision=mixed_precision,
                         grad_checkpointing=grad_checkpointing, checkpoint_every=checkpoint_every,
                         validate_every=validate_every, seed=seed, pool_size=pool_size, output_weight=output_weight,
-                        feature_weight=feature_weight, mask_outliers=mask_outliers,
+                        feature_weight=feature_weight, cfg_weight=cfg_weight, mask_outliers=mask_outliers,
                         gt_weight=gt_weight if images is not None or gt_weight is not None else None,
                         student_steps=student_steps, teacher_substeps=teacher_substeps, guidance=guidance,
                         val_images=val_images, device=device)
@@ -198,7 +202,7 @@ def distill_cmd(
 
     threads_before = torch.get_num_threads()
     try:
-        torch.set_num_threads(threads or threads_before)
+        torch.set_num_threads(threads or 1)
         with distributed.process_group(device), output.progress(f"distill {mode}", cfg.steps) as bar:
             task = bar.add_task("train", total=cfg.steps)
             pool_task = bar.add_task("pool", total=cfg.pool_size)

@@ -294,3 +294,36 @@ def test_torchrun_two_processes_match_one(tiny_dir, tmp_path, cli):
     # measured: the two updates differ by 2.7e-4 of their size (Adam's first steps amplify summation-order noise
     # in near-zero gradients); a different global batch or a rank training on its own data differs by O(1)
     assert norm(w1, w0) > 1e-2 and norm(w1, w2) / norm(w1, w0) < 5e-3, (norm(w1, w0), norm(w1, w2))
+
+
+def test_guidance_direction_loss(tiny_dir):
+    """--cfg-weight adds the relative error of (cond - uncond) to output matching: zero for a perfect student,
+    and a larger loss with the weight for an imperfect one (same batch)."""
+    import copy
+
+    from ditkit.ops.distill import Context
+    from ditkit.ops.training import batch_generator
+
+    teacher = load_bundle(tiny_dir("dit"))
+    assert teacher.family.uses_cfg(teacher.transformer, float(teacher.defaults()["guidance"]))
+    teacher.transformer.requires_grad_(False)
+
+    def loss(student_tr, weight):
+        cfg = DistillConfig(mode="recover", cfg_weight=weight, feature_weight=0.0, **FAST)
+        student = dataclasses.replace(teacher, transformer=student_tr, manifest={"op": "import"})
+        job = recover.prepare(Context(cfg=cfg, student=student, teacher=teacher, trainable=student_tr, device="cpu",
+                                      log=lambda m: None))
+        try:
+            assert job.report["losses"]["cfg_weight"] == weight
+            with torch.no_grad():
+                return float(job.loss_fn(student_tr, batch_generator(0, 0, 0), 0, 1))
+        finally:
+            job.close()
+
+    assert loss(copy.deepcopy(teacher.transformer), 1.0) == pytest.approx(0.0, abs=1e-10)
+    off = copy.deepcopy(teacher.transformer)
+    with torch.no_grad():
+        for p in off.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    plain, weighted = loss(off, 0.0), loss(off, 1.0)
+    assert weighted > plain > 0

@@ -37,12 +37,12 @@ class Mode:
 DISTILL_MODES: dict[str, Mode] = {m.name: m for m in (
     Mode("recover", "knowledge distillation of a pruned student from its teacher: outputs + block features",
          recover.prepare, "parent",
-         {"steps": 1500, "batch_size": 64, "lr": 3e-4, "warmup_steps": 50, "ema_decay": 0.99, "pool_size": 512,
-          "output_weight": 1.0, "feature_weight": 0.1, "mask_outliers": 0.0, "gt_weight": 1.0},
-         ("output_weight", "feature_weight", "mask_outliers", "gt_weight")),
+         {"steps": 1000, "batch_size": 32, "lr": 3e-4, "warmup_steps": 50, "ema_decay": 0.99, "pool_size": 512,
+          "output_weight": 1.0, "feature_weight": 0.1, "cfg_weight": 0.1, "mask_outliers": 0.0, "gt_weight": 1.0},
+         ("output_weight", "feature_weight", "cfg_weight", "mask_outliers", "gt_weight")),
     Mode("steps", "a few-step student with guidance folded in (one-stage progressive distillation)",
          steps.prepare, "self",
-         {"steps": 2000, "batch_size": 64, "lr": 3e-4, "warmup_steps": 50, "ema_decay": 0.99, "pool_size": 2048,
+         {"steps": 1500, "batch_size": 32, "lr": 3e-4, "warmup_steps": 50, "ema_decay": 0.99, "pool_size": 768,
           "student_steps": 4},
          ("student_steps", "teacher_substeps", "guidance")),
 )}
@@ -72,6 +72,7 @@ class DistillConfig:
     # recover
     output_weight: float | None = None
     feature_weight: float | None = None
+    cfg_weight: float | None = None  # relative error of the guidance direction (cond - uncond output)
     mask_outliers: float | None = None  # fraction of tokens (largest feature error) dropped per row
     gt_weight: float | None = None  # weight of the ground-truth loss when images are given
     # steps
@@ -102,7 +103,7 @@ class DistillConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= {lo} (got {v})")
         if self.student_steps is not None and self.student_steps > 64:
             raise ConfigError(f"--student-steps must be in 1..64 (got {self.student_steps})")
-        for name in ("output_weight", "feature_weight", "gt_weight"):
+        for name in ("output_weight", "feature_weight", "cfg_weight", "gt_weight"):
             v = getattr(self, name)
             if v is not None and not v >= 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 0 (got {v})")

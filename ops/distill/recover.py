@@ -237,6 +237,11 @@ def prepare(ctx):
             target = fam.predict(teacher, x, t, cond, pool.guidance).float()
         out = fam.predict(Routed(model, student), x, t, cond, pool.guidance).float()
         per_row = cfg.output_weight * ((out - target) ** 2).flatten(1).mean(1)
+        if pool.cfg and cfg.cfg_weight > 0:  # the guidance direction (cond - uncond), relative, on the cond rows
+            m = len(out) // 2
+            d_s, d_t = (out[:m] - out[m:]).flatten(1), (target[:m] - target[m:]).flatten(1)
+            rel = ((d_s - d_t) ** 2).mean(1) / (d_t ** 2).mean(1).clamp_min(1e-8)
+            per_row = per_row + cfg.cfg_weight * torch.cat([rel, torch.zeros_like(rel)])
         if pairs:
             feat = 0.0
             for s_name, t_name in pairs:
@@ -261,7 +266,7 @@ def prepare(ctx):
     report = {"pool": pool.describe(), "mapping": [f"{s} <- {t}" for s, t in pairs],
               "mapping_source": plan["mapping_source"],
               "losses": {"output_weight": cfg.output_weight, "feature_weight": cfg.feature_weight,
-                         "mask_outliers": cfg.mask_outliers,
+                         "cfg_weight": cfg.cfg_weight if pool.cfg else 0.0, "mask_outliers": cfg.mask_outliers,
                          "gt_weight": cfg.gt_weight if truth is not None else 0.0},
               "ground_truth_images": 0 if truth is None else int(len(truth.latents))}
     rows = ctx.micro_batch * (2 if pool.cfg else 1)
