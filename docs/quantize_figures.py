@@ -3,6 +3,9 @@
     .venv/bin/python docs/quantize_figures.py kernels [--rounds 7]
         CPU int8 paths on a DiT-XL/2-sized MLP (1152 -> 4608 -> 1152, 512 tokens): fp32, torch.ao dynamic
         (per-tensor and per-channel weights), torch._int_mm, torch._weight_int8pack_mm; interleaved, medians.
+    .venv/bin/python docs/quantize_figures.py engines [--rounds 8]
+        torch.ao dynamic int8 packed for fbgemm vs oneDNN against fp32 F.linear, per DiT-XL/2 layer shape and
+        on small layers, one thread, process CPU time, interleaved, medians (how int8-dynamic picks a backend).
     .venv/bin/python docs/quantize_figures.py tiny-digits N [base | SCHEME[:MODULATION[:SENSITIVE]] ...] [--out DIR]
         Quantize tiny-digits, save, reload from disk, generate N images (seed 0, the model's own sampler,
         steps and guidance), score them with its judge.
@@ -77,6 +80,49 @@ def kernels(rounds: int) -> None:
                           "sqnr_db": None if k == "fp32" else sqnr(ref, f(x))}), flush=True)
 
 
+def engines(rounds: int) -> None:
+    import torch
+    import torch.nn.functional as F
+
+    from ditkit.ops.quantize.base import int8_rows
+
+    warnings.filterwarnings("ignore")
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicQuantizedLinear
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+
+    def packed(w, engine):
+        previous, torch.backends.quantized.engine = torch.backends.quantized.engine, engine
+        try:
+            m = DynamicQuantizedLinear(w.shape[1], w.shape[0])
+            q, s = int8_rows(w)
+            m.set_weight_bias(torch._make_per_channel_quantized_tensor(
+                q, s.double(), torch.zeros(w.shape[0], dtype=torch.long), 0), torch.zeros(w.shape[0]))
+        finally:
+            torch.backends.quantized.engine = previous
+        return m
+
+    shapes = {"attn q/k/v/out (512 x 1152 -> 1152)": (512, 1152, 1152), "ff up (512 x 1152 -> 4608)": (512, 1152, 4608),
+              "ff down (512 x 4608 -> 1152)": (512, 4608, 1152), "adaLN modulation (2 x 1152 -> 6912)": (2, 1152, 6912),
+              "small (32 x 128 -> 512)": (32, 128, 512), "small (32 x 128 -> 128)": (32, 128, 128)}
+    for name, (m_rows, k, n) in shapes.items():
+        w, x, bias = torch.randn(n, k) * 0.02, torch.randn(m_rows, k), torch.zeros(n)
+        paths = {"fp32": lambda v: F.linear(v, w, bias), "fbgemm": packed(w, "fbgemm"), "onednn": packed(w, "onednn")}
+        reps = max(1, int(2e8 // (m_rows * k * n)))  # calls per timing: small layers need many
+        times = {p: [] for p in paths}
+        for _ in range(rounds):
+            for p, f in paths.items():
+                t0 = time.process_time()
+                for _ in range(reps):
+                    f(x)
+                times[p].append((time.process_time() - t0) / reps)
+        base = statistics.median(times["fp32"][1:])  # round 0 is the warm-up
+        print(json.dumps({"layer": name, **{p: {"median_ms": round(1000 * statistics.median(v[1:]), 3),
+                                                "ratio": round(statistics.median(v[1:]) / base, 3)}
+                                            for p, v in times.items()}}), flush=True)
+
+
 def tiny_digits(n: int, variants: list[str], out: str) -> None:
     from ditkit.formats import quantized
     from ditkit.formats.bundle import load_bundle
@@ -135,6 +181,8 @@ def main() -> None:
     sub = p.add_subparsers(dest="what", required=True)
     k = sub.add_parser("kernels")
     k.add_argument("--rounds", type=int, default=7)
+    e = sub.add_parser("engines")
+    e.add_argument("--rounds", type=int, default=8)
     td = sub.add_parser("tiny-digits")
     td.add_argument("n", type=int)
     td.add_argument("variants", nargs="+")
@@ -147,6 +195,8 @@ def main() -> None:
     args = p.parse_args()
     if args.what == "kernels":
         kernels(args.rounds)
+    elif args.what == "engines":
+        engines(args.rounds)
     elif args.what == "tiny-digits":
         tiny_digits(args.n, args.variants, args.out)
     else:

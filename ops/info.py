@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
+from ditkit.formats import quantized
 from ditkit.formats.errors import ConfigError
 
 from .generate import latent_hw, vae_scale
@@ -49,6 +50,10 @@ class InfoReport:
 
 
 def count_params(module) -> int:
+    """Parameters as the float model has them (a quantized model counts its int8/4-bit weights too:
+    torch.ao keeps them outside .parameters(), bitsandbytes stores 4-bit weights packed)."""
+    if quantized.is_quantized(module):
+        return quantized.param_count(module)
     return sum(p.numel() for p in module.parameters())
 
 

@@ -174,9 +174,17 @@ def peak_growth(fn: Callable[[], object], device: str) -> int | None:
 
 def module_bytes(*modules) -> int:
     """Bytes of the parameters and buffers of the given modules (what their weights occupy in memory)."""
+    from ditkit.formats.quantized import is_quantized
+
     total = 0
     for m in modules:
         if m is None:
+            continue
+        if is_quantized(m):  # torch.ao keeps its packed int8 weights outside parameters and buffers
+            from ditkit.ops.quantize import KINDS
+            from ditkit.ops.quantize.base import memory_bytes
+
+            total += memory_bytes(m, KINDS)
             continue
         for t in list(m.parameters()) + list(m.buffers()):
             total += t.numel() * t.element_size()

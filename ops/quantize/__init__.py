@@ -140,7 +140,7 @@ class QuantizeReport:
     sqnr_db: float | None = None  # whole transformer output vs the float model, calibration set
     sqnr_db_min_layer: float | None = None
     worst_layer: str | None = None
-    kernels: dict = field(default_factory=dict)  # quantized module class -> {kind, count, kernel}
+    kernels: dict = field(default_factory=dict)  # quantized module class (+ " (engine)") -> {kind, count, kernel}
     layers: list = field(default_factory=list)  # per quantized layer: name, kind, params, sqnr_db
     full_precision: list = field(default_factory=list)  # per kept Linear/Embedding: name, params, reason
     calibration: dict = field(default_factory=dict)
@@ -236,7 +236,8 @@ def quantize(bundle, cfg: QuantizeConfig, progress: Callable[[str], None] | None
 
     # 2. Quantized copies of each target (the float ones stay in place for the reference pass)
     note(f"quantizing {len(targets)} layers ({cfg.scheme})")
-    qmods = {name: KINDS[kind].make(m, device, {**opts, "role": role} if role == "sensitive" else opts)
+    qmods = {name: KINDS[kind].make(m, device, {**opts, "conditioning": fam.is_modulation(name),
+                                                **({"role": role} if role == "sensitive" else {})})
              .eval().requires_grad_(False) for name, m, kind, role in targets}  # eval: bnb picks its path by mode
 
     # 3. Float reference on the calibration set; each quantized layer's error on its float inputs
@@ -256,7 +257,9 @@ def quantize(bundle, cfg: QuantizeConfig, progress: Callable[[str], None] | None
     layers = []
     for name, m, kind, role in targets:
         q = qmods[name]
-        k = kernels.setdefault(q._get_name(), {"kind": kind, "count": 0, "kernel": getattr(q, KERNEL_ATTR)})
+        engine = q.ditkit_spec.get("engine")  # int8-dynamic on CPU: the backend its weight is packed for
+        key = q._get_name() + (f" ({engine})" if engine else "")
+        k = kernels.setdefault(key, {"kind": kind, "count": 0, "kernel": getattr(q, KERNEL_ATTR)})
         k["count"] += 1
         layers.append({"name": name, "kind": kind, "role": role, "params": sum(p.numel() for p in m.parameters()),
                        "sqnr_db": _db(layer_energy[name].db)})

@@ -29,6 +29,7 @@ class Kind:
     tensors: Callable  # (quantized module) -> {suffix: tensor}, everything needed to rebuild it
     rebuild: Callable  # (spec: dict, tensors: dict, device) -> quantized module
     doc: str = ""
+    nbytes: Callable | None = None  # (quantized module) -> bytes of its tensors, where tensors() would copy
 
 
 def tag(module: nn.Module, kind: str, kernel: str, spec: dict, fallback: bool = False) -> nn.Module:
@@ -81,7 +82,8 @@ def memory_bytes(model: nn.Module, kinds: dict[str, Kind]) -> int:
         nonlocal total
         kind = getattr(m, KIND_ATTR, None)
         if kind is not None:
-            total += sum(t.numel() * t.element_size() for t in kinds[kind].tensors(m).values())
+            k = kinds[kind]
+            total += k.nbytes(m) if k.nbytes else sum(t.numel() * t.element_size() for t in k.tensors(m).values())
             return
         total += sum(t.numel() * t.element_size() for t in own_tensors(m))
         for child in m.children():

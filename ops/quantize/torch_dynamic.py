@@ -1,9 +1,16 @@
 """int8 dynamic: int8 weights (one scale per output row) and int8 activations quantized on the fly.
 
-CPU: torch.ao's dynamically quantized Linear (fbgemm/x86 kernels). Measured here on a DiT-XL/2-sized
+CPU: torch.ao's dynamically quantized Linear. Measured here on a DiT-XL/2-sized
 MLP (docs/quantize.md): 0.5x the fp32 time, while torch._int_mm took 24x and
 torch._weight_int8pack_mm 43x on this AVX2 CPU (no VNNI / AVX-512), so torch.ao is the only int8
 path worth running on CPU. The API is deprecated in favour of torchao but present in torch 2.13.
+torch.ao packs each weight for one backend, and the packed weight picks the kernel. Measured per
+layer shape (docs/quantize.md, one thread): oneDNN is 5-15% faster than fbgemm on large token-wise
+layers (512 x 1152 -> 4608: 0.45-0.47x fp32 vs 0.50-0.54x), but has ~0.1 ms more overhead per call, so
+it loses on small layers (3x fp32 on a 128-wide layer vs fbgemm's 2x) and on the adaLN modulation
+GEMV (2 rows x 1152 -> 6912: 0.43x vs fbgemm's 0.13x). So: oneDNN for layers with >= 1M weights
+that run on token rows, fbgemm for the rest; the choice is stored in the module's spec ("engine")
+so a reload runs the same kernel.
 CUDA: torch._int_mm (cuBLASLt int8 GEMM) with per-token activation scales; rows that the kernel
 cannot take (M <= 16, K or N not multiples of 8) run the dequantized weight through F.linear.
 On disk both are the same tensors: weight int8 (N, K), weight_scale fp32 (N,), bias fp32 (N,).
@@ -36,17 +43,36 @@ def _register_flops() -> None:
 _register_flops()
 
 
+ONEDNN_MIN_WEIGHTS = 1 << 20  # oneDNN beats fbgemm from about this size on token rows (module docstring)
+
+
+def cpu_engine(in_features: int, out_features: int, conditioning: bool) -> str:
+    """The torch.ao backend to pack a layer for: onednn for large token-wise layers, else fbgemm/x86."""
+    engines = torch.backends.quantized.supported_engines
+    if "onednn" in engines and not conditioning and in_features * out_features >= ONEDNN_MIN_WEIGHTS:
+        return "onednn"
+    return next((e for e in ("fbgemm", "x86") if e in engines), torch.backends.quantized.engine)
+
+
 def _ao_linear(q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, spec: dict) -> nn.Module:
     n, k = q.shape
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # torch.ao's deprecation notices (import, quantized tensor creation)
-        from torch.ao.nn.quantized.dynamic import Linear as DynamicQuantizedLinear
+    engine = spec.get("engine") or torch.backends.quantized.engine  # files from before "engine": the default
+    if engine not in torch.backends.quantized.supported_engines:
+        engine = torch.backends.quantized.engine
+    previous = torch.backends.quantized.engine
+    try:
+        torch.backends.quantized.engine = engine  # set_weight_bias packs the weight for this backend
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch.ao's deprecation notices (import, quantized tensor creation)
+            from torch.ao.nn.quantized.dynamic import Linear as DynamicQuantizedLinear
 
-        m = DynamicQuantizedLinear(k, n, bias_=bias is not None, dtype=torch.qint8)
-        qw = torch._make_per_channel_quantized_tensor(q, scale.double(), torch.zeros(n, dtype=torch.long), 0)
-        m.set_weight_bias(qw, bias)
-    engine = torch.backends.quantized.engine
-    return tag(m, KIND, f"torch.ao dynamic int8 ({engine}/fbgemm): per-channel int8 weights, per-tensor int8 "
+            m = DynamicQuantizedLinear(k, n, bias_=bias is not None, dtype=torch.qint8)
+            qw = torch._make_per_channel_quantized_tensor(q, scale.double(), torch.zeros(n, dtype=torch.long), 0)
+            m.set_weight_bias(qw, bias)
+    finally:
+        torch.backends.quantized.engine = previous
+    label = {"onednn": "oneDNN", "x86": "x86/fbgemm"}.get(engine, engine)
+    return tag(m, KIND, f"torch.ao dynamic int8 ({label}): per-channel int8 weights, per-tensor int8 "
                "activations quantized each call (7-bit range)", spec)
 
 
@@ -84,8 +110,12 @@ def _module(q, scale, bias, device: str, spec: dict) -> nn.Module:
 
 
 def make(lin: nn.Linear, device: str, opts: dict) -> nn.Module:
+    """opts["conditioning"]: the layer runs on one row per sample (adaLN modulation), not on token rows."""
     q, scale = int8_rows(lin.weight)
-    return _module(q, scale, float_bias(lin), device, linear_spec(lin))
+    spec = linear_spec(lin)
+    if not str(device).startswith("cuda"):
+        spec["engine"] = cpu_engine(lin.in_features, lin.out_features, bool(opts.get("conditioning")))
+    return _module(q, scale, float_bias(lin), device, spec)
 
 
 def tensors(m: nn.Module) -> dict[str, torch.Tensor]:
@@ -100,9 +130,15 @@ def tensors(m: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous() for k, v in out.items()}
 
 
+def nbytes(m: nn.Module) -> int:
+    """int8 weight + fp32 row scales + fp32 bias, without unpacking torch.ao's packed weight (a copy)."""
+    n, k = m.out_features, m.in_features
+    return n * k + 4 * n + (4 * n if m.ditkit_spec.get("bias") else 0)
+
+
 def rebuild(spec: dict, t: dict, device: str) -> nn.Module:
     return _module(t["weight"], t["weight_scale"].float(), t.get("bias"), device, dict(spec))
 
 
 KIND_INT8_DYNAMIC = Kind(KIND, nn.Linear, make, tensors, rebuild,
-                         "int8 weights (per output row) x int8 activations (dynamic)")
+                         "int8 weights (per output row) x int8 activations (dynamic)", nbytes)
