@@ -12,7 +12,7 @@ from ditkit.formats.atomic import check_output
 from ditkit.formats.bundle import load_bundle
 from ditkit.formats.embeddings import load_embeddings
 from ditkit.formats.errors import ConfigError, QualityGateError
-from ditkit.ops import distributed
+from ditkit.ops import distributed, memory
 from ditkit.ops.bench import BenchConfig, bench, describe_failures
 from ditkit.ops.runtime import resolve_device, resolve_dtype
 
@@ -74,8 +74,12 @@ def bench_cmd(
         raise ConfigError(f"--threads must be >= 1 (got {threads})")
     if plot is not None and distributed.world()[0] == 0:
         check_output(plot, force)
-    bundles = [load_bundle(m, family=family, config=config, device=cfg.device,
-                           dtype=resolve_dtype(dtype, cfg.device)) for m in (models or [None])]
+    torch_dtype = resolve_dtype(dtype, cfg.device)
+    memory.check(memory.load_estimate(*(models or [None]), dtype=torch_dtype), cfg.device, force, log)
+    bundles = [load_bundle(m, family=family, config=config, device=cfg.device, dtype=torch_dtype)
+               for m in (models or [None])]
+    biggest = max(cfg.batch_sizes + ([min(cfg.quality_batch_size, cfg.num_images)] if cfg.num_images else []))
+    memory.check(memory.inference_estimate("bench", bundles, biggest), cfg.device, force, log)
     emb = load_embeddings(embeddings) if embeddings else None
     threads_before = torch.get_num_threads()
     try:

@@ -26,6 +26,7 @@ EXIT_CODES: dict[type, int] = {
     OutputExistsError: EXIT_INPUT,
     HardwareError: EXIT_INPUT,
     Interrupted: EXIT_INTERRUPTED,
+    KeyboardInterrupt: EXIT_INTERRUPTED,  # Ctrl-C outside a handler: atomic outputs were rolled back
     click_exceptions.UsageError: EXIT_INPUT,
 }
 
@@ -52,6 +53,8 @@ def report_error(err: BaseException) -> int:
         msg = err.format_message()
     elif isinstance(err, DitkitError):
         msg = str(err)
+    elif isinstance(err, KeyboardInterrupt):
+        msg = "interrupted (SIGINT); outputs are written atomically, so nothing half-written was left"
     elif isinstance(err, MemoryError):
         msg = "out of memory; use a smaller --batch-size or resolution"
     else:

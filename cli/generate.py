@@ -13,7 +13,7 @@ from ditkit.formats.embeddings import load_embeddings
 from ditkit.formats.errors import ConfigError, FormatError
 from ditkit.formats.images import write_images
 from ditkit.formats.manifest import environment
-from ditkit.ops import distributed
+from ditkit.ops import distributed, memory
 from ditkit.ops.generate import GenerateConfig, generate
 from ditkit.ops.runtime import resolve_device, resolve_dtype
 
@@ -37,6 +37,10 @@ def read_prompts(prompts: list[str], prompts_file: Path | None) -> list[str] | N
         except OSError as e:
             raise FormatError(f"cannot read --prompts-file {prompts_file} ({e.strerror})")
     return prompts or None
+
+
+def say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)  # the current stderr
 
 
 def with_lora(bundle, paths: list[Path], scales: list[float]) -> list[dict]:
@@ -95,8 +99,12 @@ def generate_cmd(
     rank, _ = distributed.world()
     if rank == 0:
         check_output(out, force)
-    bundle = load_bundle(src, family=family, config=config, device=cfg.device,
-                         dtype=resolve_dtype(dtype, cfg.device))
+    torch_dtype = resolve_dtype(dtype, cfg.device)
+    memory.check(memory.load_estimate(src, dtype=torch_dtype), cfg.device, force, say)  # before allocating
+    bundle = load_bundle(src, family=family, config=config, device=cfg.device, dtype=torch_dtype)
+    biggest = min(cfg.batch_size, cfg.num_images or cfg.batch_size)  # the batch generate will run
+    memory.check(memory.inference_estimate("generate", [bundle], biggest, cfg.height, cfg.width), cfg.device, force,
+                 say)
     adapters = with_lora(bundle, lora or [], lora_scale or [])
     emb = load_embeddings(embeddings) if embeddings else None
     with distributed.process_group(cfg.device) as (rank, size):

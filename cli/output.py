@@ -8,8 +8,10 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-out = Console(file=sys.stdout, soft_wrap=True)
-err = Console(file=sys.stderr)
+# no file= : rich then writes to whatever sys.stdout / sys.stderr is at print time (a console bound to the
+# stream of import time breaks when the CLI runs in-process under redirected or captured streams)
+out = Console(soft_wrap=True)
+err = Console(stderr=True)
 
 
 def print_json(doc) -> None:

@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
+import torch
 import typer
 
 from ditkit.formats.atomic import check_output
@@ -40,7 +41,8 @@ def summary(report: dict) -> dict:
     }
     if speed:
         rows["per-step latency"] = (f"{speed['ms_base']:.2f} ms -> {speed['ms_pruned']:.2f} ms "
-                                    f"({speed['latency_ratio']:.3f}x, batch {speed['batch']}, {speed['kernel']})")
+                                    f"({speed['latency_ratio']:.3f}x, {speed['basis']}, batch {speed['batch']}, "
+                                    f"{speed['kernel']})")
     if "removed_blocks" in plan:
         rows["removed blocks"] = ", ".join(plan["removed_blocks"])
     if "heads" in plan:
@@ -72,6 +74,8 @@ def prune_cmd(
     timing_batch: Annotated[int, typer.Option(help="Batch of the per-step latency measurement.")] = 2,
     timing_repeats: Annotated[int, typer.Option(help="Interleaved repeats of the latency measurement.")] = 5,
     no_timing: Annotated[bool, typer.Option("--no-timing", help="Skip the latency measurement.")] = False,
+    threads: Annotated[Optional[int], typer.Option(help="CPU threads for torch (default: torch's own; with 1, the "
+                                                        "latency ratio is one of CPU times, steady on a busy machine).")] = None,
     seed: SeedOpt = 0,
     device: DeviceOpt = "cpu",
     dtype: DtypeOpt = "fp32",
@@ -92,6 +96,8 @@ def prune_cmd(
                       calib_steps=calib_steps, calib_points=calib_points, seed=seed,
                       timing=not (dry_run or no_timing), timing_batch=timing_batch, timing_repeats=timing_repeats,
                       device=device)
+    if threads is not None and threads < 1:
+        raise ConfigError(f"--threads must be >= 1 (got {threads})")
     if family is not None:
         get_family(family)
     if not dry_run:
@@ -107,7 +113,12 @@ def prune_cmd(
         if bundle.family.conditioning != "text":
             raise ConfigError(f"--embeddings is for text families; {bundle.family.name} is class-conditional")
         emb = load_embeddings(embeddings)
-    pruned, report = prune(bundle, cfg, emb, log=log)
+    threads_before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads or threads_before)
+        pruned, report = prune(bundle, cfg, emb, log=log)
+    finally:
+        torch.set_num_threads(threads_before)
     doc = {"out": None if dry_run else str(out), "dry_run": dry_run, **report.to_dict()}
     if not dry_run:
         manifest = new_manifest(family=bundle.family.name, op="prune", config=cfg.to_dict(), report=report.to_dict(),

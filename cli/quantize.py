@@ -20,8 +20,8 @@ SchemeOpt = Annotated[str, typer.Option("--scheme", help="One of: " + ", ".join(
 
 
 def quantize_cmd(
+    out: OutOpt,
     src: ModelArg = None,
-    out: OutOpt = Path("quantized"),
     scheme: SchemeOpt = "int8-dynamic",
     skip: Annotated[Optional[list[str]], typer.Option(
         "--skip", help="Regex of module names to keep in full precision (repeatable), e.g. 'attn1\\.to_out'.")] = None,

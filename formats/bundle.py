@@ -25,7 +25,7 @@ from . import dit_original, quantized
 from .atomic import atomic_dir
 from .errors import ConfigError, FormatError, UnsupportedModelError
 from .families import FAMILIES, Family, detect_family, get_family
-from .manifest import MANIFEST, read_manifest, weights_sha256, write_manifest
+from .manifest import MANIFEST, parse_manifest, read_manifest, weights_sha256, write_manifest
 from .safetensors_check import check_tree, read_header, read_json
 
 ASSETS = Path(__file__).parent / "assets"
@@ -239,7 +239,7 @@ def _load_single_file(path: Path, family: str | None, config: str | None) -> Bun
         conf = dit_original.config_from_diffusers_state(state)
     model = _from_state_dict(fam, conf, state, path)
     return Bundle(family=fam, transformer=model, path=path, kind="safetensors",
-                  manifest=json.loads(meta["ditkit"]) if "ditkit" in meta else {})
+                  manifest=parse_manifest(meta["ditkit"], f"{path} metadata") if "ditkit" in meta else {})
 
 
 def _load_dit_original(path: Path, family: str | None) -> Bundle:

@@ -59,11 +59,62 @@ def read_manifest(root: Path) -> dict | None:
     if not p.is_file():
         return None
     try:
-        data = json.loads(p.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise FormatError(f"{p} is not valid JSON ({e}); restore it or delete it to load the weights alone")
+        text = p.read_bytes()
+    except OSError as e:
+        raise FormatError(f"cannot read {p} ({e.strerror}); restore it or delete it to load the weights alone")
+    return parse_manifest(text, p)
+
+
+def parse_manifest(text: bytes | str, where) -> dict:
+    """A manifest from its JSON text (a ditkit.json file, or a single .safetensors file's "ditkit" metadata)."""
+    try:
+        data = json.loads(text)
+    except RecursionError:
+        raise FormatError(f"{where} is not valid JSON (nested too deeply); restore it or delete it")
+    except (UnicodeDecodeError, ValueError) as e:
+        raise FormatError(f"{where} is not valid JSON ({getattr(e, 'msg', e)}); restore it or delete it to load "
+                          "the weights alone")
+    return check_manifest(data, where)
+
+
+def _is_number(v) -> bool:
+    return type(v) in (int, float)
+
+
+# field -> (check, what it must be); only fields ditkit reads back are checked (extra fields are kept as they are)
+_FIELDS = {
+    "format_version": (lambda v: type(v) is int and 1 <= v, "a positive integer"),
+    "family": (lambda v: isinstance(v, str), "a string"),
+    "op": (lambda v: v is None or isinstance(v, str), "a string"),
+    "sha256": (lambda v: v is None or isinstance(v, str), "a string"),
+    "config": (lambda v: v is None or isinstance(v, dict), "an object"),
+    "report": (lambda v: v is None or isinstance(v, dict), "an object"),
+    "environment": (lambda v: v is None or isinstance(v, dict), "an object"),
+    "parent": (lambda v: v is None or (isinstance(v, dict) and all(v.get(k) is None or isinstance(v.get(k), str)
+                                                                    for k in ("path", "sha256", "op"))),
+               "null or an object with string path and sha256"),
+    "lineage": (lambda v: isinstance(v, list) and all(isinstance(e, dict) and all(
+        e.get(k) is None or isinstance(e.get(k), str) for k in ("path", "sha256", "op")) for e in v),
+                "a list of objects with string op, path and sha256"),
+    "defaults": (lambda v: isinstance(v, dict) and all(
+        k not in v or ok(v[k]) for k, ok in (("sampler", lambda x: isinstance(x, str)),
+                                            ("steps", lambda x: type(x) is int and 1 <= x <= 10_000),
+                                            ("guidance", lambda x: _is_number(x) and x == x and abs(x) < 1e6))),
+                 "an object with a string sampler, integer steps and numeric guidance"),
+}
+
+
+def check_manifest(data, where) -> dict:
+    """Type-check the fields ditkit reads from a ditkit.json (lineage paths are records only: ditkit never opens
+    them on its own, see docs/reliability.md); raise FormatError naming the first bad field."""
     if not isinstance(data, dict):
-        raise FormatError(f"{p} must hold a JSON object; restore it or delete it")
+        raise FormatError(f"{where} must hold a JSON object; restore it or delete it")
+    for name, (ok, what) in _FIELDS.items():
+        if name in data and not ok(data[name]):
+            raise FormatError(f"{where}: field {name!r} must be {what}; restore the file or delete it")
+    if data.get("format_version", FORMAT_VERSION) > FORMAT_VERSION:
+        raise FormatError(f"{where} has format_version {data['format_version']}, newer than this ditkit reads "
+                          f"({FORMAT_VERSION}); upgrade ditkit")
     return data
 
 

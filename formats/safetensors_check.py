@@ -1,13 +1,30 @@
-"""Cheap structural checks of safetensors files and JSON configs, so corruption gets a precise message."""
+"""Cheap structural checks of safetensors files and JSON configs, so corruption gets a precise message.
+
+Every function here raises FormatError (never another exception) on any input: tests/test_fuzz.py feeds
+them random and mutated bytes with hypothesis.
+"""
 from __future__ import annotations
 
 import json
+import math
 import struct
 from pathlib import Path
 
 from .errors import FormatError
 
 MAX_HEADER = 100 * 1024 * 1024  # the safetensors spec's own bound on the JSON header
+DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E4M3FNUZ": 1, "F8_E5M2": 1, "F8_E5M2FNUZ": 1,
+               "F8_E8M0": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8,
+               "U64": 8, "F64": 8, "C64": 8}
+MAX_DIM = 1 << 16  # bound on an architecture field of a config (widths, heads, layers, sizes): no DiT comes close
+
+
+def _loads(data: bytes | str):
+    """json.loads that fails only with ValueError (bad JSON, an integer too long to convert, too deep)."""
+    try:
+        return json.loads(data)
+    except RecursionError:
+        raise ValueError("nested too deeply")
 
 
 def read_header(path: Path) -> dict:
@@ -22,17 +39,17 @@ def read_header(path: Path) -> dict:
             (n,) = struct.unpack("<Q", head)
             if n > MAX_HEADER or 8 + n > size:
                 raise FormatError(f"{path} is truncated or not a safetensors file (header says {n} bytes, file has {size}): re-copy it")
-            header = json.loads(f.read(n))
+            header = _loads(f.read(n))
     except OSError as e:
-        raise FormatError(f"cannot read {path} ({e.strerror}); check the path and permissions")
-    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise FormatError(f"cannot read {path} ({e.strerror or type(e).__name__}); check the path and permissions")
+    except (UnicodeDecodeError, ValueError):
         raise FormatError(f"{path} has a corrupt safetensors header: re-copy it")
     if not isinstance(header, dict):
         raise FormatError(f"{path} has a corrupt safetensors header: re-copy it")
-    end = 0
+    spans = []
     for name, info in header.items():
         if name == "__metadata__":
-            if info is not None and not isinstance(info, dict):
+            if info is not None and not (isinstance(info, dict) and all(isinstance(v, str) for v in info.values())):
                 raise FormatError(f"{path} has corrupt safetensors metadata: re-copy it")
             continue
         try:
@@ -40,11 +57,19 @@ def read_header(path: Path) -> dict:
             dtype, shape = info["dtype"], info["shape"]
         except (TypeError, KeyError, ValueError):
             raise FormatError(f"{path}: tensor {name!r} has a corrupt header entry: re-copy the file")
-        if not (isinstance(begin, int) and isinstance(stop, int) and 0 <= begin <= stop):
+        if not (type(begin) is int and type(stop) is int and 0 <= begin <= stop):
             raise FormatError(f"{path}: tensor {name!r} has invalid offsets: re-copy the file")
-        if not isinstance(dtype, str) or not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+        if (not isinstance(dtype, str) or dtype not in DTYPE_BYTES or not isinstance(shape, list)
+                or not all(type(d) is int and d >= 0 for d in shape)):
             raise FormatError(f"{path}: tensor {name!r} has an invalid dtype or shape: re-copy the file")
-        end = max(end, stop)
+        if math.prod(shape) * DTYPE_BYTES[dtype] != stop - begin:
+            raise FormatError(f"{path}: tensor {name!r} has {stop - begin} bytes for shape {shape} {dtype}: re-copy the file")
+        spans.append((begin, stop))
+    end = 0
+    for begin, stop in sorted(spans):  # the spec: tensors tile the data buffer, no gaps, no overlaps
+        if begin != end:
+            raise FormatError(f"{path}: tensor data overlaps or leaves gaps (offset {begin}, expected {end}): re-copy it")
+        end = stop
     if 8 + n + end != size:
         raise FormatError(f"{path} is truncated or padded ({size} bytes, header expects {8 + n + end}): re-copy it")
     return header
@@ -53,14 +78,46 @@ def read_header(path: Path) -> dict:
 def read_json(path: Path, what: str = "config") -> dict:
     path = Path(path)
     try:
-        data = json.loads(path.read_text())
+        data = _loads(path.read_bytes())
     except FileNotFoundError:
         raise FormatError(f"{path} is missing: the {what} must sit beside the weights")
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except IsADirectoryError:
+        raise FormatError(f"{path} is a directory, not a JSON file: restore the {what}")
+    except OSError as e:
+        raise FormatError(f"cannot read {path} ({e.strerror or type(e).__name__}): restore the {what}")
+    except (UnicodeDecodeError, ValueError) as e:
         raise FormatError(f"{path} is not valid JSON ({getattr(e, 'msg', e)}): restore the {what}")
     if not isinstance(data, dict):
         raise FormatError(f"{path} must hold a JSON object: restore the {what}")
     return data
+
+
+ARCH_FIELDS = ("sample_size", "patch_size", "num_layers", "num_single_layers", "num_attention_heads",
+               "attention_head_dim", "in_channels", "out_channels", "num_embeds_ada_norm", "caption_channels",
+               "cross_attention_dim", "joint_attention_dim", "caption_projection_dim", "pooled_projection_dim",
+               "pos_embed_max_size")
+COUNT_FIELDS = ("num_layers", "num_single_layers")  # block counts: depth pruning may remove a whole stack
+
+
+def check_config(config: dict, where: str = "config") -> dict:
+    """The architecture fields a transformer config.json sets must be positive integers (not strings,
+    floats, negatives or absurd sizes): a wrong field is named here instead of failing deep in diffusers."""
+    if not isinstance(config, dict):
+        raise FormatError(f"{where} must hold a JSON object")
+    cls = config.get("_class_name")
+    if cls is not None and not isinstance(cls, str):
+        raise FormatError(f"{where}: _class_name must be a string (got {str(cls)[:40]!r})")
+    for name in ARCH_FIELDS:
+        v = config.get(name)
+        if v is None:
+            continue
+        values = v if isinstance(v, list) and v else [v]
+        low = 0 if name in COUNT_FIELDS else 1
+        if not all(type(x) is int and low <= x <= MAX_DIM for x in values):
+            kind = "a non-negative" if low == 0 else "a positive"
+            raise FormatError(f"{where}: {name} must be {kind} integer up to {MAX_DIM} (got {str(v)[:40]}); "
+                              "restore the config")
+    return config
 
 
 def check_tree(root: Path) -> None:
@@ -70,3 +127,23 @@ def check_tree(root: Path) -> None:
         read_json(p)
     for p in sorted(root.rglob("*.safetensors")):
         read_header(p)
+
+
+def checkpoint_bytes(path: Path, float_bytes: int | None = None) -> int:
+    """Bytes the tensors of a checkpoint take once loaded, from headers alone (nothing is read but them):
+    every .safetensors under `path` (floating tensors counted at `float_bytes` each when given: the dtype
+    they will be cast to), or the file size of anything else (.pt, .onnx + external data)."""
+    path = Path(path)
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    total = 0
+    for p in files:
+        if p.suffix == ".safetensors":
+            for name, info in read_header(p).items():
+                if name == "__metadata__":
+                    continue
+                n = math.prod(info["shape"])
+                floating = info["dtype"] in ("F16", "BF16", "F32", "F64")
+                total += n * (float_bytes if float_bytes and floating else DTYPE_BYTES[info["dtype"]])
+        elif p.suffix in (".pt", ".pth", ".onnx", ".data", ".bin") or p.name.endswith(".onnx.data"):
+            total += p.stat().st_size
+    return int(total)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -22,7 +23,7 @@ from ditkit.ops.info import count_params
 from ditkit.ops.prune import PRUNE_METHODS, PruneConfig, prune
 from ditkit.ops.prune import depth as depth_mod
 from ditkit.ops.prune import semi24, width
-from ditkit.ops.prune.calibration import calibration_set
+from ditkit.ops.prune.calibration import calibration_set, output_error
 from ditkit.ops.prune.magnitude import prunable_linears
 import tiny
 
@@ -86,6 +87,7 @@ def test_config_rejects(kw, needle):
     (["--method", "depth", "--blocks", "0,9"], "--blocks [9] out of range"),
     (["--method", "depth", "--keep", "0"], "--keep must be >= 1"),
     ([], "--method is required"),
+    (["--method", "depth", "--threads", "0"], "--threads must be >= 1"),
 ])
 def test_cli_bad_input_exits_2_with_one_line(args, needle, cli, tiny_dir, tmp_path):
     r = cli("prune", tiny_dir("dit"), "-o", tmp_path / "out", "--calib-steps", "2", "--calib-points", "1", *args)
@@ -147,6 +149,29 @@ def test_depth_score_is_the_real_effect(tiny_dir):
     cal = calibration_set(b, **{k[6:]: v for k, v in FAST.items() if k.startswith("calib_")})
     score = depth_mod.score_blocks(b.family, b.transformer, cal, ["transformer_blocks.1"])["transformer_blocks.1"]
     assert score == pytest.approx(rep.calibration["rel_mse"], rel=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_depth_scoring_replays_the_prefix_exactly(family, tiny_dir, monkeypatch):
+    """Replaying the base's outputs of the blocks before the removed one gives the same scores, bit for bit, as
+    running the whole model without that block; also when the byte budget keeps only part of the prefix."""
+    b = load_bundle(tiny_dir(family))
+    fam, tr = b.family, b.transformer
+    cal = calibration_set(b, 2, 4, 2, seed=0)
+    names = depth_mod.block_names(fam, tr)
+    cands = [n for n in names if n not in depth_mod.protected(fam, tr)]
+    plain = {}
+    for n in cands:
+        with depth_mod._without(tr, fam, {n}):
+            plain[n] = output_error(fam, tr, cal)["rel_mse"]
+    assert depth_mod.score_blocks(fam, tr, cal, cands) == plain
+    one = depth_mod._Prefix(fam, tr, cal, names, budget=10 ** 9)
+    assert one.depth == len(names)
+    first = max(depth_mod._nbytes(outs[0]) for outs in one.outputs)  # the first block's output on one batch
+    monkeypatch.setattr(depth_mod, "CACHE_BYTES", (first + 1) * len(cal.batches))
+    assert depth_mod._Prefix(fam, tr, cal, names).depth == 1
+    assert depth_mod.score_blocks(fam, tr, cal, cands) == plain
+    assert not any(isinstance(m, depth_mod._Replay) for m in tr.modules())  # the base has its blocks back
 
 
 def test_calibration_is_seeded(tiny_dir):
@@ -276,10 +301,14 @@ def test_original_dit_checkpoint(tmp_path):
 
 def test_cli_writes_bundle_with_manifest(cli, tiny_dir, tmp_path):
     r = cli("prune", tiny_dir("dit"), "-o", tmp_path / "p", "--method", "depth", "--ratio", "0.5",
-            "--calib-samples", "2", "--calib-steps", "4", "--calib-points", "2", "--timing-repeats", "2", "--json")
+            "--calib-samples", "2", "--calib-steps", "4", "--calib-points", "2", "--timing-repeats", "2",
+            "--threads", "1", "--json")
     assert r.code == 0, r.err
     doc = r.json()
     assert doc["out"] == str(tmp_path / "p") and doc["speed"]["repeats"] == 2 and doc["speed"]["ms_base"] > 0
+    sp = doc["speed"]  # one thread: the ratio is one of CPU times, which other jobs on the machine do not inflate
+    assert (sp["threads"], sp["basis"]) == (1, "cpu-time") and len(sp["cpu_samples_ms"]["pruned"]) == 2
+    assert sp["ms_pruned"] == pytest.approx(statistics.median(sp["cpu_samples_ms"]["pruned"]), abs=1e-3)
     m = json.loads((tmp_path / "p" / MANIFEST).read_text())
     assert m["op"] == "prune" and m["config"]["method"] == "depth" and m["config"]["ratio"] == 0.5
     assert m["report"]["plan"]["removed_blocks"] == doc["plan"]["removed_blocks"]

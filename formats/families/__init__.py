@@ -15,6 +15,9 @@ def get_family(name: str) -> Family:
 
 
 def detect_family(config: dict, where: str = "config") -> Family:
+    from ..safetensors_check import check_config
+
+    check_config(config, where)  # a wrong architecture field is a FormatError naming it
     for fam in FAMILIES.values():
         if fam.detect(config):
             return fam

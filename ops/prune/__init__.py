@@ -10,6 +10,7 @@ transformer measured in the same run.
 from __future__ import annotations
 
 import dataclasses
+import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable
@@ -22,7 +23,7 @@ from ditkit.ops.info import count_flops, count_params
 
 from . import depth, magnitude, semi24, width
 from .calibration import Calibration, calibration_set, output_error
-from .measure import interleaved_ms, paired_ratio
+from .measure import basis, interleaved_ms, paired_ratio
 
 
 @dataclass(frozen=True)
@@ -159,13 +160,20 @@ def _speed(bundle, pruned, cfg: PruneConfig) -> dict:
             n = semi24.to_semi_structured_(timed, [k for k, m in names.items() if m.in_features % semi24.GROUP == 0])
             kernel = f"{kernel}: {n} layers"
     ms = interleaved_ms(fam, {"base": base, "pruned": timed}, inputs, cfg.device, warmup=1, repeats=cfg.timing_repeats)
-    b, a = ms["base"]["median_ms"], ms["pruned"]["median_ms"]
-    ratio = paired_ratio(ms["pruned"]["samples_ms"], ms["base"]["samples_ms"])
-    return {"device": cfg.device, "batch": cfg.timing_batch, "latent_hw": list(hw), "warmup": 1,
-            "repeats": cfg.timing_repeats, "ms_base": b, "ms_pruned": a,
-            "latency_ratio": round(ratio, 4),  # median of per-round pruned / base
-            "speedup": round(1 / ratio, 4), "kernel": kernel,
-            "samples_ms": {"base": ms["base"]["samples_ms"], "pruned": ms["pruned"]["samples_ms"]}}
+    how = basis(cfg.device)  # CPU time with one CPU thread (immune to other jobs), else wall time
+    key = "cpu_samples_ms" if how == "cpu-time" else "samples_ms"
+    ratio = paired_ratio(ms["pruned"][key], ms["base"][key])
+    med = lambda xs: round(statistics.median(xs), 3)  # noqa: E731
+    out = {"device": cfg.device, "threads": torch.get_num_threads(), "basis": how, "batch": cfg.timing_batch,
+           "latent_hw": list(hw), "warmup": 1, "repeats": cfg.timing_repeats,
+           "ms_base": med(ms["base"][key]), "ms_pruned": med(ms["pruned"][key]),  # medians, on the basis
+           "wall_ms_base": ms["base"]["median_ms"], "wall_ms_pruned": ms["pruned"]["median_ms"],
+           "latency_ratio": round(ratio, 4),  # median of per-round pruned / base
+           "speedup": round(1 / ratio, 4), "kernel": kernel,
+           "samples_ms": {"base": ms["base"]["samples_ms"], "pruned": ms["pruned"]["samples_ms"]}}
+    if how == "cpu-time":
+        out["cpu_samples_ms"] = {"base": ms["base"]["cpu_samples_ms"], "pruned": ms["pruned"]["cpu_samples_ms"]}
+    return out
 
 
 def prune(bundle, cfg: PruneConfig, embeddings=None, log: Callable[[str], None] | None = None):

@@ -8,6 +8,7 @@ against the target the trajectory itself implies (its final sample as x0).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 
@@ -119,11 +120,15 @@ def calibration_set(bundle, samples: int = 4, steps: int = 10, points: int = 3, 
 
 
 @torch.no_grad()
-def output_error(family, transformer, calib: Calibration) -> dict:
-    """Relative MSE and SQNR (dB) of `transformer`'s output against the base's over the calibration set."""
+def output_error(family, transformer, calib: Calibration, around=None) -> dict:
+    """Relative MSE and SQNR (dB) of `transformer`'s output against the base's over the calibration set.
+
+    `around(i)`, when given, is a context manager entered around the call on batch i (depth scoring uses it to
+    replay the base's outputs of the blocks before the removed one)."""
     num = den = 0.0
-    for b in calib.batches:
-        y = family.predict(transformer, b.latents, b.t, b.cond, calib.guidance).float()
+    for i, b in enumerate(calib.batches):
+        with (around(i) if around is not None else contextlib.nullcontext()):
+            y = family.predict(transformer, b.latents, b.t, b.cond, calib.guidance).float()
         num += float(((y - b.output) ** 2).sum())
         den += float((b.output ** 2).sum())
     rel = num / max(den, 1e-30)

@@ -1,0 +1,74 @@
+"""Resource limits (ops/memory.py): generate and bench estimate peak memory before allocating and refuse a job
+that clearly cannot fit with one line (exit 2) naming the estimate and the free memory; --force overrides."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ditkit.cli.errors import EXIT_INPUT
+from ditkit.ops import memory
+
+
+def test_available_memory_is_measured():
+    free = memory.available_bytes("cpu")
+    assert free is not None and 1 << 20 < free < 1 << 50
+
+
+def test_load_estimate_counts_headers_at_the_target_dtype(tiny_dir):
+    from ditkit.formats.bundle import load_bundle
+
+    d = tiny_dir("dit")
+    est = memory.load_estimate(d)
+    b = load_bundle(d)
+    loaded = memory.module_bytes(b)  # every tensor of every component (+ 2 kB of buffers no file holds)
+    assert est.total <= loaded <= 1.01 * est.total
+    half = memory.load_estimate(d, dtype=torch.float16)
+    assert half.total * 2 == est.total  # all-float checkpoint: exactly half at 2 bytes per element
+
+
+def test_inference_estimate_grows_with_the_batch(tiny_dir):
+    from ditkit.formats.bundle import load_bundle
+
+    b = load_bundle(tiny_dir("dit"))
+    e4, e8 = memory.inference_estimate("generate", [b], 4), memory.inference_estimate("generate", [b], 8)
+    assert e4.allocated == e8.allocated == memory.module_bytes(b)
+    assert e8.parts["transformer activations"] == 2 * e4.parts["transformer activations"] > 0
+    # rows x tokens x hidden x 4 bytes x 16: 2*8 rows, (8/2)^2 tokens, 2 heads x 16
+    assert e8.parts["transformer activations"] == 16 * 16 * 32 * 4 * memory.ACT_FACTOR
+
+
+@pytest.fixture
+def free(monkeypatch):
+    def set_free(n: int):
+        monkeypatch.setattr(memory, "available_bytes", lambda device: n)
+    return set_free
+
+
+@pytest.mark.parametrize("command", ["generate", "bench"])
+def test_refuses_what_cannot_load(command, cli, tiny_dir, tmp_path, free):
+    free(100_000)  # 100 kB: the tiny DiT's weights are 0.7 MB
+    args = ["-o", tmp_path / "out"] if command == "generate" else ["--num-images", "0"]
+    r = cli(command, tiny_dir("dit"), *args, "--steps", "1")
+    assert r.code == EXIT_INPUT and len([l for l in r.err.splitlines() if l.strip()]) == 1, r.err
+    assert r.error_line.startswith(f"Error: loading {tiny_dir('dit')} needs about 671.5 kB (weights 671.5 kB)")
+    assert "only 100.0 kB is available on cpu" in r.error_line and "--force" in r.error_line
+    assert not (tmp_path / "out").exists()
+
+
+def test_refuses_a_batch_that_cannot_fit(cli, tiny_dir, tmp_path, free):
+    free(50_000_000)  # 50 MB: the weights load, 4096 images' activations (268 MB) do not
+    r = cli("generate", tiny_dir("dit"), "-o", tmp_path / "out", "--steps", "1", "--num-images", "4096",
+            "--batch-size", "4096")
+    assert r.code == EXIT_INPUT, r.err
+    assert r.error_line.startswith("Error: generate needs about 269.4 MB (weights 673.5 kB, transformer "
+                                   "activations 268.4 MB, VAE decode 262.1 kB)"), r.error_line
+    assert "only 50.0 MB is available on cpu; use a smaller --batch-size" in r.error_line
+    assert not (tmp_path / "out").exists()
+
+
+def test_force_overrides(cli, tiny_dir, tmp_path, free):
+    free(100_000)
+    r = cli("generate", tiny_dir("dit"), "-o", tmp_path / "out", "--steps", "1", "--num-images", "1", "--force")
+    assert r.code == 0, r.err
+    assert r.err.count("going on because of --force") == 2  # the load check and the batch check
+    assert (tmp_path / "out" / "00000.png").is_file()
