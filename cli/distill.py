@@ -15,7 +15,7 @@ from ditkit.formats.checkpoint import CheckpointStore
 from ditkit.formats.embeddings import load_embeddings
 from ditkit.formats.errors import ConfigError, OutputExistsError, choice_error
 from ditkit.formats.manifest import new_manifest
-from ditkit.ops import distributed
+from ditkit.ops import distributed, memory
 from ditkit.ops.distill import DISTILL_MODES, DistillConfig, distill
 from ditkit.ops.generate import latent_hw, vae_scale
 from ditkit.ops.runtime import resolve_device
@@ -174,6 +174,7 @@ def distill_cmd(
     rank, _ = distributed.world()
     if rank == 0:
         check_output(out, force, inputs=(resolve_source(src),))
+    memory.check(memory.load_estimate(src), device, force, say)
     store = checkpoint_store(out, checkpoint_dir, resume, force, check=rank == 0)
     student = load_bundle(src, family=family, config=config, device=device)
     teacher_path = teacher if teacher is not None else teacher_source(student, mode)
@@ -199,6 +200,10 @@ def distill_cmd(
             if k in plan:
                 say(f"  {k}: {plan[k]}")
         say(f"  checkpoints + log: {root}" + (" (resuming)" if resume else ""))
+        mem = plan["memory"]
+        memory.check(memory.Estimate("distill", {k: v for k, v in mem.items() if k != "total_estimate"},
+                                     allocated=mem["weights"] + mem["pool"],
+                                     hint="use a smaller --batch-size or --pool-size"), device, force, say)
 
     threads_before = torch.get_num_threads()
     try:

@@ -44,10 +44,11 @@ def free(monkeypatch):
     return set_free
 
 
-@pytest.mark.parametrize("command", ["generate", "bench"])
+@pytest.mark.parametrize("command", ["generate", "bench", "distill"])
 def test_refuses_what_cannot_load(command, cli, tiny_dir, tmp_path, free):
     free(100_000)  # 100 kB: the tiny DiT's weights are 0.7 MB
-    args = ["-o", tmp_path / "out"] if command == "generate" else ["--num-images", "0"]
+    args = {"generate": ["-o", tmp_path / "out"], "bench": ["--num-images", "0"],
+            "distill": ["-o", tmp_path / "out", "--mode", "steps"]}[command]
     r = cli(command, tiny_dir("dit"), *args, "--steps", "1")
     assert r.code == EXIT_INPUT and len([l for l in r.err.splitlines() if l.strip()]) == 1, r.err
     assert r.error_line.startswith(f"Error: loading {tiny_dir('dit')} needs about 671.5 kB (weights 671.5 kB)")
@@ -72,3 +73,13 @@ def test_force_overrides(cli, tiny_dir, tmp_path, free):
     assert r.code == 0, r.err
     assert r.err.count("going on because of --force") == 2  # the load check and the batch check
     assert (tmp_path / "out" / "00000.png").is_file()
+
+
+def test_distill_refuses_a_pool_that_cannot_fit(cli, tiny_dir, tmp_path, free):
+    free(3_000_000)  # the weights (0.7 MB) load; 1000 trajectories, optimizer state and activations do not
+    r = cli("distill", tiny_dir("dit"), "-o", tmp_path / "out", "--mode", "steps", "--steps", "1",
+            "--pool-size", "1000", "--batch-size", "256", "--val-images", "4")
+    assert r.code == EXIT_INPUT, r.err
+    assert r.error_line.startswith("Error: distill needs about"), r.error_line
+    assert "use a smaller --batch-size or --pool-size" in r.error_line
+    assert not (tmp_path / "out").exists()

@@ -72,7 +72,7 @@ COMMON = {
     "not-a-checkpoint": (EXIT_INPUT, "is not a checkpoint"),
     "truncated": (EXIT_INPUT, "truncated"),
     "config-not-json": (EXIT_INPUT, "is not valid JSON"),
-    "config-wrong-field": (EXIT_INPUT, "num_layers must be a positive integer"),
+    "config-wrong-field": (EXIT_INPUT, "num_layers must be a non-negative integer"),
     "unsupported-family": (EXIT_INPUT, "UNet2DConditionModel is not a supported family"),
     "unwritable-output": (EXIT_INPUT, "is not a directory"),
     "existing-output": (EXIT_INPUT, "already exists; pass --force"),
