@@ -86,6 +86,8 @@ def generate_cmd(
     lora: Annotated[Optional[list[Path]], typer.Option(help="A LoRA adapter .safetensors (repeatable).")] = None,
     lora_scale: Annotated[Optional[list[float]], typer.Option(help="Scale of the adapters (one, or one per "
                                                                    "--lora; default 1).")] = None,
+    no_cache: Annotated[bool, typer.Option("--no-cache", help="Ignore the model's step-caching policy "
+                                           "(ditkit cache): run every block at every step.")] = False,
     family: FamilyOpt = None,
     config: ConfigOpt = None,
     force: ForceOpt = False,
@@ -95,7 +97,7 @@ def generate_cmd(
     cfg = GenerateConfig(labels=parse_ints(labels, "--labels"), prompts=read_prompts(prompt or [], prompts_file),
                          num_images=num_images, steps=steps, sampler=sampler, guidance=guidance, seed=seed,
                          batch_size=batch_size, height=height, width=width, device=resolve_device(device), dtype=dtype,
-                         backend=backend)
+                         backend=backend, cache=not no_cache)
     rank, _ = distributed.world()
     if rank == 0:
         check_output(out, force)

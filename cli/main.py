@@ -26,6 +26,7 @@ COMMANDS = {
     "export": "export:export_cmd",
     "distill": "distill:distill_cmd",
     "lora-train": "lora:lora_train_cmd",
+    "cache": "cache:cache_cmd",
 }
 for name, target in COMMANDS.items():
     module_name, fn = target.split(":")

@@ -321,9 +321,15 @@ class _Subject:
         c, u = self._rows(b)
         noise = image_noise(self.seed, list(range(b)), self.shape).to(self.device)
 
+        from .cache import predictor_for
+
+        make_predict, _ = predictor_for(bundle, self.sampler, self.steps, self.guidance)  # its cache policy, if any
+
         def run():
             sched = make_scheduler(fam, bundle.scheduler, self.sampler)
-            return decode(bundle.vae, denoise(fam, bundle.transformer, sched, noise, c, u, self.guidance, self.steps))
+            predict = make_predict() if make_predict else None
+            return decode(bundle.vae, denoise(fam, bundle.transformer, sched, noise, c, u, self.guidance, self.steps,
+                                              predict=predict))
         return run
 
 

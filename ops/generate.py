@@ -33,6 +33,7 @@ class GenerateConfig:
     device: str = "cpu"
     dtype: str = "fp32"
     backend: str | None = None  # "pytorch" or "onnxruntime"; default: the bundle's own (ONNX bundles: onnxruntime)
+    cache: bool = True  # apply the bundle's step-caching policy (ditkit cache) where it fits the run
 
     def __post_init__(self):
         if self.num_images is not None and self.num_images < 1:
@@ -78,6 +79,7 @@ class GenerateReport:
     decoded: bool = True  # False when the bundle has no VAE (latents shown)
     backend: str = "pytorch"  # what ran the transformer: pytorch or onnxruntime
     judge: dict | None = None
+    cache: dict | None = None  # the step-caching policy applied (ops.cache), when the bundle has one
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -166,6 +168,11 @@ def generate(bundle, cfg: GenerateConfig, embeddings=None,
 
     rank, size = distributed.world()
     mine = distributed.shard(list(range(n)), rank, size)
+    make_predict, cache_note = None, None
+    if cfg.cache:
+        from .cache import predictor_for
+
+        make_predict, cache_note = predictor_for(bundle, sampler, steps, guidance)
     t0 = time.perf_counter()
     out: dict[int, np.ndarray] = {}
     batch = padded(cfg.batch_size)  # a multiple of the sampler's quantum: pixels never depend on it
@@ -175,7 +182,8 @@ def generate(bundle, cfg: GenerateConfig, embeddings=None,
         rows = [row_of[i] for i in run]
         noise = image_noise(cfg.seed, run, shape).to(device)
         lat = denoise(fam, tr, make_scheduler(fam, bundle.scheduler, sampler), noise, _rows(cond, rows, dtype),
-                      _rows(uncond, rows, dtype) if use_cfg else None, guidance, steps)
+                      _rows(uncond, rows, dtype) if use_cfg else None, guidance, steps,
+                      predict=make_predict() if make_predict else None)
         imgs = decode(bundle.vae, lat[:len(idx)])
         out.update(zip(idx, imgs))
         if progress is not None:
@@ -191,7 +199,7 @@ def generate(bundle, cfg: GenerateConfig, embeddings=None,
         height=h * vae_scale(bundle), width=w * vae_scale(bundle), num_images=n, batch_size=batch,
         device=device, dtype=cfg.dtype, world_size=size, conditions=[values[r] for r in row_of],
         seconds=round(seconds, 4), images_per_s=round(len(mine) / seconds, 3) if seconds else 0.0,
-        decoded=bundle.vae is not None, backend=backend)
+        decoded=bundle.vae is not None, backend=backend, cache=cache_note)
     labels = judge_labels(bundle, report.conditions) if images is not None and bundle.judge is not None else None
     if labels is not None:
         from .judge import score

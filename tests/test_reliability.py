@@ -37,6 +37,7 @@ RUNS = {
                 "--val-images", "1"],
     "lora-train": ["{src}", "--data", "{data}", "-o", "{out}", "--steps", "1", "--batch-size", "1",
                    "--validation-images", "1", "--validation-steps", "1"],
+    "cache": ["{src}", "-o", "{out}", "--target-speedup", "1.1", "--images", "1", "--steps", "4"],
 }
 OUT_NAME = {"bench": "plot.png", "lora-train": "out.safetensors"}  # default: "out" (a directory)
 CHECKPOINTED = {"distill": "out.ckpt", "lora-train": "out.ckpt"}  # resumable state beside OUT
@@ -50,6 +51,7 @@ BAD_OPTION = {  # command -> (extra arguments, expected text)
     "export": (["--opset", "5"], "--opset"),
     "distill": (["--lr", "-1"], "--lr must be a positive number"),
     "lora-train": (["--rank", "0"], "--rank must be"),
+    "cache": (["--target-speedup", "0.9"], "--target-speedup must be"),
 }
 
 # case -> what its input is; (command, case) -> (exit code, expected text); cases a command has no input for
@@ -232,7 +234,7 @@ def test_every_command_and_case_is_covered():
     assert set(RUNS) == set(COMMANDS) == set(BAD_OPTION)
     covered = {(c, k) for c, k, _, _ in MATRIX}
     assert covered | NOT_APPLICABLE == {(c, k) for c in RUNS for k in CASES}
-    assert len(MATRIX) == 8 * 11 - len(NOT_APPLICABLE)
+    assert len(MATRIX) == len(RUNS) * len(CASES) - len(NOT_APPLICABLE)
 
 
 def test_docs_matrix_is_current():

@@ -1,0 +1,93 @@
+"""ditkit cache: a calibrated step-caching policy in the manifest, weights untouched, applied by generate."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+from ditkit.formats.bundle import load_bundle
+from ditkit.formats.images import read_images
+from ditkit.ops.cache import CachePolicy, cached_predict
+from ditkit.ops.generate import GenerateConfig, generate
+from ditkit.ops.metrics import psnr
+from ditkit.ops.sample import denoise, image_noise, make_scheduler
+
+STEPS = 6
+
+
+def _weights(root):
+    return load_file(str(next((root / "transformer").glob("*.safetensors"))))
+
+
+def test_policy_of_no_skips_is_the_plain_run_exactly(tiny_dir):
+    b = load_bundle(tiny_dir("dit"))
+    fam, tr = b.family, b.transformer
+    n_blocks = len(fam.blocks(tr))
+    noise = image_noise(0, [0, 1, 2, 3], (fam.latent_channels(tr), 8, 8)) if tr.config.sample_size == 8 else \
+        image_noise(0, [0, 1, 2, 3], (fam.latent_channels(tr), tr.config.sample_size, tr.config.sample_size))
+    cond = {"class_labels": torch.tensor([1, 2, 3, 1])}
+    run = lambda predict: denoise(fam, tr, make_scheduler(fam, b.scheduler, "ddim"), noise, cond, None, 1.0, 4,
+                                  predict=predict)
+    plain = run(None)
+    none = CachePolicy(sampler="ddim", steps=4, num_blocks=n_blocks, skip=[None] * 4)
+    assert torch.equal(run(cached_predict(b, none, 1.0)), plain)
+    skip = CachePolicy(sampler="ddim", steps=4, num_blocks=n_blocks, skip=[None, (0, n_blocks), None, (0, 1)])
+    cached = run(cached_predict(b, skip, 1.0))
+    assert torch.isfinite(cached).all() and not torch.equal(cached, plain)
+    # skipping every block reuses step 0's residual: still close to the plain run after one step
+    assert float((cached - plain).norm() / plain.norm()) < 1.0
+
+
+def test_cache_writes_policy_keeps_weights_and_generate_applies_it(tiny_dir, cli, tmp_path):
+    src = tiny_dir("dit")
+    out = tmp_path / "cached"
+    r = cli("cache", src, "-o", out, "--target-speedup", 1.2, "--steps", STEPS, "--images", 4, "--json")
+    assert r.code == 0, r.err
+    doc = r.json()
+    assert doc["predicted_speedup"] >= 1.2 and doc["skipped_block_steps"] > 0
+    assert doc["latent_rel_error"] >= 0 and np.isfinite(doc["latent_rel_error"])
+    manifest = json.loads((out / "ditkit.json").read_text())
+    policy = manifest["cache"]
+    assert manifest["op"] == "cache" and policy["steps"] == STEPS and policy["skip"][0] is None
+    assert sum(r[1] - r[0] for r in policy["skip"] if r) == doc["skipped_block_steps"]
+    a, b = _weights(src), _weights(out)  # weights carried over bit-identical
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    args = ["--labels", "1,2,3", "--num-images", 4, "--steps", STEPS, "--json"]
+    base = cli("generate", src, "-o", tmp_path / "base", *args)
+    cached = cli("generate", out, "-o", tmp_path / "c", *args)
+    off = cli("generate", out, "-o", tmp_path / "off", "--no-cache", *args)
+    assert base.code == cached.code == off.code == 0, base.err + cached.err + off.err
+    assert cached.json()["cache"]["applied"] is True and off.json()["cache"] is None
+    ib, ic, io = (read_images(tmp_path / d) for d in ("base", "c", "off"))
+    assert np.array_equal(ib, io)  # --no-cache: exactly the uncached images
+    assert not np.array_equal(ib, ic)  # the policy ran
+    # another step count does not fit the policy: it is not applied, and the report says so
+    other = cli("generate", out, "-o", tmp_path / "s3", "--labels", "1", "--steps", 3, "--json")
+    assert other.code == 0 and other.json()["cache"]["applied"] is False
+
+
+def test_cache_op_applies_in_the_generate_op(tiny_dir):
+    from ditkit.ops.cache import CacheConfig, cache
+
+    b = load_bundle(tiny_dir("dit"))
+    cfg = GenerateConfig(labels=[1, 2], steps=STEPS)
+    plain, _ = generate(b, cfg)
+    b, rep = cache(b, CacheConfig(target_speedup=1.2, steps=STEPS, images=4, timing_repeats=3))
+    cached, g = generate(b, cfg)
+    again, g2 = generate(b, GenerateConfig(labels=[1, 2], steps=STEPS, cache=False))
+    assert g.cache["applied"] and g2.cache is None and np.array_equal(again, plain)
+    assert rep.image_psnr is None or rep.image_psnr > 10
+    assert psnr(cached, plain) > 10
+
+
+def test_bad_target_speedup_and_unsupported_family_exit_2(tiny_dir, cli, tmp_path):
+    r = cli("cache", tiny_dir("dit"), "-o", tmp_path / "x", "--target-speedup", 0.9)
+    assert r.code == 2 and r.error_line == "Error: --target-speedup must be a number > 1 (got 0.9)"
+    assert not (tmp_path / "x").exists()
+    r = cli("cache", tiny_dir("dit"), "-o", tmp_path / "y", "--target-speedup", 1000, "--steps", 3)
+    assert r.code == 2 and "out of reach" in r.error_line
+    r = cli("cache", tiny_dir("pixart"), "-o", tmp_path / "z")
+    assert r.code == 2 and "pixart" in r.error_line
