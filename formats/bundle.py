@@ -29,7 +29,7 @@ from .manifest import MANIFEST, parse_manifest, read_manifest, weights_sha256, w
 from .safetensors_check import check_tree, read_header, read_json
 
 ASSETS = Path(__file__).parent / "assets"
-DEFAULT_MODELS = {"tiny-digits": ASSETS / "tiny-digits"}
+DEFAULT_MODELS = {"tiny-digits": ASSETS / "tiny-digits", "tiny-digits-text": ASSETS / "tiny-digits-text"}
 DEFAULT_MODEL = "tiny-digits"
 JUDGE_DIR = "judge"
 
