@@ -1,7 +1,7 @@
 """Build the embedded default `tiny-digits-text`: a text-conditioned PixArt pipeline that draws the digit a
 caption names ("a handwritten seven"), reproducibly, with nothing downloaded.
 
-    python -m ditkit.ops.defaults.tiny_digits_text --out DIR [--seed 0] [--steps N] [--threads 2]
+    python -m ditkit.ops.defaults.tiny_digits_text --out DIR [--seed 0] [--steps N] [--threads 1]
                                                    [--tiny-digits DIR]
 
 Writes into DIR (atomically, replacing it):
@@ -65,8 +65,8 @@ TRANSFORMER_CONFIG = dict(sample_size=8, patch_size=2, in_channels=4, out_channe
                           use_additional_conditions=False)
 
 # batch 64 and 3000 steps (153 epochs of the 1257 digits): half the samples of tiny-digits' recipe (3000 x 128),
-# whose batch-128 steps took 2-4 s on 2 shared cores. 1500 steps were not enough (judge accuracy 0.54 at
-# guidance 4); see docs/tiny-digits-text.md.
+# whose batch-128 steps took 2-4 s on 2 shared cores (with 2 threads; see --threads). 1500 steps were not
+# enough (judge accuracy 0.54 at guidance 4); see docs/tiny-digits-text.md.
 TRAIN = dict(batch=64, lr=1e-3, ema_decay=0.999, snr_gamma=5.0, warmup=100)
 GUIDANCE_GRID = (1.5, 2.0, 3.0, 4.0)
 TEMPLATE_EVAL_PER_CLASS = 3  # images per class for each caption template's row (cheap: 8 templates)
