@@ -19,10 +19,12 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	touch $@
 
-# The main job on the embedded default model: a grid of every digit, scored by its judge, then its info.
+# The main job on the embedded default model: a grid of every digit, scored by its judge, its info, then the
+# whole chain in its quick setting (prune -> distill -> quantize/export, a LoRA, a gated bench; a few minutes).
 demo: setup
 	$(BIN)/ditkit generate tiny-digits -o $(OUT)/demo --labels 0,1,2,3,4,5,6,7,8,9 --num-images 20 --seed 0 --force
 	$(BIN)/ditkit info tiny-digits
+	$(MAKE) -C docs/examples/pipeline OUT=$(abspath $(OUT))/pipeline VENV=$(abspath $(BIN))/
 
 test: setup
 	$(BIN)/python -m pytest -q -m "not slow and not gpu"
