@@ -175,11 +175,7 @@ class LoraConfig:
         return self.alpha / self.rank
 
     def train_config(self) -> TrainConfig:
-        return TrainConfig(steps=self.steps, batch_size=self.batch_size, lr=self.lr, weight_decay=self.weight_decay,
-                           warmup_steps=self.warmup_steps, grad_accum=self.grad_accum,
-                           max_grad_norm=self.max_grad_norm, mixed_precision=self.mixed_precision,
-                           grad_checkpointing=self.grad_checkpointing, ema_decay=self.ema_decay,
-                           checkpoint_every=self.checkpoint_every, validate_every=self.validate_every, seed=self.seed)
+        return TrainConfig.of(self)
 
     def to_dict(self) -> dict:
         d = asdict(self)

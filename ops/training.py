@@ -8,6 +8,8 @@ match one process at the same global batch size (up to float summation order).
 """
 from __future__ import annotations
 
+import dataclasses
+
 import math
 import signal
 import time
@@ -39,6 +41,11 @@ class TrainConfig:
     checkpoint_every: int = 200
     validate_every: int = 0  # 0: only at the end
     seed: int = 0
+
+    @classmethod
+    def of(cls, op_config) -> "TrainConfig":
+        """The loop's settings from an op's config (distill, lora-train), which carries them by the same names."""
+        return cls(**{f.name: getattr(op_config, f.name) for f in dataclasses.fields(cls)})
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "grad_accum"):
