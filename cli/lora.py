@@ -1,6 +1,7 @@
 """ditkit lora-train: train a LoRA adapter; or re-export / fuse an existing one (--lora without --data)."""
 from __future__ import annotations
 
+import shutil
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -12,10 +13,10 @@ from ditkit.formats.bundle import load_bundle, resolve_source, save_bundle
 from ditkit.formats.checkpoint import CheckpointStore
 from ditkit.formats.datasets import CACHE, load_cache, read_image_folder, save_cache, save_validation
 from ditkit.formats.embeddings import load_embeddings
-from ditkit.formats.errors import ConfigError, OutputExistsError
+from ditkit.formats.errors import ConfigError, HardwareError, OutputExistsError
 from ditkit.formats.lora import ADAPTER_FORMATS, load_adapter, save_adapter
 from ditkit.formats.manifest import new_manifest
-from ditkit.ops import distributed
+from ditkit.ops import distributed, memory
 from ditkit.ops.lora import (TARGETS, LoraConfig, cache_key, encode_data, extract_adapter, fuse_lora, lora_train,
                              native_size)
 from ditkit.ops.runtime import resolve_device, resolve_dtype
@@ -115,10 +116,12 @@ def lora_train_cmd(
         if fuse_into is not None:
             check_output(fuse_into, force, inputs=(resolve_source(src),))
         _fresh_start(ckpt, resume, force)
+    memory.check(memory.load_estimate(src), device, force, log)  # before loading
     bundle = load_bundle(src, family=family, config=config, device=device, dtype=resolve_dtype("fp32", device))
     emb = load_embeddings(embeddings) if embeddings else None
     folder = read_image_folder(data, size=native_size(bundle))
     key = cache_key(bundle, folder, cfg)
+    made = ckpt if rank0 and not ckpt.exists() else None  # removed again if the memory check refuses the job
     cached = load_cache(ckpt / CACHE, key)
     if cached is None:
         tensors, info = encode_data(bundle, folder, cfg, emb)
@@ -128,11 +131,24 @@ def lora_train_cmd(
         tensors, info = cached
         log(f"data: latents and embeddings from the cache {ckpt / CACHE}")
     store = CheckpointStore(ckpt)
+
+    def on_plan(plan: dict) -> None:  # before the optimizer and step 1
+        mem = plan["memory"]
+        est = memory.Estimate("lora-train", {k: mem[k] for k in ("weights", "optimizer", "activations")},
+                              allocated=mem["weights"],
+                              hint="use a smaller --batch-size, more --grad-accum or --grad-checkpointing")
+        try:
+            memory.check(est, device, force, log)
+        except HardwareError:
+            if made is not None:
+                shutil.rmtree(made, ignore_errors=True)  # the data cache this run wrote: nothing left behind
+            raise
+
     with distributed.process_group(device) as (rank_, _):
         with output.progress("lora-train", cfg.steps) as bar:
             task = bar.add_task("train", total=cfg.steps)
             bundle, report = lora_train(
-                bundle, cfg, tensors, store, resume, embeddings=emb, data_info=info, log=log,
+                bundle, cfg, tensors, store, resume, embeddings=emb, data_info=info, log=log, on_plan=on_plan,
                 on_step=lambda step, loss: bar.update(task, completed=step),
                 on_validation=lambda step, images, conds, metrics: rank_ == 0 and save_validation(
                     ckpt, step, images, conds, metrics))
@@ -152,8 +168,6 @@ def lora_train_cmd(
 
 def _fresh_start(ckpt: Path, resume: bool, force: bool) -> None:
     """Without --resume, an old run's checkpoint is an error (or, with --force, cleared; the data cache stays)."""
-    import shutil
-
     store = CheckpointStore(ckpt)
     if resume or not (store.exists() or (ckpt / "log.jsonl").exists()):
         return
@@ -194,11 +208,13 @@ def _fuse_or_export(src, paths, scales, out, fuse_into, fmt, device, family, con
 
         ad = adapters[0]
         if ad.info.get("source_format") == "kohya":  # kohya names are flat: resolve them against the model
+            memory.check(memory.load_estimate(src), device, force, log)
             bundle = load_bundle(src, family=family, config=config, device=device)
             ad = match(ad, linear_modules(bundle.transformer))
         save_adapter(out, ad, fmt, force=force)
         doc.update(out=str(out), format=fmt)
     if fuse_into is not None:
+        memory.check(memory.load_estimate(src), device, force, log)
         bundle = load_bundle(src, family=family, config=config, device=device)
         doc["fused"] = str(_write_fused(bundle, bundle.parent_record(), adapters, scales, fuse_into, device, force))
     _print(doc, json_, "lora-train (fuse / export)")

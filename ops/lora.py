@@ -573,34 +573,59 @@ def make_loss(bundle, tensors: dict, cfg: LoraConfig) -> Callable:
 
 
 def estimate_peak_memory(bundle, tensors: dict, cfg: LoraConfig, world: int = 1) -> dict:
-    """Weights + optimizer state + activations, the last measured on one sample's forward pass (bytes of the
-    tensors autograd saves for backward) and scaled to the per-process micro-batch."""
+    """Bytes: loaded weights + optimizer state (grads, AdamW m and v, EMA, of the LoRA factors) + activations, the last
+    measured on one sample's forward pass (bytes of the tensors autograd saves for backward) and scaled to the
+    per-process micro-batch (twice with prior preservation). With --grad-checkpointing: what the checkpointed
+    forward saves (block inputs) plus one block's share of the full figure (the block recomputed in backward)."""
+    from .memory import module_bytes
+
     tr = bundle.transformer
-    weights = sum(p.numel() * p.element_size() for p in tr.parameters())
+    weights = module_bytes(bundle)  # every loaded component (transformer with its LoRA factors, VAE, encoders)
     trainable = sum(p.numel() * p.element_size() for p in tr.parameters() if p.requires_grad)
     optim = trainable * (3 + (1 if cfg.ema_decay > 0 else 0))  # grads + Adam m, v (+ EMA)
-    saved = [0]
-
-    def pack(t):
-        saved[0] += t.numel() * t.element_size()
-        return t
-
     probe = make_loss(bundle, tensors, dataclasses.replace(cfg, batch_size=1, grad_accum=1, prior_weight=0.0))
-    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        probe(tr, torch.Generator().manual_seed(0), 0, 1)
+
+    def saved_bytes() -> int:
+        saved = [0]
+
+        def pack(t):
+            saved[0] += t.numel() * t.element_size()
+            return t
+
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            probe(tr, torch.Generator().manual_seed(0), 0, 1)
+        return saved[0]
+
+    per_sample = saved_bytes()
+    if cfg.grad_checkpointing and getattr(tr, "_supports_gradient_checkpointing", False) \
+            and not tr.is_gradient_checkpointing:
+        blocks = sum(len(c) for c in tr.children() if isinstance(c, nn.ModuleList)) or 1
+        tr.enable_gradient_checkpointing()
+        try:
+            per_sample = saved_bytes() + per_sample // blocks
+        finally:
+            tr.disable_gradient_checkpointing()  # training turns it on again (ops/training.py)
     per_process = max(1, cfg.batch_size // cfg.grad_accum // world)
     prior = 2 if "prior.latent_mean" in tensors and cfg.prior_weight > 0 else 1
-    acts = saved[0] * per_process * prior
-    mb = 1 / 2**20
-    return {"total": round((weights + optim + acts) * mb, 1), "weights": round(weights * mb, 1),
-            "optimizer": round(optim * mb, 1), "activations": round(acts * mb, 1), "micro_batch": per_process}
+    acts = per_sample * per_process * prior
+    return {"weights": int(weights), "optimizer": int(optim), "activations": int(acts),
+            "total": int(weights + optim + acts), "micro_batch": per_process}
+
+
+def _in_mb(mem: dict) -> dict:
+    """The report's figures: bytes -> MiB, one decimal (micro_batch unchanged)."""
+    return {k: (v if k == "micro_batch" else round(v / 2**20, 1)) for k, v in mem.items()}
 
 
 def lora_train(bundle, cfg: LoraConfig, data, store=None, resume: bool = False, *, embeddings=None,
                log: Callable[[str], None] | None = None, on_step: Callable[[int, float], None] | None = None,
-               on_validation: Callable | None = None, data_info: dict | None = None):
+               on_validation: Callable | None = None, data_info: dict | None = None,
+               on_plan: Callable[[dict], None] | None = None):
     """Train a LoRA adapter on `data` (an ImageFolder, or the tensors of encode_data); returns the bundle,
-    whose transformer now carries the adapter (peft name ADAPTER_NAME, active), and the report."""
+    whose transformer now carries the adapter (peft name ADAPTER_NAME, active), and the report.
+    on_plan(plan) runs once the plan is printed, before the optimizer and step 1: plan["memory"] is
+    estimate_peak_memory's bytes (the CLI refuses a job that cannot fit there); raising stops the run with the
+    base unchanged but the adapter still injected (the CLI exits)."""
     say = log or (lambda msg: None)
     fam, tr = bundle.family, bundle.transformer
     if adapter_names(tr):
@@ -643,8 +668,13 @@ def lora_train(bundle, cfg: LoraConfig, data, store=None, resume: bool = False, 
         + (f", {info.get('prior_images')} prior-preservation images" if info.get("prior_images") else ""))
     say(f"  {cfg.steps} steps x batch {cfg.batch_size} (micro-batch {mem['micro_batch']} per process, "
         f"{world} process{'es' if world > 1 else ''}), lr {cfg.lr:g}, mixed precision {cfg.mixed_precision}")
-    say(f"  estimated peak memory: {mem['total']} MB (weights {mem['weights']}, grads+optimizer "
-        f"{mem['optimizer']}, activations {mem['activations']})")
+    from .memory import describe
+
+    say(f"  estimated peak memory: {describe(mem['total'])} (weights {describe(mem['weights'])}, grads+optimizer "
+        f"{describe(mem['optimizer'])}, activations {describe(mem['activations'])})")
+    if on_plan is not None:
+        on_plan({"family": fam.name, "modules": len(modules), "adapter_params": lora_params,
+                 "transformer_params": base_params, "memory": mem})
 
     val_cond = _validation_conditions(tensors, info, fam, cfg)
 
@@ -676,7 +706,7 @@ def lora_train(bundle, cfg: LoraConfig, data, store=None, resume: bool = False, 
         family=fam.name, rank=cfg.rank, alpha=cfg.alpha, scale=cfg.scale, targets=list(cfg.targets),
         modules=len(modules), adapter_params=lora_params, transformer_params=base_params,
         adapter_fraction=round(lora_params / base_params, 5), steps=result.step, final_loss=result.final_loss,
-        seconds=result.seconds, resumed_from=result.resumed_from, data=info, peak_memory_mb=mem,
+        seconds=result.seconds, resumed_from=result.resumed_from, data=info, peak_memory_mb=_in_mb(mem),
         base_unchanged=before == after, validation=result.validation,
         loss_first=float(np.mean(losses[:k])) if losses else None,
         loss_last=float(np.mean(losses[-k:])) if losses else None)
