@@ -107,8 +107,14 @@ def distill_cmd(
                                                                  "teacher's steps / student steps, rounded up).")] = None,
     guidance: Annotated[Optional[float], typer.Option(help="steps: teacher guidance folded into the student (default: "
                                                            "the teacher's own).")] = None,
-    output_weight: Annotated[Optional[float], typer.Option(help="recover: weight of output matching (1.0).")] = None,
-    feature_weight: Annotated[Optional[float], typer.Option(help="recover: weight of block-feature matching "
+    feedback_block: Annotated[Optional[int], typer.Option(help="feedback: the block whose output the feedback module "
+                                                              "predicts at partial steps (default: the last).")] = None,
+    target_speedup: Annotated[Optional[float], typer.Option(help="feedback: predicted speedup per image that sets "
+                                                                 "how many steps are partial; an error when out of "
+                                                                 "reach (default: up to 1.7, as far as reachable).")] = None,
+    output_weight: Annotated[Optional[float], typer.Option(help="recover, feedback: weight of output matching "
+                                                                "(1.0).")] = None,
+    feature_weight: Annotated[Optional[float], typer.Option(help="recover, feedback: weight of block-feature matching "
                                                                  f"({_default('recover', 'feature_weight')}).")] = None,
     cfg_weight: Annotated[Optional[float], typer.Option(help="recover: weight of the guidance direction's relative "
                                                              "error, cond minus uncond output "
@@ -150,7 +156,8 @@ def distill_cmd(
     force: ForceOpt = False,
     json_: JsonOpt = False,
 ):
-    """Distill a student from a teacher: recover a pruned model, or make a few-step one; exact --resume."""
+    """Distill a student from a teacher: recover a pruned model, make a few-step one, or train a feedback module
+    that makes some steps partial (--mode feedback); exact --resume."""
     if mode is None:
         raise ConfigError(f"--mode is required, choose one of: {', '.join(DISTILL_MODES)}")
     if mode not in DISTILL_MODES:
@@ -164,6 +171,7 @@ def distill_cmd(
                         feature_weight=feature_weight, cfg_weight=cfg_weight, mask_outliers=mask_outliers,
                         gt_weight=gt_weight if images is not None or gt_weight is not None else None,
                         student_steps=student_steps, teacher_substeps=teacher_substeps, guidance=guidance,
+                        feedback_block=feedback_block, target_speedup=target_speedup,
                         val_images=val_images, device=device)
     if images is not None and mode != "recover":
         raise ConfigError(f"--images does not apply to --mode {mode} (it is data-free)")

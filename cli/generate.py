@@ -88,6 +88,8 @@ def generate_cmd(
                                                                    "--lora; default 1).")] = None,
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Ignore the model's step-caching policy "
                                            "(ditkit cache): run every block at every step.")] = False,
+    no_feedback: Annotated[bool, typer.Option("--no-feedback", help="Ignore the model's feedback module (distill "
+                                              "--mode feedback): run every block at every step.")] = False,
     family: FamilyOpt = None,
     config: ConfigOpt = None,
     force: ForceOpt = False,
@@ -97,7 +99,7 @@ def generate_cmd(
     cfg = GenerateConfig(labels=parse_ints(labels, "--labels"), prompts=read_prompts(prompt or [], prompts_file),
                          num_images=num_images, steps=steps, sampler=sampler, guidance=guidance, seed=seed,
                          batch_size=batch_size, height=height, width=width, device=resolve_device(device), dtype=dtype,
-                         backend=backend, cache=not no_cache)
+                         backend=backend, cache=not no_cache, feedback=not no_feedback)
     rank, _ = distributed.world()
     if rank == 0:
         check_output(out, force)
@@ -107,6 +109,9 @@ def generate_cmd(
     biggest = min(cfg.batch_size, cfg.num_images or cfg.batch_size)  # the batch generate will run
     memory.check(memory.inference_estimate("generate", [bundle], biggest, cfg.height, cfg.width), cfg.device, force,
                  say)
+    if lora and bundle.feedback is not None and cfg.feedback:
+        raise ConfigError("--lora changes the backbone this model's feedback module was trained on; pass "
+                          "--no-feedback, or fuse the adapter first and distill --mode feedback on the fused model")
     adapters = with_lora(bundle, lora or [], lora_scale or [])
     emb = load_embeddings(embeddings) if embeddings else None
     with distributed.process_group(cfg.device) as (rank, size):

@@ -45,6 +45,7 @@ class Bundle:
     path: Path | None = None
     kind: str = "pipeline"
     judge: Any = None
+    feedback: Any = None  # ops.feedback.Feedback (distill --mode feedback): module + schedule, in feedback/
 
     @property
     def vae(self):
@@ -131,6 +132,10 @@ def load_bundle(src: str | os.PathLike | None = None, *, family: str | None = No
         if isinstance(comp, nn.Module):
             comp.eval().requires_grad_(False)
             place(comp, device, dtype if name in ("transformer", "vae") else None)
+    if path.is_dir() and bundle.kind in ("pipeline", "transformer"):
+        from .feedback import load_feedback
+
+        bundle.feedback = load_feedback(path, bundle.family, bundle.transformer)
     return bundle
 
 
@@ -272,6 +277,10 @@ def save_bundle(bundle: Bundle, out: os.PathLike, manifest: dict, force: bool = 
 def write_bundle_dir(bundle: Bundle, root: Path) -> None:
     import diffusers
 
+    if bundle.feedback is not None:  # refuse before writing anything: a stale module must not be carried along
+        from .feedback import check_backbone
+
+        check_backbone(bundle.feedback, bundle.transformer, str(root))
     if quantized.is_quantized(bundle.transformer):  # quantized modules: tensors + quantization.json
         return quantized.write_bundle_dir(bundle, root)
 
@@ -293,3 +302,7 @@ def write_bundle_dir(bundle: Bundle, root: Path) -> None:
         from .judge import save_judge
 
         save_judge(bundle.judge, dir=root / JUDGE_DIR)
+    if bundle.feedback is not None:
+        from .feedback import save_feedback
+
+        save_feedback(bundle.feedback, root, bundle.transformer)

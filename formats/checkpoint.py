@@ -107,6 +107,20 @@ class CheckpointStore:
         with open(self.root / LOG, "a") as f:
             f.write(json.dumps(row, default=float) + "\n")
 
+    def logged_plan(self) -> dict | None:
+        """The plan the run logged before its step 1 (what a --resume must keep, e.g. a timed schedule)."""
+        p = self.root / LOG
+        if not p.is_file():
+            return None
+        for line in p.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(row, dict) and row.get("event") == "plan" and isinstance(row.get("plan"), dict):
+                return row["plan"]
+        return None
+
     def truncate_log(self, step: int) -> None:
         """On resume, drop log rows written after the checkpoint's step (they will be written again)."""
         p = self.root / LOG

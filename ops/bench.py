@@ -321,9 +321,9 @@ class _Subject:
         c, u = self._rows(b)
         noise = image_noise(self.seed, list(range(b)), self.shape).to(self.device)
 
-        from .cache import predictor_for
+        from .generate import step_predictor
 
-        make_predict, _ = predictor_for(bundle, self.sampler, self.steps, self.guidance)  # its cache policy, if any
+        make_predict, _ = step_predictor(bundle, self.sampler, self.steps, self.guidance)  # feedback or cache, if any
 
         def run():
             sched = make_scheduler(fam, bundle.scheduler, self.sampler)

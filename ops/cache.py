@@ -36,6 +36,7 @@ import torch
 from ditkit.formats.errors import ConfigError
 
 from .generate import GenerateConfig, conditions, latent_hw, settings
+from .runtime import cpu_ms
 from .sample import SAMPLERS, decode, denoise, image_noise, make_scheduler, padded, pad_rows
 
 MAX_CHUNKS = 4  # candidate ranges are built from at most this many groups of blocks (10 ranges: calibration cost)
@@ -297,18 +298,7 @@ def _cost_model(c: _Calib, repeats: int) -> dict:
         full = lambda: c.call_with(x, t, cond, None)
         skip_all = lambda: c.call_with(x, t, cond, every)
         dec = lambda: decode(c.bundle.vae, lat)
-        times = {"full": [], "skip_all": [], "decode": []}
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)  # process CPU time on one thread: what other jobs on the machine do not inflate
-        try:
-            for r in range(repeats + 1):
-                for k, fn in (("full", full), ("skip_all", skip_all), ("decode", dec))[:: 1 if r % 2 else -1]:
-                    t0 = time.process_time()
-                    fn()
-                    if r:  # round 0 warms up
-                        times[k].append((time.process_time() - t0) * 1e3)
-        finally:
-            torch.set_num_threads(threads)
+        med = cpu_ms({"full": full, "skip_all": skip_all, "decode": dec}, repeats)
         flops = {}
         for k, fn in (("full", full), ("skip_all", skip_all)):
             with FlopCounterMode(display=False) as fc:
@@ -317,7 +307,6 @@ def _cost_model(c: _Calib, repeats: int) -> dict:
         with FlopCounterMode(display=False) as fc:
             dec()
         flops["decode"] = int(fc.get_total_flops())
-    med = {k: float(np.median(v)) for k, v in times.items()}
     return {"full_ms": med["full"], "skip_all_ms": med["skip_all"], "decode_ms": med["decode"],
             "flops_full": flops["full"], "flops_skip_all": flops["skip_all"], "flops_decode": flops["decode"]}
 
@@ -333,6 +322,10 @@ def _speedup(skip: list, steps: int, n_blocks: int, full: float, skip_all: float
 def cache(bundle, cfg: CacheConfig) -> tuple[object, CacheReport]:
     """Calibrate a caching policy for `bundle`; returns the bundle (weights untouched, policy in
     bundle.manifest["cache"]) and the report."""
+    from ditkit.ops.feedback import refuse
+
+    refuse(bundle, "ditkit cache", "this bundle has a feedback module (distill --mode feedback); feedback and step "
+                                   "caching do not stack: cache the model it was distilled from instead")
     t_start = time.perf_counter()
     c = _Calib(bundle, cfg)
     S, L = c.steps, c.n_blocks

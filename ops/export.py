@@ -686,6 +686,11 @@ def export(bundle, cfg: ExportConfig, log: Callable[[str], None] | None = None):
     log = log or (lambda msg: None)
     fmt = EXPORT_FORMATS[cfg.format]
     check_exportable(bundle, fmt)
+    if fmt.name != "diffusers":
+        from ditkit.ops.feedback import refuse
+
+        refuse(bundle, "export", f"--format {fmt.name} cannot carry this bundle's feedback module (distill --mode "
+                                 "feedback); use --format diffusers, or export the model it was distilled from")
     tr = bundle.transformer
     report = ExportReport(format=fmt.name, family=bundle.family.name, precision=cfg.precision, output=fmt.output,
                           lora_fused=fuse_lora_(tr), num_blocks=len(bundle.family.blocks(tr)),

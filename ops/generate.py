@@ -34,6 +34,7 @@ class GenerateConfig:
     dtype: str = "fp32"
     backend: str | None = None  # "pytorch" or "onnxruntime"; default: the bundle's own (ONNX bundles: onnxruntime)
     cache: bool = True  # apply the bundle's step-caching policy (ditkit cache) where it fits the run
+    feedback: bool = True  # apply the bundle's feedback module (distill --mode feedback) where it fits the run
 
     def __post_init__(self):
         if self.num_images is not None and self.num_images < 1:
@@ -80,6 +81,7 @@ class GenerateReport:
     backend: str = "pytorch"  # what ran the transformer: pytorch or onnxruntime
     judge: dict | None = None
     cache: dict | None = None  # the step-caching policy applied (ops.cache), when the bundle has one
+    feedback: dict | None = None  # the feedback schedule applied (ops.feedback), when the bundle has one
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -168,11 +170,7 @@ def generate(bundle, cfg: GenerateConfig, embeddings=None,
 
     rank, size = distributed.world()
     mine = distributed.shard(list(range(n)), rank, size)
-    make_predict, cache_note = None, None
-    if cfg.cache:
-        from .cache import predictor_for
-
-        make_predict, cache_note = predictor_for(bundle, sampler, steps, guidance)
+    make_predict, notes = step_predictor(bundle, sampler, steps, guidance, cache=cfg.cache, feedback=cfg.feedback)
     t0 = time.perf_counter()
     out: dict[int, np.ndarray] = {}
     batch = padded(cfg.batch_size)  # a multiple of the sampler's quantum: pixels never depend on it
@@ -199,13 +197,30 @@ def generate(bundle, cfg: GenerateConfig, embeddings=None,
         height=h * vae_scale(bundle), width=w * vae_scale(bundle), num_images=n, batch_size=batch,
         device=device, dtype=cfg.dtype, world_size=size, conditions=[values[r] for r in row_of],
         seconds=round(seconds, 4), images_per_s=round(len(mine) / seconds, 3) if seconds else 0.0,
-        decoded=bundle.vae is not None, backend=backend, cache=cache_note)
+        decoded=bundle.vae is not None, backend=backend, **notes)
     labels = judge_labels(bundle, report.conditions) if images is not None and bundle.judge is not None else None
     if labels is not None:
         from .judge import score
 
         report.judge = score(bundle.judge, images, labels).to_dict()
     return images, report
+
+
+def step_predictor(bundle, sampler: str, steps: int, guidance: float, cache: bool = True, feedback: bool = True):
+    """(a factory of the transformer-call replacement for one denoise run, or None; report notes): the bundle's
+    feedback module (ops.feedback) or else its step-caching policy (ops.cache), where either fits the run."""
+    from . import cache as caching, feedback as fb
+
+    notes, make = {}, None
+    for name, on, mod in (("feedback", feedback, fb), ("cache", cache, caching)):
+        if not on:
+            continue
+        factory, note = mod.predictor_for(bundle, sampler, steps, guidance)
+        if note is not None:
+            notes[name] = note
+        if make is None and factory is not None:
+            make = factory
+    return make, notes
 
 
 def judge_labels(bundle, conditions: list) -> list[int] | None:

@@ -164,12 +164,16 @@ def test_outlier_masking_drops_the_worst_tokens():
 
 
 def test_config_errors():
-    with pytest.raises(ConfigError, match="unknown distill mode 'fast', choose one of: recover, steps"):
+    with pytest.raises(ConfigError, match="unknown distill mode .fast., choose one of: feedback, recover, steps"):
         DistillConfig(mode="fast")
     with pytest.raises(ConfigError, match="--student-steps does not apply to --mode recover"):
         DistillConfig(mode="recover", student_steps=4)
     with pytest.raises(ConfigError, match="--mask-outliers must be a fraction"):
         DistillConfig(mode="recover", mask_outliers=1.0)
+    with pytest.raises(ConfigError, match="--target-speedup does not apply to --mode steps"):
+        DistillConfig(mode="steps", target_speedup=1.5)
+    with pytest.raises(ConfigError, match="--target-speedup must be a number > 1"):
+        DistillConfig(mode="feedback", target_speedup=0.9)
     cfg = DistillConfig(mode="steps")
     assert cfg.student_steps == DISTILL_MODES["steps"].defaults["student_steps"] and cfg.feature_weight is None
 

@@ -2,7 +2,9 @@
 
 Modes (DISTILL_MODES), one module each:
   recover  a pruned student learns back its teacher's outputs and block features (data-free by default);
-  steps    a few-step student, initialized from the teacher, with classifier-free guidance folded in.
+  steps    a few-step student, initialized from the teacher, with classifier-free guidance folded in;
+  feedback Inner Loop Feedback: the frozen model plus a trained feedback module that makes some of its steps
+           partial (same sampler and step count, fewer blocks run).
 Every mode runs on the shared training loop (ops.training: accelerate, EMA, exact resume, checkpoints) and is
 validated the same way: seeded images at the student's sampling settings, scored by the judge (accuracy, FD)
 when the bundle has one, else by PSNR against the teacher's images on the same seeds.
@@ -20,7 +22,7 @@ from torch import nn
 from ditkit.formats.errors import ConfigError, choice_error
 from ditkit.ops.training import MIXED_PRECISION, TrainConfig, train
 
-from . import common, recover, steps
+from . import common, feedback, recover, steps
 
 
 @dataclass(frozen=True)
@@ -31,6 +33,7 @@ class Mode:
     teacher: str  # default teacher: "parent" (the student's recorded parent) or "self" (the input itself)
     defaults: dict  # DistillConfig fields -> this mode's recommended value
     options: tuple[str, ...]  # the mode-specific DistillConfig fields it reads
+    copies_student: bool = True  # False: the mode trains a module of its own and leaves the transformer frozen
 
 
 # measured on tiny-digits (docs/distill.md): the defaults meet the quality bars within the time budget on 2 CPU cores
@@ -45,6 +48,12 @@ DISTILL_MODES: dict[str, Mode] = {m.name: m for m in (
          {"steps": 1500, "batch_size": 32, "lr": 3e-4, "warmup_steps": 50, "ema_decay": 0.99, "pool_size": 768,
           "student_steps": 4},
          ("student_steps", "teacher_substeps", "guidance")),
+    Mode("feedback", "Inner Loop Feedback: a trained copy of one block predicts the next step's features, so some "
+         "steps run only that block and the ones after it (same sampler and steps; the model's weights unchanged)",
+         feedback.prepare, "self",
+         {"steps": 600, "batch_size": 64, "lr": 1e-3, "warmup_steps": 20, "ema_decay": 0.99, "pool_size": 256,
+          "output_weight": 1.0, "feature_weight": 1.0},
+         ("output_weight", "feature_weight", "feedback_block", "target_speedup"), copies_student=False),
 )}
 
 TUNED = ("steps", "batch_size", "lr", "warmup_steps", "ema_decay", "pool_size")
@@ -79,6 +88,10 @@ class DistillConfig:
     student_steps: int | None = None
     teacher_substeps: int | None = None  # teacher steps per student step (default: ceil(teacher steps / K))
     guidance: float | None = None  # the teacher's guidance folded into the student (default: the teacher's own)
+    # feedback
+    feedback_block: int | None = None  # the block whose output the feedback module predicts (default: the last)
+    target_speedup: float | None = None  # predicted speedup per image the partial steps must reach (default: up
+    # to feedback.DEFAULT_TARGET, as far as the limit on partial steps in a row allows)
     # validation
     val_images: int | None = None  # default: 100 with a judge (FD needs them), else 8
     device: str = "cpu"
@@ -109,6 +122,11 @@ class DistillConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 0 (got {v})")
         if self.mask_outliers is not None and not 0 <= self.mask_outliers < 1:
             raise ConfigError(f"--mask-outliers must be a fraction in [0, 1) (got {self.mask_outliers})")
+        if self.target_speedup is not None and not (isinstance(self.target_speedup, (int, float))
+                                                    and 1.0 < self.target_speedup < 100):
+            raise ConfigError(f"--target-speedup must be a number > 1 (got {self.target_speedup})")
+        if self.feedback_block is not None and self.feedback_block < 0:
+            raise ConfigError(f"--feedback-block must be >= 0 (got {self.feedback_block})")
         if self.guidance is not None and not self.guidance >= 0:
             raise ConfigError(f"--guidance must be >= 0 (got {self.guidance})")
         if self.warmup_steps < 0:
@@ -164,6 +182,8 @@ class Job:
     rows_per_step: int  # transformer rows of one micro-batch (for the memory estimate)
     data_bytes: int = 0
     close: Callable = lambda: None
+    transformer: nn.Module | None = None  # the output bundle's transformer (default: `model`)
+    feedback: object = None  # ops.feedback.Feedback the output bundle carries (feedback mode)
 
 
 @dataclass
@@ -177,6 +197,8 @@ class Context:
     images: object = None  # (images (N, 3, H, W) in [-1, 1], labels or None) for a ground-truth loss
     log: Callable = print
     pool_progress: Callable | None = None
+    store: object = None  # formats.checkpoint.CheckpointStore of the run (None: no checkpoints)
+    resume: bool = False
 
     @property
     def micro_batch(self) -> int:
@@ -221,19 +243,24 @@ def distill(student_bundle, cfg: DistillConfig, teacher_bundle=None, store=None,
 
     # 1. the student that trains: fp32 master weights, never the teacher's own module
     trainable = student_bundle.transformer
-    if trainable is teacher_bundle.transformer:
-        trainable = copy.deepcopy(trainable)
-    trainable.float().requires_grad_(True)
     teacher_bundle.transformer.eval().requires_grad_(False)
+    if mode.copies_student:
+        if trainable is teacher_bundle.transformer:
+            trainable = copy.deepcopy(trainable)
+        trainable.float().requires_grad_(True)
 
     # 2. the mode builds its data (the teacher's pool) and its loss
     ctx = Context(cfg=cfg, student=student_bundle, teacher=teacher_bundle, trainable=trainable, device=device,
-                  embeddings=embeddings, images=images, log=say, pool_progress=pool_progress)
+                  embeddings=embeddings, images=images, log=say, pool_progress=pool_progress, store=store,
+                  resume=resume)
     job = mode.prepare(ctx)
     components = dict(student_bundle.components)
     if job.scheduler is not None:
         components["scheduler"] = job.scheduler
-    candidate = common.with_transformer(student_bundle, job.model, components, job.defaults)
+    candidate = common.with_transformer(student_bundle, job.transformer if job.transformer is not None else job.model,
+                                        components, job.defaults)
+    if job.feedback is not None:
+        candidate.feedback = job.feedback
 
     # 3. validation: the teacher at its own settings once, the student at its own after training (and every N)
     has_judge = student_bundle.judge is not None and student_bundle.family.conditioning == "class"
@@ -249,7 +276,7 @@ def distill(student_bundle, cfg: DistillConfig, teacher_bundle=None, store=None,
     tcfg = cfg.train_config()
     hw = common.native_hw(student_bundle)
     mem = common.memory_estimate(job.model, teacher_bundle.transformer, student_bundle.family, hw,
-                                 job.rows_per_step, job.data_bytes, cfg.ema_decay > 0)
+                                 job.rows_per_step, job.data_bytes, cfg.ema_decay > 0, arch=job.transformer)
     trained = sum(p.numel() for p in job.model.parameters() if p.requires_grad)
     plan = {"mode": cfg.mode, **job.plan, "params_trained": trained, "steps": cfg.steps,
             "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum, "lr": cfg.lr, "ema_decay": cfg.ema_decay,
@@ -274,7 +301,8 @@ def distill(student_bundle, cfg: DistillConfig, teacher_bundle=None, store=None,
     report = DistillReport(
         mode=cfg.mode, family=student_bundle.family.name,
         teacher={"path": str(teacher_bundle.path) if teacher_bundle.path else None, "sha256": teacher_sha},
-        params=sum(p.numel() for p in job.model.parameters()), params_trained=trained, steps=result.step,
+        params=sum(p.numel() for p in (job.model if job.transformer is None else job.transformer).parameters()),
+        params_trained=trained, steps=result.step,
         batch_size=cfg.batch_size, resumed_from=result.resumed_from, final_loss=result.final_loss,
         seconds=round(time.perf_counter() - t0, 2), train_seconds=result.seconds, defaults=job.defaults,
         baseline=base, validation=result.validation, plan=plan, details=job.report)

@@ -129,7 +129,7 @@ def hidden_size(tr) -> int:
 
 
 def memory_estimate(student: nn.Module, teacher: nn.Module | None, family, hw, rows: int, pool_bytes: int,
-                    ema: bool) -> dict:
+                    ema: bool, arch: nn.Module | None = None) -> dict:
     """Bytes: weights, gradients + AdamW state + EMA of what trains, the pool, and a rough activation figure
     (rows x tokens x hidden x blocks x 4 bytes x 24, what a transformer block keeps for backward)."""
     trained = sum(p.numel() for p in student.parameters() if p.requires_grad)
@@ -140,7 +140,8 @@ def memory_estimate(student: nn.Module, teacher: nn.Module | None, family, hw, r
     from ditkit.ops.prune.depth import STACKS
 
     n_blocks = sum(len(getattr(student, s.attr)) for s in STACKS.get(family.name, ()) if hasattr(student, s.attr))
-    act = rows * tokens(family, student, hw) * hidden_size(student) * max(n_blocks, 1) * 4 * 24
+    arch = arch if arch is not None else student  # the transformer whose config gives tokens and width
+    act = rows * tokens(family, arch, hw) * hidden_size(arch) * max(n_blocks, 1) * 4 * 24
     total = weights + states + pool_bytes + act
     return {"weights": weights, "optimizer_and_ema": states, "pool": pool_bytes, "activations_estimate": act,
             "total_estimate": total}
@@ -206,7 +207,7 @@ def with_transformer(bundle, transformer, components: dict | None = None, defaul
     """A bundle sharing `bundle`'s parts with another transformer (not saved: path None)."""
     manifest = {"op": "distill", "defaults": defaults if defaults is not None else bundle.defaults()}
     return dataclasses.replace(bundle, transformer=transformer, components=components or dict(bundle.components),
-                               path=None, manifest=manifest)
+                               path=None, manifest=manifest, feedback=None)
 
 
 def is_main() -> bool:

@@ -180,6 +180,9 @@ def prune(bundle, cfg: PruneConfig, embeddings=None, log: Callable[[str], None] 
     """The pruned bundle (same components, judge and defaults; not saved) and its report."""
     say = log or (lambda msg: None)
     t0 = time.perf_counter()
+    from ditkit.ops.feedback import refuse
+
+    refuse(bundle, "ditkit prune")
     method = PRUNE_METHODS[cfg.method]
     fam, base = bundle.family, bundle.transformer
     if fam.name not in depth.STACKS:

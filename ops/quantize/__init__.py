@@ -216,6 +216,9 @@ def quantize(bundle, cfg: QuantizeConfig, progress: Callable[[str], None] | None
     """Quantize bundle.transformer in place; returns (a bundle holding it, QuantizeReport)."""
     t0 = time.perf_counter()
     device = check_hardware(cfg)
+    from ditkit.ops.feedback import refuse
+
+    refuse(bundle, "ditkit quantize")
     fam, tr = bundle.family, bundle.transformer
     if is_quantized(tr):
         raise UnsupportedModelError(f"{bundle.name} is already quantized ({getattr(tr, SCHEME_ATTR, {}).get('scheme')}); "

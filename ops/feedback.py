@@ -1,0 +1,180 @@
+"""Inner Loop Feedback (ILF, arXiv 2501.13107) at sampling time: the feedback module, its schedule of partial
+steps, and the predictor that generate and bench run. Training is ops/distill/feedback.py.
+
+The backbone's blocks map hidden states to hidden states. Let g be the hidden states entering block 0 (the
+embedded latents: cheap, always computed fresh) and H the output of the feedback target, block j.
+  full step     every block runs; g and H are kept;
+  partial step  blocks 0..j do not run. Their output is predicted from the last step's:
+                    h_in = H_prev + (g_now - g_prev)              the cached deviation (Delta-DiT), s = 0
+                    H    = h_in + s * (F(h_in | t_now, c) - h_in)  the feedback module's correction
+                F is a copy of block j with its settings (it takes this step's timestep and condition like
+                every block), s a learnable scalar initialized at zero; blocks j+1.. then run as usual, so
+                only the feedback block and the blocks after j are computed. A partial step's g and H are kept
+                as the next step's "previous" (two partial steps in a row chain their predictions).
+With j the last block (the default) a partial step runs one block instead of all of them. Step 0 is always full.
+"""
+from __future__ import annotations
+
+import copy
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ditkit.formats.errors import ConfigError
+
+
+class FeedbackModule(nn.Module):
+    """A copy of backbone block `source` (weights and settings), gated by a scalar that starts at zero."""
+
+    def __init__(self, block: nn.Module, source: str):
+        super().__init__()
+        self.block = copy.deepcopy(block)
+        self.source = source
+        self.scale = nn.Parameter(torch.zeros(()))
+
+    def forward(self, h: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        out = self.block(h, *args, **kwargs)
+        return h + self.scale.to(h.dtype) * (out - h)
+
+
+@dataclass
+class FeedbackSchedule:
+    """Which steps are partial, for one (sampler, steps); `block` is the feedback target j."""
+    sampler: str
+    steps: int
+    num_blocks: int
+    block: int
+    partial: list
+
+    def __post_init__(self):
+        if len(self.partial) != self.steps:
+            raise ConfigError(f"feedback schedule has {len(self.partial)} step entries for {self.steps} steps")
+        if not 0 <= self.block < self.num_blocks:
+            raise ConfigError(f"feedback block {self.block} is outside blocks 0..{self.num_blocks - 1}")
+        if self.partial and self.partial[0]:
+            raise ConfigError("a feedback schedule must run every block at step 0 (nothing to feed back yet)")
+
+    def partial_steps(self) -> int:
+        return sum(bool(p) for p in self.partial)
+
+    def to_dict(self) -> dict:
+        return {"sampler": self.sampler, "steps": self.steps, "num_blocks": self.num_blocks, "block": self.block,
+                "partial": [bool(p) for p in self.partial]}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "FeedbackSchedule":
+        try:
+            return cls(sampler=str(d["sampler"]), steps=int(d["steps"]), num_blocks=int(d["num_blocks"]),
+                       block=int(d["block"]), partial=[bool(p) for p in d["partial"]])
+        except (KeyError, TypeError, ValueError) as e:
+            raise ConfigError(f"the feedback schedule is malformed ({e!r}); re-run ditkit distill --mode feedback")
+
+
+@dataclass
+class Feedback:
+    """What a bundle carries: the trained module and its schedule."""
+    module: FeedbackModule
+    schedule: FeedbackSchedule
+    backbone: str = ""  # formats.feedback.fingerprint of the transformer it was trained on
+
+
+def backbone_blocks(family, transformer) -> list:
+    blocks = list(family.blocks(transformer)) if isinstance(transformer, nn.Module) else []
+    if not blocks:
+        raise ConfigError(f"feedback needs a PyTorch transformer with blocks; this {family.name} bundle's "
+                          f"{type(transformer).__name__} has none (an ONNX bundle?)")
+    return blocks
+
+
+def check_family(family) -> None:
+    if family.name not in ("dit", "pixart"):
+        raise ConfigError(f"feedback supports families whose blocks map hidden states to hidden states (dit, "
+                          f"pixart); {family.name}'s blocks carry text and image streams together")
+
+
+class FeedbackRunner:
+    """Wraps the backbone's blocks for the duration of `hooked()`; `partial` decides the next call's kind.
+
+    `feedback` is the callable that applies the module (the module itself, or its DDP wrapper in training)."""
+
+    def __init__(self, family, transformer, block: int, feedback):
+        check_family(family)
+        self.blocks = backbone_blocks(family, transformer)
+        self.j, self.feedback = block, feedback
+        self.partial = False
+        self.g = self.h = None  # last step's block-0 input and block-j output
+        self._skipping = False
+
+    @contextmanager
+    def hooked(self):
+        for i, b in enumerate(self.blocks[: self.j + 1]):
+            b.forward = self._wrap(i, b.forward)
+        try:
+            yield self
+        finally:
+            for b in self.blocks[: self.j + 1]:
+                del b.forward  # back to the class's forward
+
+    def _wrap(self, i: int, orig):
+        def forward(*args, **kwargs):
+            h = args[0] if args else kwargs.pop("hidden_states")
+            args = args[1:]
+            if i == 0:
+                self._skipping = (self.partial and self.h is not None and self.g is not None
+                                  and self.g.shape == h.shape)
+                if self._skipping:
+                    h_in = self.h + (h - self.g)
+                    out = self.feedback(h_in, *args, **kwargs)
+                    self.g, self.h = h, out
+                    return out
+                self.g = h
+            elif self._skipping:
+                return h  # already the prediction of block j's output
+            out = orig(h, *args, **kwargs)
+            if not isinstance(out, torch.Tensor) or out.shape != h.shape:
+                raise ConfigError("feedback supports blocks that map hidden states to hidden states; this "
+                                  f"block returns {type(out).__name__}")
+            if i == self.j:
+                self.h = out
+            return out
+        return forward
+
+
+def feedback_predict(bundle, fb: Feedback, guidance: float):
+    """A fresh stateful `predict(x, t, cond)` for ops.sample.denoise that follows the schedule step by step
+    (make one per denoise call: it counts calls as step indices)."""
+    fam, tr = bundle.family, bundle.transformer
+    runner = FeedbackRunner(fam, tr, fb.schedule.block, fb.module)
+    partial = fb.schedule.partial
+    state = {"step": 0}
+
+    def predict(x, t, cond):
+        i = state["step"]
+        state["step"] = i + 1
+        runner.partial = i < len(partial) and partial[i]
+        with runner.hooked():
+            return fam.predict(tr, x, t, cond, guidance)
+    return predict
+
+
+def predictor_for(bundle, sampler: str, steps: int, guidance: float):
+    """(a predictor factory or None, a note for reports): the bundle's feedback where it fits the run."""
+    fb = getattr(bundle, "feedback", None)
+    if fb is None:
+        return None, None
+    s = fb.schedule
+    if (s.sampler, s.steps) != (sampler, steps):
+        return None, {"applied": False, "reason": f"feedback schedule trained for {s.sampler} at {s.steps} steps; "
+                                                  f"this run is {sampler} at {steps}"}
+    return (lambda: feedback_predict(bundle, fb, guidance)), {
+        "applied": True, "partial_steps": s.partial_steps(), "steps": s.steps, "block": s.block}
+
+
+def refuse(bundle, what: str, why: str | None = None) -> None:
+    """A clear error where an op cannot compose with the bundle's feedback module."""
+    if getattr(bundle, "feedback", None) is None:
+        return
+    raise ConfigError(why or (f"{what} would change the backbone that this bundle's feedback module was trained on; "
+                              f"run {what} first and distill --mode feedback on its output"))
