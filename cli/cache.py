@@ -19,7 +19,8 @@ from .options import ConfigOpt, FamilyOpt, ForceOpt, JsonOpt, ModelArg, OutOpt, 
 def cache_cmd(
     out: OutOpt,
     src: ModelArg = None,
-    target_speedup: Annotated[float, typer.Option(help="Predicted end-to-end speedup per image to reach (> 1).")] = 1.5,
+    target_speedup: Annotated[float, typer.Option(help="Speedup per image to reach (> 1): predicted by the cost "
+                                                       "model, then measured end to end on one image.")] = 1.5,
     images: Annotated[int, typer.Option(help="Calibration trajectories (seeded, cycling through the labels).")] = 4,
     steps: Annotated[Optional[int], typer.Option(help="Steps the policy is for (default: the model's own).")] = None,
     sampler: Annotated[Optional[str], typer.Option(help="Sampler the policy is for (default: the model's own).")] = None,

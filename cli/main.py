@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 import sys
 import warnings
@@ -39,6 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     if os.environ.get("DITKIT_DEBUG") != "1":
         warnings.filterwarnings("ignore")  # library deprecation chatter is not for ditkit's users
+        # bitsandbytes logs an optional-kernel miss on every import on CPUs with AVX512-BF16 ("pip install
+        # kernels"); it falls back to its own kernels, so the line is noise on every command
+        logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     from diffusers.utils import logging as diffusers_logging
 
     diffusers_logging.disable_progress_bar()  # ditkit draws its own progress on stderr

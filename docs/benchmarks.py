@@ -37,6 +37,8 @@ VARIANTS = {
     "td-int8": ["quantize", "tiny-digits", "--scheme", "int8-dynamic"],
     "td-nf4": ["quantize", "tiny-digits", "--scheme", "bnb-nf4"],
     "td-onnx": ["export", "tiny-digits"],
+    "td-cache15": ["cache", "tiny-digits", "--target-speedup", "1.5"],
+    "td-feedback": ["distill", "tiny-digits", "--mode", "feedback"],
     "xl-depth50": ["prune", "{cache}/dit-xl-2-256", "--method", "depth", "--ratio", "0.5", *XL_CALIB],
     "xl-width30": ["prune", "{cache}/dit-xl-2-256", "--method", "width", "--ratio", "0.3", *XL_CALIB],
     "xl-int8": ["quantize", "{cache}/dit-xl-2-256", "--scheme", "int8-dynamic"],
@@ -60,6 +62,11 @@ CPU_RUNS = [
      "Distillation on CPU (docs/distill.md): the depth-pruned student before and after `--mode recover`, "
      "and a 4-step student at its own 4 steps against the base at 25. Quality on 100 identical seeds.",
      ["tiny-digits", *(V + n for n in ("td-depth50", "td-recovered", "td-steps4")), "--batch-sizes", "1,8"]),
+    ("tiny-digits-accelerated", "tiny-digits at its own 25 steps: step caching and feedback distillation",
+     "Faster at the same sampler and step count (docs/accelerate.md): `ditkit cache` (training-free, calibrated "
+     "to 1.5x) and `distill --mode feedback` (Inner Loop Feedback, default target). Batch 1, the per-image "
+     "headline; quality on 100 identical seeds.",
+     ["tiny-digits", *(V + n for n in ("td-cache15", "td-feedback")), "--batch-sizes", "1"]),
     ("dit-xl-2-256-variants", "DiT-XL/2 256px, random weights, and its variants",
      "Speed and memory only: depth 0.5 and width 0.3 pruning, int8-dynamic, ONNX. Batch 1, 3 timed rounds.",
      ["{cache}/dit-xl-2-256", *(V + n for n in ("xl-depth50", "xl-width30", "xl-int8", "xl-onnx")), *XL_CPU]),

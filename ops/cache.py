@@ -41,6 +41,7 @@ from .sample import SAMPLERS, decode, denoise, image_noise, make_scheduler, padd
 
 MAX_CHUNKS = 4  # candidate ranges are built from at most this many groups of blocks (10 ranges: calibration cost)
 ROUNDS = 3  # greedy rounds: each takes a third of the remaining saving, then re-measures staleness
+MEASURE_ATTEMPTS = 3  # searches: each ends with an end-to-end measurement; a short one raises the goal
 
 
 @dataclass
@@ -120,6 +121,7 @@ class CacheReport:
     latent_rel_error: float  # ||x_cached - x_ref|| / ||x_ref|| of the final latents, calibration set
     image_psnr: float | None  # decoded calibration images vs the uncached ones (dB, mean)
     rounds: list = field(default_factory=list)  # per greedy round: predicted speedup and mean step error
+    checks: list = field(default_factory=list)  # per search: predicted and measured (one image, CPU time) speedup
     cost_ms: dict = field(default_factory=dict)  # the timed cost model
     policy: dict = field(default_factory=dict)
     seconds: float = 0.0
@@ -311,6 +313,61 @@ def _cost_model(c: _Calib, repeats: int) -> dict:
             "flops_full": flops["full"], "flops_skip_all": flops["skip_all"], "flops_decode": flops["decode"]}
 
 
+def _greedy(c: _Calib, skip: list, goal: float, spd, ranges, rounds: list) -> None:
+    """Widen `skip` in place, round by round, until the predicted speedup reaches `goal` (or nothing is left)."""
+    for rnd in range(ROUNDS * 4):
+        now = spd(skip)
+        if now >= goal:
+            break
+        # 1. every candidate widening of each step's skipped range, tried on this policy's own trajectory
+        cands = []
+
+        def probe(i, x, t, cond):
+            if i == 0:
+                return
+            cur = skip[i]
+            full_out = c.call_with(x, t, cond, None)
+            for r in ranges:
+                if cur is not None and not (r[0] <= cur[0] and cur[1] <= r[1] and r != cur):
+                    continue  # a step's range only widens
+                err = _rel(c.call_with(x, t, cond, r), full_out)
+                gain = spd(skip[:i] + [r] + skip[i + 1:]) - now
+                if gain > 0:
+                    cands.append((err / gain, err, i, r))
+        c.run(skip, probe=probe)
+        if not cands:
+            break
+        # 2. cheapest error per saving first, up to this round's share of the remaining saving
+        cands.sort(key=lambda z: (z[0], z[2], z[3]))
+        share = now + (goal - now) / max(ROUNDS - rnd, 1)
+        taken, errs = set(), []
+        for _, err, i, r in cands:
+            if i in taken:
+                continue
+            skip[i] = r
+            taken.add(i)
+            errs.append(err)
+            if spd(skip) >= min(share, goal) + 1e-9:
+                break
+        rounds.append({"predicted_speedup": round(spd(skip), 4), "steps_changed": len(taken),
+                       "mean_step_error": round(float(np.mean(errs)), 5)})
+
+
+def _measured_speedup(c: _Calib, skip: list, repeats: int) -> float:
+    """One image's denoise + decode without and with the policy (CPU time, one thread, interleaved medians)."""
+    noise = c.noise[:1]
+    first = lambda d: None if d is None else {k: v[:1] for k, v in d.items()}  # noqa: E731
+    cond, uncond = first(c.cond), first(c.uncond)
+    policy = CachePolicy(sampler=c.sampler, steps=c.steps, num_blocks=c.n_blocks, skip=list(skip))
+
+    def image(predict):
+        return decode(c.bundle.vae, denoise(c.fam, c.tr, c.sched(), noise, cond, uncond, c.guidance, c.steps,
+                                            predict=predict))
+    med = cpu_ms({"plain": lambda: image(None),
+                  "cached": lambda: image(cached_predict(c.bundle, policy, c.guidance))}, repeats)
+    return med["plain"] / max(med["cached"], 1e-9)
+
+
 def _speedup(skip: list, steps: int, n_blocks: int, full: float, skip_all: float, dec: float) -> float:
     blk = max(full - skip_all, 0.0) / n_blocks
     base = steps * full + dec
@@ -340,45 +397,21 @@ def cache(bundle, cfg: CacheConfig) -> tuple[object, CacheReport]:
     ranges = _ranges(L)
     skip: list = [None] * S
     ref = c.run(skip)
-    rounds = []
-    for rnd in range(ROUNDS * 4):
-        now = spd(skip)
-        if now >= cfg.target_speedup:
+    rounds, checks, goal = [], [], cfg.target_speedup
+    for attempt in range(MEASURE_ATTEMPTS):
+        _greedy(c, skip, goal, spd, ranges, rounds)
+        if spd(skip) < goal:
             break
-        # 1. every candidate widening of each step's skipped range, tried on this policy's own trajectory
-        cands = []
-
-        def probe(i, x, t, cond):
-            if i == 0:
-                return
-            cur = skip[i]
-            full_out = c.call_with(x, t, cond, None)
-            for r in ranges:
-                if cur is not None and not (r[0] <= cur[0] and cur[1] <= r[1] and r != cur):
-                    continue  # a step's range only widens
-                err = _rel(c.call_with(x, t, cond, r), full_out)
-                gain = spd(skip[:i] + [r] + skip[i + 1:]) - now
-                if gain > 0:
-                    cands.append((err / gain, err, i, r))
-        c.run(skip, probe=probe)
-        if not cands:
+        # 4. the policy end to end, against the uncached run (what bench measures): the cost model misses
+        # whatever a skipped step still costs, so a short measurement raises the goal and the search goes on
+        measured = _measured_speedup(c, skip, cfg.timing_repeats)
+        checks.append({"predicted_speedup": round(spd(skip), 4), "measured_speedup": round(measured, 4)})
+        if measured >= cfg.target_speedup:
             break
-        # 2. cheapest error per saving first, up to this round's share of the remaining saving
-        cands.sort(key=lambda z: (z[0], z[2], z[3]))
-        share = now + (cfg.target_speedup - now) / max(ROUNDS - rnd, 1)
-        taken, errs = set(), []
-        for _, err, i, r in cands:
-            if i in taken:
-                continue
-            skip[i] = r
-            taken.add(i)
-            errs.append(err)
-            if spd(skip) >= min(share, cfg.target_speedup) + 1e-9:
-                break
-        rounds.append({"predicted_speedup": round(spd(skip), 4), "steps_changed": len(taken),
-                       "mean_step_error": round(float(np.mean(errs)), 5)})
-    if spd(skip) < cfg.target_speedup:
-        raise ConfigError(f"calibration reached only {spd(skip):.2f}x of --target-speedup {cfg.target_speedup}; "
+        goal = spd(skip) * cfg.target_speedup / measured
+    if not checks or checks[-1]["measured_speedup"] < cfg.target_speedup:
+        got = f"{checks[-1]['measured_speedup']:.2f}x measured" if checks else f"{spd(skip):.2f}x predicted"
+        raise ConfigError(f"calibration reached only {got} of --target-speedup {cfg.target_speedup}; "
                           "choose a lower target")
     policy = CachePolicy(sampler=c.sampler, steps=S, num_blocks=L, skip=skip)
     # 3. the chosen policy against the uncached run
@@ -395,7 +428,7 @@ def cache(bundle, cfg: CacheConfig) -> tuple[object, CacheReport]:
         calibration_images=c.noise.shape[0], target_speedup=cfg.target_speedup,
         predicted_speedup=round(spd(skip), 4), flops_speedup=round(fspd(skip), 4),
         skipped_block_steps=policy.skipped_blocks(), total_block_steps=S * L,
-        latent_rel_error=round(_rel(out, ref), 6), image_psnr=psnr_db, rounds=rounds,
+        latent_rel_error=round(_rel(out, ref), 6), image_psnr=psnr_db, rounds=rounds, checks=checks,
         cost_ms={k: (round(v, 4) if k.endswith("_ms") else v) for k, v in cost.items()},
         policy=policy.to_dict(), seconds=round(time.perf_counter() - t_start, 2))
     return bundle, report

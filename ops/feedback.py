@@ -12,6 +12,7 @@ embedded latents: cheap, always computed fresh) and H the output of the feedback
                 only the feedback block and the blocks after j are computed. A partial step's g and H are kept
                 as the next step's "previous" (two partial steps in a row chain their predictions).
 With j the last block (the default) a partial step runs one block instead of all of them. Step 0 is always full.
+Two-stream blocks (sd3, flux) carry their text stream the same way (FeedbackRunner).
 """
 from __future__ import annotations
 
@@ -34,9 +35,14 @@ class FeedbackModule(nn.Module):
         self.source = source
         self.scale = nn.Parameter(torch.zeros(()))
 
-    def forward(self, h: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, *args, **kwargs):
         out = self.block(h, *args, **kwargs)
-        return h + self.scale.to(h.dtype) * (out - h)
+        s = self.scale.to(h.dtype)
+        if isinstance(out, tuple):  # two-stream blocks (sd3, flux) return (encoder_hidden_states, hidden_states)
+            e_out, h_out = out
+            e_in = kwargs["encoder_hidden_states"]
+            return (None if e_out is None else e_in + s * (e_out - e_in)), h + s * (h_out - h)
+        return h + s * (out - h)
 
 
 @dataclass
@@ -88,23 +94,22 @@ def backbone_blocks(family, transformer) -> list:
     return blocks
 
 
-def check_family(family) -> None:
-    if family.name not in ("dit", "pixart"):
-        raise ConfigError(f"feedback supports families whose blocks map hidden states to hidden states (dit, "
-                          f"pixart); {family.name}'s blocks carry text and image streams together")
-
-
 class FeedbackRunner:
     """Wraps the backbone's blocks for the duration of `hooked()`; `partial` decides the next call's kind.
 
-    `feedback` is the callable that applies the module (the module itself, or its DDP wrapper in training)."""
+    `feedback` is the callable that applies the module (the module itself, or its DDP wrapper in training).
+    Two-stream blocks (sd3's joint blocks, flux's double-stream blocks: `encoder_hidden_states` in, (encoder,
+    hidden) out) carry the text stream the same way: `ge` is block 0's encoder input, `je` block j's encoder
+    output (or its input, where block j outputs none: sd3's last block); `je` is None for one-stream families,
+    whose `encoder_hidden_states` (pixart's prompt) is a condition, not a stream. Flux's single-stream blocks
+    come after the blocks wrapped here and always run."""
 
     def __init__(self, family, transformer, block: int, feedback):
-        check_family(family)
         self.blocks = backbone_blocks(family, transformer)
         self.j, self.feedback = block, feedback
         self.partial = False
-        self.g = self.h = None  # last step's block-0 input and block-j output
+        self.g = self.h = None  # last step's block-0 input and block-j output (image stream)
+        self.ge = self.je = None  # the same for the text stream of two-stream blocks
         self._skipping = False
 
     @contextmanager
@@ -117,27 +122,43 @@ class FeedbackRunner:
             for b in self.blocks[: self.j + 1]:
                 del b.forward  # back to the class's forward
 
+    def _partial(self, h, e, args, kwargs):
+        """Block 0 at a partial step: the predicted output of block j (and the text stream, two-stream)."""
+        h_in = self.h + (h - self.g)
+        if self.je is None:
+            out = self.feedback(h_in, *args, **kwargs)
+            self.g, self.h = h, out
+            return out
+        e_in = self.je + (e - self.ge)
+        e_out, out = self.feedback(h_in, *args, **{**kwargs, "encoder_hidden_states": e_in})
+        e_next = e_in if e_out is None else e_out
+        self.g, self.ge, self.h, self.je = h, e, out, e_next
+        return e_next, out
+
     def _wrap(self, i: int, orig):
         def forward(*args, **kwargs):
             h = args[0] if args else kwargs.pop("hidden_states")
             args = args[1:]
+            e = kwargs.get("encoder_hidden_states")
             if i == 0:
                 self._skipping = (self.partial and self.h is not None and self.g is not None
                                   and self.g.shape == h.shape)
                 if self._skipping:
-                    h_in = self.h + (h - self.g)
-                    out = self.feedback(h_in, *args, **kwargs)
-                    self.g, self.h = h, out
-                    return out
-                self.g = h
-            elif self._skipping:
-                return h  # already the prediction of block j's output
+                    return self._partial(h, e, args, kwargs)
+                self.g, self.ge = h, e
+            elif self._skipping:  # blocks 1..j: the prediction passes through
+                return h if self.je is None else (e, h)
             out = orig(h, *args, **kwargs)
+            if isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], torch.Tensor) \
+                    and out[1].shape == h.shape and e is not None:
+                if i == self.j:
+                    self.h, self.je = out[1], (e if out[0] is None else out[0])
+                return out
             if not isinstance(out, torch.Tensor) or out.shape != h.shape:
-                raise ConfigError("feedback supports blocks that map hidden states to hidden states; this "
-                                  f"block returns {type(out).__name__}")
+                raise ConfigError("feedback supports blocks that map hidden states to hidden states, or (text, "
+                                  f"image) stream pairs; this block returns {type(out).__name__}")
             if i == self.j:
-                self.h = out
+                self.h, self.je = out, None
             return out
         return forward
 

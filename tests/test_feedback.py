@@ -23,6 +23,7 @@ from ditkit.ops.distill.feedback import MAX_CHAIN, choose_schedule, predicted_sp
 from ditkit.ops.feedback import Feedback, FeedbackModule, FeedbackSchedule, feedback_predict
 from ditkit.ops.generate import GenerateConfig, generate
 from ditkit.ops.sample import denoise, image_noise, make_scheduler
+from conftest import FAMILY_NAMES
 
 FAST = dict(steps=4, batch_size=8, pool_size=4, val_images=2, lr=1e-3, ema_decay=0.0, warmup_steps=0)
 CLI_FAST = ["--steps", 4, "--batch-size", 8, "--pool-size", 4, "--val-images", 2, "--ema-decay", 0,
@@ -91,8 +92,16 @@ def test_schedule_takes_the_cheapest_error_steps_within_the_chain_limit():
         choose_schedule(errors, slow, 1.5)
 
 
-@pytest.mark.parametrize("family", ["dit", "pixart"])
-def test_feedback_trains_only_its_module(family, tiny_dir, tiny_embeddings):
+FIXED_COST = {"full_ms": 10.0, "partial_ms": 3.0, "step_overhead_ms": 0.0, "decode_ms": 20.0}
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_feedback_trains_only_its_module(family, tiny_dir, tiny_embeddings, monkeypatch, tmp_path):
+    import ditkit.ops.distill.feedback as fbmode
+
+    # the tiny models' timings are noise (flux's has one block per stack): a fixed cost model, no measuring
+    monkeypatch.setattr(fbmode, "cost_model", lambda *a, **k: dict(FIXED_COST))
+    monkeypatch.setattr(fbmode, "measured_speedup", lambda *a, **k: 9.0)
     base = load_bundle(tiny_dir(family))
     emb = load_embeddings(tiny_embeddings(family)) if family != "dit" else None
     before = {k: v.clone() for k, v in base.transformer.state_dict().items()}
@@ -105,16 +114,20 @@ def test_feedback_trains_only_its_module(family, tiny_dir, tiny_embeddings):
     assert float(fb.module.scale) != 0.0  # the gate moved off zero
     s = fb.schedule
     assert s.steps == base.defaults()["steps"] and s.block == len(base.family.blocks(base.transformer)) - 1
-    assert not s.partial[0] and s.partial_steps() == len(report.details["schedule"]["partial"]) - s.partial.count(False)
-    assert report.details["predicted_speedup"] > 1.0 and torch.isfinite(torch.tensor(report.final_loss))
+    assert not s.partial[0] and s.partial_steps() > 0
+    assert (report.details["pool"]["text_stream"]) == (family in ("sd3", "flux"))
+    assert torch.isfinite(torch.tensor(report.final_loss))
     assert out.defaults() == base.defaults() and report.validation["images"] == 2
-
-
-@pytest.mark.parametrize("family", ["sd3", "flux"])
-def test_feedback_refuses_two_stream_families(family, tiny_dir, tiny_embeddings):
-    base = load_bundle(tiny_dir(family))
-    with pytest.raises(ConfigError, match="dit, pixart"):
-        distill(base, DistillConfig(mode="feedback", **FAST), embeddings=load_embeddings(tiny_embeddings(family)))
+    # the trained module changes the partial steps' output; the full steps are the backbone's own
+    cfg = GenerateConfig(num_images=2)
+    with_fb, _ = generate(out, cfg, emb)
+    plain, _ = generate(out, dataclasses.replace(cfg, feedback=False), emb)
+    ref, _ = generate(base, cfg, emb)
+    assert np.array_equal(plain, ref) and not np.array_equal(with_fb, ref)
+    # saved and reloaded: the same module (rebuilt as a copy of the named backbone block)
+    save_bundle(out, tmp_path / "fb", {"op": "distill"})
+    again, _ = generate(load_bundle(tmp_path / "fb"), cfg, emb)
+    assert np.array_equal(again, with_fb)
 
 
 def test_feedback_bundle_round_trip_and_generate(tiny_dir, cli, tmp_path):

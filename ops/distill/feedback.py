@@ -24,7 +24,7 @@ import torch
 
 from ditkit.formats.errors import ConfigError, UnsupportedModelError
 from ditkit.ops.feedback import (Feedback, FeedbackModule, FeedbackRunner, FeedbackSchedule, backbone_blocks,
-                                 check_family)
+                                 feedback_predict)
 from ditkit.ops.generate import GenerateConfig, settings
 from ditkit.ops.runtime import cpu_ms
 from ditkit.ops.sample import decode, denoise, make_scheduler, pad_rows
@@ -35,17 +35,28 @@ DEFAULT_TARGET = 1.7  # without --target-speedup: this, or the most MAX_CHAIN al
 MAX_CHAIN = 3  # partial steps in a row at most (each chains the previous prediction)
 ERROR_TRAJECTORIES = 16  # pool trajectories the schedule's per-step errors are measured on
 TIMING_REPEATS = 21
+MEASURE_ATTEMPTS = 3  # schedule choices, each checked end to end; a short one raises the cost model's goal
 
 
 class Pool:
-    """Per trajectory p, step i and branch r: latents X[p, i], hidden states G/H[p, i, r], outputs O[p, i, r]."""
+    """Per trajectory p, step i and branch r: latents X[p, i], hidden states G/H[p, i, r], outputs O[p, i, r];
+    for two-stream blocks also the text stream GE/JE[p, i, r] (ops.feedback.FeedbackRunner's ge/je)."""
 
-    def __init__(self, x, t, g, h, o, conds, branches: int):
-        self.x, self.t, self.g, self.h, self.o = x, t, g, h, o
+    def __init__(self, x, t, g, h, o, conds, branches: int, ge=None, je=None):
+        self.x, self.t, self.g, self.h, self.o, self.ge, self.je = x, t, g, h, o, ge, je
         self.conds, self.branches = conds, branches
 
     def nbytes(self) -> int:
-        return sum(v.numel() * v.element_size() for v in (self.x, self.g, self.h, self.o))
+        return sum(v.numel() * v.element_size() for v in (self.x, self.g, self.h, self.o, self.ge, self.je)
+                   if v is not None)
+
+    def set_state(self, runner, p, i, branch, device, dtype) -> None:
+        """The runner's state as step i-1's full call left it, for rows (trajectory p, branch)."""
+        runner.g = self.g[p, i - 1, branch].to(device, dtype)
+        runner.h = self.h[p, i - 1, branch].to(device, dtype)
+        if self.je is not None:
+            runner.ge = self.ge[p, i - 1, branch].to(device, dtype)
+            runner.je = self.je[p, i - 1, branch].to(device, dtype)
 
     def rows(self, p: torch.Tensor, branch: torch.Tensor, device, dtype) -> dict:
         """Conditioning of rows (trajectory p, branch): the conditional or the unconditional one, in row order."""
@@ -71,13 +82,13 @@ def build_pool(bundle, j: int, n: int, seed: int, sampler: str, steps: int, guid
     noise = pool_noise(seed, n, (fam.latent_channels(tr), *native_hw(bundle)))
     p0 = next(tr.parameters())
     runner = FeedbackRunner(fam, tr, j, feedback=None)
-    xs, gs, hs, os_, ts = [], [], [], [], []
+    xs, gs, hs, os_, ges, jes, ts = [], [], [], [], [], [], []
     for start in range(0, n, batch):
         idx = torch.arange(start, min(n, start + batch))
         b = len(idx)
         cond = to_device(conds.rows(idx), device, p0.dtype)
         uncond = to_device(conds.rows(idx, uncond=True), device, p0.dtype) if use_cfg else None
-        rec = {"x": [], "g": [], "h": [], "o": [], "t": []}
+        rec = {"x": [], "g": [], "h": [], "o": [], "t": [], "ge": [], "je": []}
 
         def predict(x, t, c):
             runner.partial = False
@@ -89,6 +100,9 @@ def build_pool(bundle, j: int, n: int, seed: int, sampler: str, steps: int, guid
             rec["h"].append(regroup(runner.h))
             rec["o"].append(regroup(out))
             rec["t"].append(float(t[0]))
+            if runner.je is not None:  # two-stream blocks: the text stream too
+                rec["ge"].append(regroup(runner.ge))
+                rec["je"].append(regroup(runner.je))
             return out
 
         with runner.hooked():
@@ -98,10 +112,15 @@ def build_pool(bundle, j: int, n: int, seed: int, sampler: str, steps: int, guid
         gs.append(torch.stack(rec["g"], 1))
         hs.append(torch.stack(rec["h"], 1))
         os_.append(torch.stack(rec["o"], 1))
+        if rec["je"]:
+            ges.append(torch.stack(rec["ge"], 1))
+            jes.append(torch.stack(rec["je"], 1))
         ts = rec["t"]
         if progress is not None:
             progress(b)
-    return Pool(torch.cat(xs), torch.tensor(ts), torch.cat(gs), torch.cat(hs), torch.cat(os_), conds, R)
+    two = bool(jes)
+    return Pool(torch.cat(xs), torch.tensor(ts), torch.cat(gs), torch.cat(hs), torch.cat(os_), conds, R,
+                ge=torch.cat(ges) if two else None, je=torch.cat(jes) if two else None)
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -113,8 +132,7 @@ def partial_call(fam, tr, runner: FeedbackRunner, pool: Pool, p, i, branch, guid
     """The partial call of rows (trajectory p, step i, branch) from the true state of step i-1."""
     x = pool.x[p, i].to(device, dtype)
     t = pool.t[i].expand(len(p)).to(device)
-    runner.g = pool.g[p, i - 1, branch].to(device, dtype)
-    runner.h = pool.h[p, i - 1, branch].to(device, dtype)
+    pool.set_state(runner, p, i, branch, device, dtype)
     runner.partial = True
     cond = pool.rows(p, branch, device, dtype)
     with runner.hooked():
@@ -150,8 +168,7 @@ def cost_model(bundle, runner: FeedbackRunner, pool: Pool, sampler: str, guidanc
     cond = pool.rows(p, branch, device, dtype)
 
     def call(partial: bool):
-        runner.g = pool.g[p, i - 1, branch].to(device, dtype)
-        runner.h = pool.h[p, i - 1, branch].to(device, dtype)
+        pool.set_state(runner, p, i, branch, device, dtype)
         runner.partial = partial
         with runner.hooked():
             fam.predict(tr, x, t, cond, guidance)
@@ -177,13 +194,16 @@ def predicted_speedup(partial: list, cost: dict) -> float:
     return base / max(now, 1e-9)
 
 
-def choose_schedule(errors: list[float], cost: dict, target: float | None) -> list[bool]:
+def choose_schedule(errors: list[float], cost: dict, target: float | None, strict: bool | None = None) -> list[bool]:
     """Fewest partial steps reaching `target`, lowest measured error first, at most MAX_CHAIN in a row.
-    target None: DEFAULT_TARGET, or as close to it as the chain limit allows."""
-    strict = target is not None
+    target None: DEFAULT_TARGET. Not strict (the default without a target): as close as the chain limit allows;
+    strict: an error when out of reach."""
+    strict = target is not None if strict is None else strict
     target = DEFAULT_TARGET if target is None else target
     steps = len(errors)
     partial = [False] * steps
+    if cost["partial_ms"] >= cost["full_ms"]:
+        return partial  # a partial call is no cheaper than a full one on this model
 
     def chain_ok(i):
         trial = partial[:i] + [True] + partial[i + 1:]
@@ -206,6 +226,50 @@ def choose_schedule(errors: list[float], cost: dict, target: float | None) -> li
     return partial
 
 
+@torch.no_grad()
+def measured_speedup(bundle, module, pool: Pool, partial: list, sampler: str, j: int, guidance, device) -> float:
+    """One image's denoise + decode without and with the schedule (CPU time, one thread, interleaved medians):
+    what bench measures. The gate does not change the cost, so the untrained module times the trained one."""
+    fam, tr = bundle.family, bundle.transformer
+    dtype = next(tr.parameters()).dtype
+    p = torch.zeros(1, dtype=torch.long)
+    c = to_device(pool.conds.rows(p), device, dtype)
+    u = to_device(pool.conds.rows(p, uncond=True), device, dtype) if pool.branches > 1 else None
+    noise = pool.x[:1, 0].to(device)
+    fb = Feedback(module, FeedbackSchedule(sampler=sampler, steps=len(partial), num_blocks=len(fam.blocks(tr)),
+                                           block=j, partial=list(partial)))
+
+    def image(predict):
+        lat = denoise(fam, tr, make_scheduler(fam, bundle.scheduler, sampler), noise, c, u, guidance, len(partial),
+                      predict=predict)
+        return decode(bundle.vae, lat) if bundle.vae is not None else lat
+    med = cpu_ms({"plain": lambda: image(None), "feedback": lambda: image(feedback_predict(bundle, fb, guidance))},
+                 TIMING_REPEATS // 3)
+    return med["plain"] / max(med["feedback"], 1e-9)
+
+
+def calibrated_schedule(bundle, module, pool, errors, cost, target, sampler, j, guidance, device):
+    """choose_schedule, then an end-to-end check: a measured speedup short of the target raises the cost model's
+    goal and the choice is made again (MEASURE_ATTEMPTS at most). Returns (partial, checks)."""
+    want = DEFAULT_TARGET if target is None else target
+    partial = choose_schedule(errors, cost, target)  # an explicit target out of the cost model's reach: an error
+    checks = []
+    for attempt in range(MEASURE_ATTEMPTS):
+        measured = measured_speedup(bundle, module, pool, partial, sampler, j, guidance, device)
+        checks.append({"predicted_speedup": round(predicted_speedup(partial, cost), 4),
+                       "measured_speedup": round(measured, 4)})
+        if measured >= want or attempt == MEASURE_ATTEMPTS - 1:
+            break
+        more = choose_schedule(errors, cost, predicted_speedup(partial, cost) * want / measured, strict=False)
+        if more == partial:
+            break  # as many partial steps as the chain limit allows
+        partial = more
+    if target is not None and checks[-1]["measured_speedup"] < target:
+        raise ConfigError(f"--target-speedup {target} is out of reach: the schedule measured "
+                          f"{checks[-1]['measured_speedup']:.2f}x end to end; choose a lower target")
+    return partial, checks
+
+
 def prepare(ctx):
     from ditkit.formats import quantized
     from ditkit.formats.feedback import fingerprint
@@ -216,7 +280,6 @@ def prepare(ctx):
     fam, tr = bundle.family, bundle.transformer
     if ctx.teacher is not ctx.student:
         raise ConfigError("--mode feedback trains a feedback module against the model's own full steps; drop --teacher")
-    check_family(fam)
     if quantized.is_quantized(tr):
         raise UnsupportedModelError("--mode feedback needs a floating-point backbone (its block is copied and "
                                     "trained); run it before ditkit quantize")
@@ -251,14 +314,13 @@ def prepare(ctx):
         partial = schedule.partial
     else:
         cost = cost_model(bundle, runner, pool, sampler, guidance, device)
-        partial = choose_schedule(errors, cost, cfg.target_speedup)
+        partial, cost["checks"] = calibrated_schedule(bundle, module, pool, errors, cost, cfg.target_speedup, sampler,
+                                                      j, guidance, device)
         schedule = FeedbackSchedule(sampler=sampler, steps=steps, num_blocks=L, block=j, partial=partial)
         ctx.log(f"cost model (CPU ms, one image): full call {cost['full_ms']:.2f}, partial {cost['partial_ms']:.2f}, "
                 f"rest of a step {cost['step_overhead_ms']:.2f}, decode {cost['decode_ms']:.2f}")
     speedup = predicted_speedup(partial, cost) if cost else None
     part = [i for i, v in enumerate(partial) if v]
-    ctx.log(f"cost model (CPU ms, one image): full call {cost['full_ms']:.2f}, partial {cost['partial_ms']:.2f}, "
-            f"rest of a step {cost['step_overhead_ms']:.2f}, decode {cost['decode_ms']:.2f}")
     if not part:
         raise ConfigError(f"no step can be made partial on this model: the feedback block costs as much as it saves "
                           f"(full call {cost.get('full_ms')} ms, partial {cost.get('partial_ms')} ms)")
@@ -276,8 +338,7 @@ def prepare(ctx):
         i, branch = part_t[rest // R], rest % R
         train_runner = FeedbackRunner(fam, tr, j, model)
         x = pool.x[p, i].to(device, dtype)
-        train_runner.g = pool.g[p, i - 1, branch].to(device, dtype)
-        train_runner.h = pool.h[p, i - 1, branch].to(device, dtype)
+        pool.set_state(train_runner, p, i, branch, device, dtype)
         train_runner.partial = True
         t = pool.t[i].to(device)
         with train_runner.hooked():
@@ -285,6 +346,8 @@ def prepare(ctx):
         per_row = cfg.output_weight * _rel(out, pool.o[p, i, branch].to(device))
         if cfg.feature_weight:
             per_row = per_row + cfg.feature_weight * _rel(train_runner.h.float(), pool.h[p, i, branch].to(device))
+            if pool.je is not None:  # the text stream the blocks after j read (flux's single-stream blocks)
+                per_row = per_row + cfg.feature_weight * _rel(train_runner.je.float(), pool.je[p, i, branch].to(device))
         return reduce_rows(per_row, micro, world)
 
     trained = sum(p.numel() for p in module.parameters())
@@ -299,7 +362,7 @@ def prepare(ctx):
               "cost_ms": cost, "predicted_speedup": round(speedup, 4),
               "step_errors_untrained": [round(e, 6) for e in errors],
               "pool": {"trajectories": cfg.pool_size, "rows": n_rows, "conditions": pool.conds.kind,
-                       "branches": R, "bytes": pool.nbytes()},
+                       "branches": R, "text_stream": pool.je is not None, "bytes": pool.nbytes()},
               "params_backbone": backbone}
     return Job(model=module, loss_fn=loss_fn, defaults=bundle.defaults(), scheduler=None, plan=plan, report=report,
                rows_per_step=ctx.micro_batch, data_bytes=pool.nbytes(), transformer=tr,
