@@ -25,7 +25,7 @@ from . import dit_original, quantized
 from .atomic import atomic_dir
 from .errors import ConfigError, FormatError, UnsupportedModelError
 from .families import FAMILIES, Family, detect_family, get_family
-from .manifest import MANIFEST, parse_manifest, read_manifest, weights_sha256, write_manifest
+from .manifest import parse_manifest, read_manifest, weights_sha256, write_manifest
 from .safetensors_check import check_tree, read_header, read_json
 
 ASSETS = Path(__file__).parent / "assets"

@@ -19,7 +19,10 @@ How the policy is chosen (no hand constants; only the target speedup and the cal
      error per unit of time saved and taken, cheapest first, until this round's share of the remaining
      saving is reached; the next round re-measures with the deltas the new policy really has (stale ones
      from earlier skipped steps included). Rounds stop when the predicted speedup reaches the target;
-  4. the result: the final policy runs on the calibration trajectories and its error against the
+  4. the check: one image's denoise + decode is timed with and without the policy (what bench reports per
+     image); a measured speedup short of the target raises the goal by the shortfall and the rounds go on
+     (MEASURE_ATTEMPTS searches at most);
+  5. the result: the final policy runs on the calibration trajectories and its error against the
      uncached run is measured (final latents, decoded images' PSNR).
 The policy is for one (sampler, steps); generate and bench apply it only at those settings.
 """
@@ -36,7 +39,7 @@ import torch
 from ditkit.formats.errors import ConfigError
 
 from .generate import GenerateConfig, conditions, latent_hw, settings
-from .runtime import cpu_ms
+from .runtime import cpu_ms, image_speedup
 from .sample import SAMPLERS, decode, denoise, image_noise, make_scheduler, padded, pad_rows
 
 MAX_CHUNKS = 4  # candidate ranges are built from at most this many groups of blocks (10 ranges: calibration cost)
@@ -354,18 +357,10 @@ def _greedy(c: _Calib, skip: list, goal: float, spd, ranges, rounds: list) -> No
 
 
 def _measured_speedup(c: _Calib, skip: list, repeats: int) -> float:
-    """One image's denoise + decode without and with the policy (CPU time, one thread, interleaved medians)."""
-    noise = c.noise[:1]
     first = lambda d: None if d is None else {k: v[:1] for k, v in d.items()}  # noqa: E731
-    cond, uncond = first(c.cond), first(c.uncond)
     policy = CachePolicy(sampler=c.sampler, steps=c.steps, num_blocks=c.n_blocks, skip=list(skip))
-
-    def image(predict):
-        return decode(c.bundle.vae, denoise(c.fam, c.tr, c.sched(), noise, cond, uncond, c.guidance, c.steps,
-                                            predict=predict))
-    med = cpu_ms({"plain": lambda: image(None),
-                  "cached": lambda: image(cached_predict(c.bundle, policy, c.guidance))}, repeats)
-    return med["plain"] / max(med["cached"], 1e-9)
+    return image_speedup(c.bundle, c.noise[:1], first(c.cond), first(c.uncond), c.sampler, c.steps, c.guidance,
+                         lambda: cached_predict(c.bundle, policy, c.guidance), repeats)
 
 
 def _speedup(skip: list, steps: int, n_blocks: int, full: float, skip_all: float, dec: float) -> float:

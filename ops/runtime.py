@@ -55,3 +55,19 @@ def cpu_ms(calls: dict, repeats: int) -> dict:
     finally:
         torch.set_num_threads(threads)
     return {k: float(np.median(v)) for k, v in times.items()}
+
+
+def image_speedup(bundle, noise, cond: dict, uncond: dict | None, sampler: str, steps: int, guidance: float,
+                  make_predict, repeats: int) -> float:
+    """One image's denoise + decode at (sampler, steps, guidance) without and with `make_predict()` replacing the
+    transformer call, in process CPU time on one thread (interleaved medians): bench's per-image figure, as the
+    calibrating ops (cache, distill --mode feedback) check their choice."""
+    from .sample import decode, denoise, make_scheduler
+
+    fam, tr = bundle.family, bundle.transformer
+
+    def image(predict):
+        sched = make_scheduler(fam, bundle.scheduler, sampler)
+        return decode(bundle.vae, denoise(fam, tr, sched, noise, cond, uncond, guidance, steps, predict=predict))
+    med = cpu_ms({"plain": lambda: image(None), "fast": lambda: image(make_predict())}, repeats)
+    return med["plain"] / max(med["fast"], 1e-9)

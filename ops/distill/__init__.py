@@ -16,7 +16,6 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
-import torch
 from torch import nn
 
 from ditkit.formats.errors import ConfigError, choice_error

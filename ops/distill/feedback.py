@@ -11,7 +11,8 @@ settings and, at the start, its weights), s a scalar gate initialized at zero. H
      partial call, and the decode, in process CPU time on one thread) gives the fewest partial steps that
      reach `target_speedup`; which steps are partial is ranked by the measured error of the untrained partial
      step (s = 0: the plain cached deviation) against the full call on the pool, lowest first, never step 0
-     and never more than MAX_CHAIN partial steps in a row;
+     and never more than MAX_CHAIN partial steps in a row; the schedule is then timed end to end on one image
+     and a measured shortfall raises the goal (MEASURE_ATTEMPTS choices at most);
   3. training: only F and s train (the backbone is frozen and never copied: the output bundle holds the very
      same tensors). A row is (trajectory, partial step i, branch): the partial call is made from the true
      g and H of step i-1 on step i's latents, and its loss is the relative squared error of the model output
@@ -26,7 +27,7 @@ from ditkit.formats.errors import ConfigError, UnsupportedModelError
 from ditkit.ops.feedback import (Feedback, FeedbackModule, FeedbackRunner, FeedbackSchedule, backbone_blocks,
                                  feedback_predict)
 from ditkit.ops.generate import GenerateConfig, settings
-from ditkit.ops.runtime import cpu_ms
+from ditkit.ops.runtime import cpu_ms, image_speedup
 from ditkit.ops.sample import decode, denoise, make_scheduler, pad_rows
 
 from .common import conditions, local_rows, native_hw, pool_noise, reduce_rows, to_device
@@ -129,15 +130,14 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def partial_call(fam, tr, runner: FeedbackRunner, pool: Pool, p, i, branch, guidance, device, dtype):
-    """The partial call of rows (trajectory p, step i, branch) from the true state of step i-1."""
+    """The model output of the partial call of rows (trajectory p, step i, branch) from the true state of step
+    i-1 (i an int or a tensor per row); the runner is left holding the predicted block-j state."""
     x = pool.x[p, i].to(device, dtype)
     t = pool.t[i].expand(len(p)).to(device)
     pool.set_state(runner, p, i, branch, device, dtype)
     runner.partial = True
-    cond = pool.rows(p, branch, device, dtype)
     with runner.hooked():
-        out = fam.predict(tr, x, t, cond, guidance).float()
-    return out, runner.h.float()
+        return fam.predict(tr, x, t, pool.rows(p, branch, device, dtype), guidance).float()
 
 
 @torch.no_grad()
@@ -148,7 +148,7 @@ def step_errors(fam, tr, runner, pool: Pool, guidance, device, dtype) -> list[fl
     for i in range(1, pool.x.shape[1]):
         p = torch.arange(n).repeat_interleave(pool.branches)
         branch = torch.arange(pool.branches).repeat(n)
-        out, _ = partial_call(fam, tr, runner, pool, p, i, branch, guidance, device, dtype)
+        out = partial_call(fam, tr, runner, pool, p, i, branch, guidance, device, dtype)
         errs.append(float(_rel(out, pool.o[p, i, branch].to(device)).mean()))
     return errs
 
@@ -226,26 +226,18 @@ def choose_schedule(errors: list[float], cost: dict, target: float | None, stric
     return partial
 
 
-@torch.no_grad()
 def measured_speedup(bundle, module, pool: Pool, partial: list, sampler: str, j: int, guidance, device) -> float:
-    """One image's denoise + decode without and with the schedule (CPU time, one thread, interleaved medians):
-    what bench measures. The gate does not change the cost, so the untrained module times the trained one."""
+    """ops.runtime.image_speedup of the schedule on the pool's first trajectory. The gate does not change the
+    cost, so the untrained module times the trained one."""
     fam, tr = bundle.family, bundle.transformer
     dtype = next(tr.parameters()).dtype
     p = torch.zeros(1, dtype=torch.long)
     c = to_device(pool.conds.rows(p), device, dtype)
     u = to_device(pool.conds.rows(p, uncond=True), device, dtype) if pool.branches > 1 else None
-    noise = pool.x[:1, 0].to(device)
     fb = Feedback(module, FeedbackSchedule(sampler=sampler, steps=len(partial), num_blocks=len(fam.blocks(tr)),
                                            block=j, partial=list(partial)))
-
-    def image(predict):
-        lat = denoise(fam, tr, make_scheduler(fam, bundle.scheduler, sampler), noise, c, u, guidance, len(partial),
-                      predict=predict)
-        return decode(bundle.vae, lat) if bundle.vae is not None else lat
-    med = cpu_ms({"plain": lambda: image(None), "feedback": lambda: image(feedback_predict(bundle, fb, guidance))},
-                 TIMING_REPEATS // 3)
-    return med["plain"] / max(med["feedback"], 1e-9)
+    return image_speedup(bundle, pool.x[:1, 0].to(device), c, u, sampler, len(partial), guidance,
+                         lambda: feedback_predict(bundle, fb, guidance), TIMING_REPEATS // 3)
 
 
 def calibrated_schedule(bundle, module, pool, errors, cost, target, sampler, j, guidance, device):
@@ -337,12 +329,7 @@ def prepare(ctx):
         p, rest = idx // (len(part) * R), idx % (len(part) * R)
         i, branch = part_t[rest // R], rest % R
         train_runner = FeedbackRunner(fam, tr, j, model)
-        x = pool.x[p, i].to(device, dtype)
-        pool.set_state(train_runner, p, i, branch, device, dtype)
-        train_runner.partial = True
-        t = pool.t[i].to(device)
-        with train_runner.hooked():
-            out = fam.predict(tr, x, t, pool.rows(p, branch, device, dtype), guidance).float()
+        out = partial_call(fam, tr, train_runner, pool, p, i, branch, guidance, device, dtype)
         per_row = cfg.output_weight * _rel(out, pool.o[p, i, branch].to(device))
         if cfg.feature_weight:
             per_row = per_row + cfg.feature_weight * _rel(train_runner.h.float(), pool.h[p, i, branch].to(device))
