@@ -4,15 +4,16 @@ The file holds the module's tensors (`block.*`, the copied backbone block, and `
 metadata, `config`: {"source": "<backbone block it copies>", "schedule": {sampler, steps, num_blocks, block,
 partial}, "backbone": <fingerprint of the transformer it was trained on>}. A module is only saved with, and
 only loaded onto, the backbone whose fingerprint it records: an op that changed the weights (prune, quantize,
-a fused LoRA) cannot carry a stale feedback module along. Loading rebuilds the module as a copy of that backbone block (so its class and settings come from
-the bundle's own transformer) and loads the tensors strictly: nothing is executed, only tensors and JSON.
+a fused LoRA) cannot carry a stale feedback module along. Loading rebuilds the module as a copy of that
+backbone block (so its class and settings come from the bundle's own transformer) and loads the tensors
+strictly: nothing is executed, only tensors and JSON.
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from .errors import FormatError
+from .errors import ConfigError, FormatError
 from .safetensors_check import read_header
 
 DIR = "feedback"
@@ -75,8 +76,9 @@ def load_feedback(root: Path, family, transformer):
         config = json.loads(meta["config"])
         source, schedule = str(config["source"]), FeedbackSchedule.from_dict(config["schedule"])
         backbone = str(config["backbone"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise FormatError(f"{path}: its metadata has no valid feedback config ({e!r}); re-run distill --mode feedback")
+    except (KeyError, TypeError, ValueError, RecursionError, ConfigError) as e:
+        msg = str(e) if isinstance(e, ConfigError) else repr(e)[:120]
+        raise FormatError(f"{path}: its metadata has no valid feedback config ({msg}); re-run distill --mode feedback")
     blocks = backbone_blocks(family, transformer)
     if schedule.num_blocks != len(blocks):
         raise FormatError(f"{path}: the feedback module was trained on a {schedule.num_blocks}-block backbone, "

@@ -227,3 +227,64 @@ def test_a_newer_manifest_is_refused(tmp_path):
     (tmp_path / "ditkit.json").write_text('{"format_version": 99}')
     with pytest.raises(FormatError, match="newer than this ditkit reads"):
         read_manifest(tmp_path)
+
+
+# -- feedback/feedback.safetensors (distill --mode feedback): its config metadata --------------------------------
+
+_FB = {}
+
+
+def _feedback_parts():
+    """A tiny DiT transformer and a matching feedback module's tensors (built once)."""
+    if not _FB:
+        import diffusers
+
+        from ditkit.ops.feedback import FeedbackModule
+
+        tr = diffusers.DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4,
+                                              out_channels=8, num_layers=2, sample_size=4, patch_size=2,
+                                              num_embeds_ada_norm=10).eval()
+        from ditkit.formats.feedback import fingerprint
+
+        _FB.update(tr=tr, tensors={k: v.detach().clone().contiguous()
+                                   for k, v in FeedbackModule(tr.transformer_blocks[1], "x").state_dict().items()},
+                   backbone=fingerprint(tr))
+    return _FB
+
+
+def check_feedback_config(text: str):
+    from safetensors.torch import save_file
+
+    from ditkit.formats.families import get_family
+    from ditkit.formats.feedback import DIR, WEIGHTS, load_feedback
+
+    parts = _feedback_parts()
+    root = Path(tempfile.mkdtemp(prefix="ditkit-fuzz-"))
+    (root / DIR).mkdir()
+    save_file(parts["tensors"], str(root / DIR / WEIGHTS), metadata={"config": text})
+    fb, _ = only_typed_errors(load_feedback, root, get_family("dit"), parts["tr"])
+    if fb is not None:  # accepted: a schedule that generate can follow
+        assert fb.schedule.num_blocks == 2 and len(fb.schedule.partial) == fb.schedule.steps
+
+
+feedback_configs = st.fixed_dictionaries({}, optional={
+    "source": json_values | st.sampled_from(["transformer_blocks.1", "transformer_blocks.9", "pos_embed", ""]),
+    "backbone": json_values,
+    "schedule": json_values | st.fixed_dictionaries({}, optional={
+        "sampler": json_values, "steps": json_values | st.integers(-3, 40), "num_blocks": json_values | st.just(2),
+        "block": json_values | st.integers(-2, 3), "partial": json_values | st.lists(st.booleans(), max_size=6)})})
+
+
+@BUDGET
+@given(feedback_configs)
+def test_fuzz_feedback_config_fields(conf):
+    check_feedback_config(json.dumps(conf))
+
+
+@BUDGET
+@given(edit_lists)
+def test_fuzz_feedback_config_mutated(edits):
+    real = {"source": "transformer_blocks.1", "backbone": _feedback_parts()["backbone"],
+            "schedule": {"sampler": "ddim", "steps": 4, "num_blocks": 2, "block": 1,
+                         "partial": [False, True, True, False]}}
+    check_feedback_config(mutate(json.dumps(real).encode(), edits).decode("utf-8", "replace"))

@@ -222,7 +222,8 @@ def choose_schedule(errors: list[float], cost: dict, target: float | None, stric
         best = predicted_speedup(partial, cost)
         raise ConfigError(f"--target-speedup {target} is out of reach: with at most {MAX_CHAIN} partial steps in a "
                           f"row the cost model predicts {best:.2f}x (full call {cost['full_ms']:.2f} ms, partial "
-                          f"{cost['partial_ms']:.2f} ms, decode {cost['decode_ms']:.2f} ms); choose a lower --target-speedup")
+                          f"{cost['partial_ms']:.2f} ms, decode {cost['decode_ms']:.2f} ms); choose a lower "
+                          "--target-speedup")
     return partial
 
 
