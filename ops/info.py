@@ -44,6 +44,7 @@ class InfoReport:
     op: str | None = None
     lineage: list = field(default_factory=list)
     has_judge: bool = False
+    acceleration: dict | None = None  # the step-caching policy (ditkit cache) or feedback module it carries
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -90,5 +91,21 @@ def info(bundle, cfg: InfoConfig):
         num_blocks=len(bundle.family.blocks(bundle.transformer)),
         flops_per_step=count_flops(bundle, cfg.batch, hw),
         defaults=bundle.defaults(), op=bundle.manifest.get("op"), lineage=bundle.manifest.get("lineage", []),
-        has_judge=bundle.judge is not None)
+        has_judge=bundle.judge is not None, acceleration=acceleration(bundle))
     return bundle, report
+
+
+def acceleration(bundle) -> dict | None:
+    """What makes the bundle's steps cheaper at its own settings: a cache policy or a feedback module."""
+    fb = getattr(bundle, "feedback", None)
+    if fb is not None:
+        s = fb.schedule
+        return {"kind": "feedback", "sampler": s.sampler, "steps": s.steps, "partial_steps": s.partial_steps(),
+                "block": s.block, "params": sum(p.numel() for p in fb.module.parameters())}
+    from .cache import bundle_policy
+
+    policy = bundle_policy(bundle)  # validated: a malformed policy is a ConfigError, not a crash
+    if policy is not None:
+        return {"kind": "cache", "sampler": policy.sampler, "steps": policy.steps,
+                "skipped_block_steps": policy.skipped_blocks()}
+    return None
