@@ -141,6 +141,8 @@ def test_feedback_bundle_round_trip_and_generate(tiny_dir, cli, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     loaded = load_bundle(out)
     assert loaded.feedback.schedule.to_dict() == doc["details"]["schedule"]
+    acc = cli("info", out, "--json").json()["acceleration"]
+    assert acc["kind"] == "feedback" and acc["partial_steps"] == loaded.feedback.schedule.partial_steps() > 0
     # the reloaded module is the trained one: same images as the in-memory bundle distill returned
     cfg = GenerateConfig(labels=[1, 2, 3], num_images=4)
     args = ["--labels", "1,2,3", "--num-images", 4, "--json"]
