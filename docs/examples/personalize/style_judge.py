@@ -52,7 +52,7 @@ def rendered(variants) -> tuple[torch.Tensor, np.ndarray]:
 
 def typed_rate(judge, x) -> float:
     with torch.no_grad():
-        return float((judge(x).argmax(1) == 1).float().mean())
+        return round(float((judge(x).argmax(1) == 1).float().mean()), 4)
 
 
 def main(argv=None) -> int:
@@ -73,6 +73,7 @@ def main(argv=None) -> int:
     td.seed_everything(args.seed, args.threads)
     t0 = time.time()
     vae = load_bundle(args.model).vae
+    torch.manual_seed(args.seed)  # again: building the model drew from the RNG, differently per family
     hand = td.load_split(args.seed)
     typed = load_typed(args.typed)
     # 1. training pool: raw and VAE round trips, typed augmented 8x before its round trip
@@ -102,7 +103,7 @@ def main(argv=None) -> int:
         "handwritten_held_out_vae_called_typed": typed_rate(judge, round_trip(vae, hand["x_held"])),
         "typed_unseen_called_typed": typed_rate(judge, x_unseen),
         "typed_unseen_vae_called_typed": typed_rate(judge, round_trip(vae, x_unseen)),
-        "final_loss": float(loss), "steps": args.steps, "seconds": round(time.time() - t0, 1),
+        "final_loss": round(loss.item(), 6), "steps": args.steps, "seconds": round(time.time() - t0, 1),
         "params": sum(p.numel() for p in judge.parameters()),
     }
     feats, _ = judge_features(judge, x_typed)
