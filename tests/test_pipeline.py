@@ -30,7 +30,14 @@ def test_quick_pipeline_builds_gates_and_rebuilds_only_what_changed(tmp_path):
     assert names == ["tiny-digits", "recovered", "fewstep", "quantized", "onnx"]
     fewstep = doc["models"][2]
     assert fewstep["steps"] == 4 and fewstep["speedup_per_image"] > 2  # 4 steps against the base's 25
-    assert (out / "lora-bench.json").is_file() and (out / "typed.safetensors").is_file()
+    # the LoRA product is an adapter on the text default (issue 9), fused into a bundle and benched against it
+    from ditkit.formats.lora import load_adapter
+
+    adapter = load_adapter(out / "typed.safetensors")
+    assert adapter.family == "pixart" and adapter.rank == 4 and adapter.info.get("trigger") == "typed"
+    lora = json.loads((out / "lora-bench.json").read_text())["models"]
+    assert [(m["name"], m["family"]) for m in lora] == [("tiny-digits-text", "pixart"), ("lora-fused", "pixart")]
+    assert lora[1]["quality"]["identical"] is False  # the fused adapter changes the weights
     assert "Nothing to be done" in make(out).stdout
     shutil.rmtree(out / "quantized")
     plan = make(out, "-n").stdout
