@@ -12,6 +12,8 @@ class_accuracy_model_judge
                 the same with the model's own digit judge (from the samples' generate.json): trained on
                 handwritten digits only, it misreads typed ones (0.76 on the real style set), so it is
                 reported, not used for the bar
+untriggered_*   with --untriggered (text models): style rate and class accuracy of the adapter's samples on
+                the base's own prompts ("a handwritten seven", no trigger word): how far the style leaks
 base_unchanged  the base model's samples without the adapter after training (--after) are bit-identical to
                 the ones made before training (--before), same seeds and settings
 """
@@ -45,6 +47,7 @@ def main(argv=None) -> int:
     p.add_argument("--class-judge", type=Path, required=True)
     p.add_argument("--before", type=Path, required=True)
     p.add_argument("--after", type=Path, required=True)
+    p.add_argument("--untriggered", type=Path, default=None, help="adapter samples on prompts without the trigger")
     p.add_argument("--train", type=Path, default=None, help="lora-train's --json output (adapter size, time)")
     args = p.parse_args(argv)
 
@@ -75,6 +78,14 @@ def main(argv=None) -> int:
         "fd_model_judge": model_judge.get("fd"),
         "conditions": sorted(set(map(str, sidecar["report"]["conditions"])))[:10],
     }
+    if args.untriggered is not None:
+        imgs = read_images(args.untriggered)
+        conds = json.loads((args.untriggered / SIDECAR).read_text())["report"]["conditions"]
+        with torch.no_grad():
+            x = images_to_tensor(imgs)
+            doc["untriggered_style_rate"] = round(float((judge(x).argmax(1) == 1).float().mean()), 4)
+            right = classes(x).argmax(1).numpy() == np.array([digit_of(c) for c in conds])
+        doc["untriggered_class_accuracy"] = round(float(right.mean()), 4)
     if args.train is not None and args.train.is_file():
         t = json.loads(args.train.read_text())
         doc.update(adapter_fraction=t.get("adapter_fraction"), rank=t.get("rank"), alpha=t.get("alpha"),
