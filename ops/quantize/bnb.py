@@ -140,6 +140,10 @@ def _linear4(spec: dict, device: str, weight=None, t=None, bias=None) -> nn.Modu
     else:
         m.weight = _prequantized(bnb, t, device, m)
     m.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+    # On CPUs with AVX512-BF16, bitsandbytes 0.50 repacks a Linear4bit's weight in place on its first forward
+    # into a CPU-only layout: that fails for layers narrower than a quantization block ("shape '[192, 0]' is
+    # invalid"), and the repacked tensors are not the format ditkit writes. Keep the portable layout.
+    m.support_avx512bf16_for_cpu = False
     m = m.to(device)
     return tag(m, LINEAR4, _kernel4(device, cd), spec, fallback=_dense4(device))
 
