@@ -60,3 +60,25 @@ def cli(capsys):
         return CliResult(code, captured.out, captured.err)
 
     return run
+
+
+def sigterm_during_distill(monkeypatch, at_step: int):
+    """Make the next `ditkit distill` in this process receive SIGTERM right after training step `at_step`;
+    returns a function that undoes it."""
+    import os
+    import signal
+
+    import ditkit.ops.distill as op
+
+    real_train = op.train
+
+    def train_then_stop(*args, on_step=None, **kw):
+        def hook(step, loss):
+            if on_step:
+                on_step(step, loss)
+            if step == at_step:
+                os.kill(os.getpid(), signal.SIGTERM)
+        return real_train(*args, on_step=hook, **kw)
+
+    monkeypatch.setattr(op, "train", train_then_stop)
+    return lambda: monkeypatch.setattr(op, "train", real_train)

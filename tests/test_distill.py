@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +19,7 @@ from ditkit.formats.errors import ConfigError
 from ditkit.ops.distill import DISTILL_MODES, DistillConfig, distill, recover, steps
 from ditkit.ops.prune.depth import remove_blocks
 from ditkit.ops.sample import denoise
-from conftest import FAMILY_NAMES
+from conftest import FAMILY_NAMES, sigterm_during_distill
 
 @pytest.fixture(autouse=True)
 def one_thread():
@@ -199,23 +198,11 @@ def test_cli_resume_after_sigterm_equals_uninterrupted(tiny_dir, tmp_path, cli, 
     assert reloaded.manifest["op"] == "distill" and reloaded.manifest["parent"]["path"] == str(src)
     assert type(reloaded.scheduler).__name__ == "DDIMScheduler"
 
-    import ditkit.ops.distill as op
-
-    real_train = op.train
-
-    def train_then_stop(*args, on_step=None, **kw):  # SIGTERM arrives after step 3
-        def hook(step, loss):
-            if on_step:
-                on_step(step, loss)
-            if step == 3:
-                os.kill(os.getpid(), signal.SIGTERM)
-        return real_train(*args, on_step=hook, **kw)
-
-    monkeypatch.setattr(op, "train", train_then_stop)
+    restore = sigterm_during_distill(monkeypatch, 3)  # SIGTERM arrives after step 3
     b = cli("distill", src, "-o", tmp_path / "b", "--mode", "steps", *CLI_FAST)
     assert b.code == 130 and "--resume" in b.error_line
     assert not (tmp_path / "b").exists() and (tmp_path / "b.ckpt" / "checkpoint").is_dir()
-    monkeypatch.setattr(op, "train", real_train)
+    restore()
     again = cli("distill", src, "-o", tmp_path / "b", "--mode", "steps", *CLI_FAST)
     assert again.code == 2 and "pass --resume to continue it or --force" in again.error_line
     r = cli("distill", src, "-o", tmp_path / "b", "--mode", "steps", *CLI_FAST, "--resume", "--json")

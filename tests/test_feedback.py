@@ -5,8 +5,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import os
-import signal
 
 import numpy as np
 import pytest
@@ -23,7 +21,7 @@ from ditkit.ops.distill.feedback import MAX_CHAIN, choose_schedule, predicted_sp
 from ditkit.ops.feedback import Feedback, FeedbackModule, FeedbackSchedule, feedback_predict
 from ditkit.ops.generate import GenerateConfig, generate
 from ditkit.ops.sample import denoise, image_noise, make_scheduler
-from conftest import FAMILY_NAMES
+from conftest import FAMILY_NAMES, sigterm_during_distill
 
 FAST = dict(steps=4, batch_size=8, pool_size=4, val_images=2, lr=1e-3, ema_decay=0.0, warmup_steps=0)
 CLI_FAST = ["--steps", 4, "--batch-size", 8, "--pool-size", 4, "--val-images", 2, "--ema-decay", 0,
@@ -194,22 +192,10 @@ def test_feedback_resume_after_sigterm_equals_uninterrupted(tiny_dir, tmp_path, 
     monkeypatch.setattr(fbmode, "cost_model", lambda *a, **k: dict(fixed))
     a = cli("distill", src, "-o", tmp_path / "a", "--mode", "feedback", *CLI_FAST, "--json")
     assert a.code == 0, a.err
-    import ditkit.ops.distill as op
-
-    real_train = op.train
-
-    def train_then_stop(*args, on_step=None, **kw):
-        def hook(step, loss):
-            if on_step:
-                on_step(step, loss)
-            if step == 2:
-                os.kill(os.getpid(), signal.SIGTERM)
-        return real_train(*args, on_step=hook, **kw)
-
-    monkeypatch.setattr(op, "train", train_then_stop)
+    restore = sigterm_during_distill(monkeypatch, 2)  # SIGTERM arrives after step 2
     b = cli("distill", src, "-o", tmp_path / "b", "--mode", "feedback", *CLI_FAST)
     assert b.code == 130 and not (tmp_path / "b").exists()
-    monkeypatch.setattr(op, "train", real_train)
+    restore()
     # the resumed run keeps the schedule the interrupted one was timed and started with
     monkeypatch.setattr(fbmode, "cost_model", lambda *a, **k: pytest.fail("a resumed run must not re-time"))
     r = cli("distill", src, "-o", tmp_path / "b", "--mode", "feedback", *CLI_FAST, "--resume", "--json")
