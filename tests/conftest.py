@@ -82,3 +82,16 @@ def sigterm_during_distill(monkeypatch, at_step: int):
 
     monkeypatch.setattr(op, "train", train_then_stop)
     return lambda: monkeypatch.setattr(op, "train", real_train)
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread (as --threads 1 does for the CLI): tiny models on a shared machine run several times
+    faster than with contended threads, and timings stay steady. Modules use it with
+    `pytestmark = pytest.mark.usefixtures("one_thread")`, single tests by name."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

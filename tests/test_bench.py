@@ -218,15 +218,6 @@ def test_judge_gates_need_a_judge(tiny_dir, bare_dir):
 
 # -- op level ------------------------------------------------------------------------------------------
 
-@pytest.fixture
-def one_thread():
-    """One torch thread, as --threads 1 does for the CLI tests: steady when other jobs share the cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _judged(path):
     """A bundle with a (random) judge attached, so the judge's accuracy and FD are computed."""
     b = load_bundle(path)

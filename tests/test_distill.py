@@ -21,13 +21,7 @@ from ditkit.ops.prune.depth import remove_blocks
 from ditkit.ops.sample import denoise
 from conftest import FAMILY_NAMES, sigterm_during_distill
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models on a shared machine: one thread is several times faster than contended ones."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 FAST = dict(steps=3, batch_size=4, pool_size=4, val_images=2, lr=1e-3, ema_decay=0.0, warmup_steps=0)

@@ -28,12 +28,7 @@ CLI_FAST = ["--steps", 4, "--batch-size", 8, "--pool-size", 4, "--val-images", 2
             "--warmup-steps", 0, "--checkpoint-every", 2]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _weights(root):
