@@ -95,3 +95,37 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+# -- the embedded defaults' asset tests (a module sets ASSET = the asset's directory, PIPELINE = its diffusers
+# pipeline class name, BUILDER = the module that rebuilds it) -------------------------------------------------
+
+@pytest.fixture(scope="module")
+def asset(request) -> Path:
+    m = request.module
+    assert (m.ASSET / "model_index.json").is_file(), f"{m.ASSET} is missing; build it with python -m {m.BUILDER}"
+    return m.ASSET
+
+
+@pytest.fixture(scope="module")
+def manifest(asset) -> dict:
+    import json
+
+    return json.loads((asset / "ditkit.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def pipe(asset, request):
+    """The asset loaded by diffusers' own pipeline class (no ditkit code involved)."""
+    import diffusers
+
+    p = getattr(diffusers, request.module.PIPELINE).from_pretrained(asset)
+    p.set_progress_bar_config(disable=True)
+    return p
+
+
+@pytest.fixture(scope="module")
+def judge(asset):
+    from ditkit.formats.judge import load_judge
+
+    return load_judge(asset / "judge").judge

@@ -4,7 +4,6 @@ Rebuild it with `python -m ditkit.ops.defaults.tiny_digits` (see docs/tiny-digit
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -18,32 +17,8 @@ from ditkit.ops.judge import frechet_distance, score
 
 ASSET = Path(ditkit.formats.__file__).parent / "assets" / "tiny-digits"
 MAX_BYTES = 10 * 1024 * 1024
-
-
-@pytest.fixture(scope="module")
-def asset() -> Path:
-    assert (ASSET / "model_index.json").is_file(), (
-        f"{ASSET} is missing; build it with python -m ditkit.ops.defaults.tiny_digits")
-    return ASSET
-
-
-@pytest.fixture(scope="module")
-def manifest(asset) -> dict:
-    return json.loads((asset / "ditkit.json").read_text())
-
-
-@pytest.fixture(scope="module")
-def pipe(asset):
-    from diffusers import DiTPipeline
-
-    p = DiTPipeline.from_pretrained(asset)
-    p.set_progress_bar_config(disable=True)
-    return p
-
-
-@pytest.fixture(scope="module")
-def judge(asset):
-    return load_judge(asset / "judge").judge
+PIPELINE = "DiTPipeline"  # conftest's `pipe` fixture loads the asset with it
+BUILDER = "ditkit.ops.defaults.tiny_digits"
 
 
 def test_asset_is_small_and_pickle_free(asset):

@@ -5,48 +5,21 @@ Rebuild it with `python -m ditkit.ops.defaults.tiny_digits_text` (see docs/tiny-
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 
 import ditkit.formats
 from ditkit.formats.bundle import DEFAULT_MODELS, load_bundle
-from ditkit.formats.judge import load_judge
 from ditkit.ops.defaults.tiny_digits_text import LABEL_NAMES, MAX_TOKENS, TEMPLATES, VOCAB, prompt
 from ditkit.ops.judge import score
 
 ASSET = Path(ditkit.formats.__file__).parent / "assets" / "tiny-digits-text"
 MAX_BYTES = 10 * 1024 * 1024
+PIPELINE = "PixArtAlphaPipeline"  # conftest's `pipe` fixture loads the asset with it
+BUILDER = "ditkit.ops.defaults.tiny_digits_text"
 LABELS = list(range(10)) * 2  # 20 images: a few seconds on 2 cores
-
-
-@pytest.fixture(scope="module")
-def asset() -> Path:
-    assert (ASSET / "model_index.json").is_file(), (
-        f"{ASSET} is missing; build it with python -m ditkit.ops.defaults.tiny_digits_text")
-    return ASSET
-
-
-@pytest.fixture(scope="module")
-def manifest(asset) -> dict:
-    return json.loads((asset / "ditkit.json").read_text())
-
-
-@pytest.fixture(scope="module")
-def pipe(asset):
-    from diffusers import PixArtAlphaPipeline
-
-    p = PixArtAlphaPipeline.from_pretrained(asset)
-    p.set_progress_bar_config(disable=True)
-    return p
-
-
-@pytest.fixture(scope="module")
-def judge(asset):
-    return load_judge(asset / "judge").judge
 
 
 def draw(pipe, prompts: list[str], d: dict) -> np.ndarray:
