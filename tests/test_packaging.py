@@ -9,7 +9,7 @@ def test_every_subpackage_is_mapped():
     tool = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
     mapping = tool["package-dir"]
     on_disk = set()
-    for top, name in (("cli", "ditkit.cli"), ("ops", "ditkit.ops"), ("formats", "ditkit.formats")):
+    for top, name in (("cli", "ditkit.cli"), ("ops", "ditkit.ops"), ("formats", "ditkit.formats"), ("nn", "ditkit.nn")):
         for init in (ROOT / top).rglob("__init__.py"):
             rel = init.parent.relative_to(ROOT / top).parts
             on_disk.add(".".join((name, *rel)))
