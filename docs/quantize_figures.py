@@ -33,7 +33,7 @@ def kernels(rounds: int) -> None:
     import torch
     import torch.nn.functional as F
 
-    from ditkit.ops.quantize.base import int8_rows
+    from ditkit.nn.quantized import int8_rows
 
     warnings.filterwarnings("ignore")
     from torch.ao.nn.quantized.dynamic import Linear as DynamicQuantizedLinear
@@ -84,7 +84,7 @@ def engines(rounds: int) -> None:
     import torch
     import torch.nn.functional as F
 
-    from ditkit.ops.quantize.base import int8_rows
+    from ditkit.nn.quantized import int8_rows
 
     warnings.filterwarnings("ignore")
     from torch.ao.nn.quantized.dynamic import Linear as DynamicQuantizedLinear

@@ -15,8 +15,9 @@ from ditkit.formats import quantized
 from ditkit.formats.bundle import load_bundle, save_bundle
 from ditkit.formats.errors import ConfigError, FormatError, HardwareError, UnsupportedModelError
 from ditkit.formats.manifest import new_manifest
+from ditkit.nn.quantized import KERNEL_ATTR, int8_rows
 from ditkit.ops.quantize import KINDS, QuantizeConfig, check_hardware, quantize
-from ditkit.ops.quantize.base import KERNEL_ATTR, int8_rows, sqnr_db
+from ditkit.ops.quantize.base import sqnr_db
 
 CPU_SCHEMES = ["int8-dynamic", "int8-weight-only", "bnb-int8", "bnb-nf4", "bnb-fp4"]
 # Bounds from measured tiny-model figures with a margin (docs/quantize.md has the full table).
