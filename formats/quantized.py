@@ -45,9 +45,10 @@ def quantized_modules(model) -> dict:
 def param_count(model) -> int:
     """Parameters as the float model had them: quantized modules count their logical weights and biases
     (torch.ao keeps its int8 weights outside .parameters(), so a plain count would miss them)."""
+    from torch import nn
+
     qmods = quantized_modules(model)
-    total = sum(t.numel() for name, t in _plain_tensors(model, set(qmods)).items()
-                if isinstance(t, __import__("torch").nn.Parameter))
+    total = sum(t.numel() for name, t in _plain_tensors(model, set(qmods)).items() if isinstance(t, nn.Parameter))
     for m in qmods.values():
         s = m.ditkit_spec
         if "in_features" in s:

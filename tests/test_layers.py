@@ -2,7 +2,8 @@
 
 Every module of the ditkit package is read with `ast` (nothing is imported): every import statement counts,
 module-level or inside a function, absolute or relative. An import of `ditkit.a.b` is an edge to the module
-`ditkit.a.b` (to the package `ditkit.a` only where `b` is a name defined in it, not a module).
+`ditkit.a.b` (to the package `ditkit.a` only where `b` is a name defined in it, not a module);
+`importlib.import_module` counts where its argument is a literal string (a computed name cannot be read).
 """
 from __future__ import annotations
 
@@ -30,41 +31,31 @@ ALLOWED_CYCLE_EDGES: dict[tuple[str, str], str] = {
 }
 
 
-def module_name(path: Path) -> str:
-    rel = path.relative_to(ROOT).with_suffix("")
-    parts = rel.parts[:-1] if rel.name == "__init__" else rel.parts
-    return ".".join(("ditkit", *parts))
-
-
-def ditkit_modules(root: Path = ROOT) -> dict[str, Path]:
-    out = {}
-    for top in LAYERS:
-        for path in sorted((root / top).rglob("*.py")):
-            out[module_name(path) if root == ROOT else module_name_under(root, path)] = path
-    return out
-
-
-def module_name_under(root: Path, path: Path) -> str:
+def module_name(root: Path, path: Path) -> str:
     rel = path.relative_to(root).with_suffix("")
     parts = rel.parts[:-1] if rel.name == "__init__" else rel.parts
     return ".".join(("ditkit", *parts))
 
 
+def ditkit_modules(root: Path) -> dict[str, Path]:
+    return {module_name(root, path): path for top in LAYERS for path in sorted((root / top).rglob("*.py"))}
+
+
+def literal_import_module(node: ast.AST) -> str | None:
+    """"ditkit.x.y" of `importlib.import_module("ditkit.x.y")` (a computed name cannot be read)."""
+    if (isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", None)) == "import_module"
+            and node.args and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)):
+        return node.args[0].value
+    return None
+
+
 def imports_of(name: str, path: Path, known: set[str]) -> set[str]:
     """The ditkit modules that `name` (the file at `path`) imports."""
-    is_pkg = path.name == "__init__.py"
-    package = name if is_pkg else name.rpartition(".")[0]
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     out = set()
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
-        if isinstance(node, ast.Import):
-            for alias in node.names:
-                target = alias.name
-                while target and target not in known:  # `import ditkit.ops.x.y` runs ditkit.ops.x.y
-                    target = target.rpartition(".")[0]
-                if target:
-                    out.add(target)
-        elif isinstance(node, ast.ImportFrom):
-            if node.level:
+        if isinstance(node, ast.ImportFrom):
+            if node.level:  # relative: `from ..x import y` in ditkit.a.b.c is ditkit.a.x
                 base = package.split(".")
                 base = base[: len(base) - (node.level - 1)]
                 source = ".".join(base + ([node.module] if node.module else []))
@@ -76,6 +67,16 @@ def imports_of(name: str, path: Path, known: set[str]) -> set[str]:
                     out.add(sub)
                 elif source in known:
                     out.add(source)
+            continue
+        if isinstance(node, ast.Import):
+            targets = [alias.name for alias in node.names]
+        else:
+            targets = [t for t in [literal_import_module(node)] if t]
+        for target in targets:
+            while target and target not in known:  # `import ditkit.ops.x.y` runs ditkit.ops.x.y
+                target = target.rpartition(".")[0]
+            if target:
+                out.add(target)
     out.discard(name)
     return out
 
@@ -162,14 +163,15 @@ def test_allowed_edges_are_still_needed(graph):
 
 
 def test_the_checks_catch_a_violation(tmp_path):
-    """A formats module importing ops, inside a function, relatively: both rules report it."""
-    for top, files in {"nn": {"__init__.py": ""},
+    """A formats module importing ops, inside a function, relatively; nn importing cli by a literal name."""
+    for top, files in {"nn": {"__init__.py": "import importlib\nCLI = importlib.import_module('ditkit.cli.c')\n"},
                        "formats": {"__init__.py": "", "a.py": "def f():\n    from ..ops import b\n"},
                        "ops": {"__init__.py": "", "b.py": "from ditkit.formats.a import f\n"},
-                       "cli": {"__init__.py": ""}}.items():
+                       "cli": {"__init__.py": "", "c.py": ""}}.items():
         (tmp_path / top).mkdir()
         for name, text in files.items():
             (tmp_path / top / name).write_text(text)
     g = import_graph(tmp_path)
-    assert layer_violations(g) == ["ditkit.formats.a (formats) imports ditkit.ops.b (ops)"]
+    assert layer_violations(g) == ["ditkit.formats.a (formats) imports ditkit.ops.b (ops)",
+                                   "ditkit.nn (nn) imports ditkit.cli.c (cli)"]
     assert cycles(g) == [["ditkit.formats.a", "ditkit.ops.b"]]
