@@ -23,17 +23,19 @@ from typing import Callable
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 from ditkit.formats.errors import ConfigError, choice_error
 
 from . import distributed
-from .generate import GenerateConfig, conditions, generate, latent_hw, settings
+from .accelerators import step_predictor
+from .generate import GenerateConfig, generate
+from .geometry import conditions, latent_hw, settings
 from .info import count_params
-from .metrics import (PSNR_CAP_DB, MatmulProbe, Timer, median, memory_method, module_bytes, p90, peak_growth,
-                      psnr, ssim)
+from .flops import call_flops
+from .metrics import MatmulProbe, memory_method, module_bytes, peak_growth, psnr, ssim
 from .runtime import resolve_device, resolve_dtype
 from .sample import SAMPLERS, decode, denoise, image_noise, make_scheduler
+from .timing import Timer, interleaved, median, p90, paired_ratio, speedup_basis
 
 STEP_SAMPLE_MS = 20.0  # shorter per-step calls are repeated within a round up to about this long
 
@@ -321,8 +323,6 @@ class _Subject:
         c, u = self._rows(b)
         noise = image_noise(self.seed, list(range(b)), self.shape).to(self.device)
 
-        from .generate import step_predictor
-
         make_predict, _ = step_predictor(bundle, self.sampler, self.steps, self.guidance)  # feedback or cache, if any
 
         def run():
@@ -342,12 +342,6 @@ def _resident_(bundle) -> None:
             for t in [*m.parameters(), *m.buffers()]:
                 if t.device.type == "cpu":
                     t.data = t.data.clone()
-
-
-def _count_flops(fn) -> int:
-    with FlopCounterMode(display=False) as counter:
-        fn()
-    return int(counter.get_total_flops())
 
 
 def _names(bundles) -> list[str]:
@@ -444,21 +438,22 @@ def bench(bundles: list, cfg: BenchConfig, embeddings=None,
 
     # 3. FLOPs of each timed call (one untimed call per model and batch size, also warming up).
     steps = {(s.name, b): s.step_call(b) for s in subjects for b in cfg.batch_sizes}
-    flops = {key: _count_flops(fn) for key, fn in steps.items()}
+    flops = {key: call_flops(fn) for key, fn in steps.items()}
 
     # 4. Per-step latency: interleaved rounds, alternating the order (A B, B A, ...).
-    step_ms, step_cpu = _interleave(subjects, cfg.batch_sizes, steps, cfg.warmup, cfg.repeats, timer, log, "per-step",
-                          target_ms=STEP_SAMPLE_MS, probe=probe)
+    step_ms, step_cpu = _interleave(subjects, cfg.batch_sizes, steps, cfg.warmup, cfg.repeats, timer, log,
+                                    "per-step", target_ms=STEP_SAMPLE_MS, probe=probe)
 
     # 5. End-to-end latency per image at each model's own sampler and steps.
     imaging = [s for s in subjects if s.makes_images and cfg.image_repeats]
     calls = {(s.name, b): s.image_call(b) for s in imaging for b in cfg.batch_sizes}
-    image_ms, image_cpu = _interleave(imaging, cfg.batch_sizes, calls, 1, cfg.image_repeats, timer, log, "end-to-end",
-                           probe=probe)
+    image_ms, image_cpu = _interleave(imaging, cfg.batch_sizes, calls, 1, cfg.image_repeats, timer, log,
+                                      "end-to-end", probe=probe)
     peak = probe.peak
     # speedups: CPU time with one thread (= wall time on an idle core, and immune to other jobs on the
     # machine); wall time otherwise (with more threads, CPU time would count parallel work, not latency)
-    by_cpu = device == "cpu" and torch.get_num_threads() == 1
+    basis = speedup_basis(device)
+    by_cpu = basis == "cpu-time"
     step_basis, image_basis = (step_cpu, image_cpu) if by_cpu else (step_ms, image_ms)
 
     # 6. Peak memory, last (the CPU meter changes how glibc allocates, which would slow timed calls).
@@ -509,9 +504,9 @@ def bench(bundles: list, cfg: BenchConfig, embeddings=None,
             if im and image_cpu:
                 r.cpu_ms_per_image = round(median(image_cpu[(s.name, b)]) / b, 4)
             key, base_key = (s.name, b), (base.name, b)
-            r.speedup_per_step = round(paired_speedup(step_basis[base_key], step_basis[key]), 4)
+            r.speedup_per_step = round(paired_ratio(step_basis[base_key], step_basis[key]), 4)
             if im and image_ms.get(base_key):
-                r.speedup_per_image = round(paired_speedup(image_basis[base_key], image_basis[key]), 4)
+                r.speedup_per_image = round(paired_ratio(image_basis[base_key], image_basis[key]), 4)
             rows.append(asdict(r))
         results.append(_model_result(s, i, rows, quality.get(s.name)))
     if any((row["mfu"] or 0) > 1 for m in results for row in m["by_batch_size"]):
@@ -524,7 +519,7 @@ def bench(bundles: list, cfg: BenchConfig, embeddings=None,
         cuda=torch.version.cuda if device.startswith("cuda") else None, threads=torch.get_num_threads(),
         world_size=world_size, peak_flops=round(peak, 1), peak_flops_dtype=probe.dtype_name,
         peak_flops_matmul=probe.n,
-        memory_method=memory_method(device), speedup_basis="cpu-time" if by_cpu else "wall-clock", load_average=load, warnings=warnings,
+        memory_method=memory_method(device), speedup_basis=basis, load_average=load, warnings=warnings,
         timing={"warmup_rounds": cfg.warmup, "step_repeats": cfg.repeats, "image_warmup_rounds": 1,
                 "image_repeats": cfg.image_repeats, "order": "interleaved, alternating (A B, B A, ...)",
                 "statistic": "median and p90 of the timed rounds; speedup = median of per-round base/model ratios "
@@ -539,40 +534,14 @@ def bench(bundles: list, cfg: BenchConfig, embeddings=None,
 
 def _interleave(subjects, batch_sizes, calls, warmup, repeats, timer, log, what, target_ms=0.0,
                 probe=None) -> tuple[dict, dict]:
-    """({(name, b): [wall ms per call, one per timed round]}, the same in CPU ms (CPU device; else {})).
-
-    Rounds alternate the model order (A B, then B A), and the matmul probe runs once per round.
-
-    After the warm-up rounds, a call shorter than `target_ms` is repeated back to back within its round
-    (the same count in every round) so that one sample is not a single sub-millisecond call.
-    """
-    out = {key: [] for key in calls}
-    cpu = {key: [] for key in calls}
-    inner = {key: 1 for key in calls}
-    if not subjects:
-        return {}, {}
-    for r in range(warmup + repeats):
-        if r == warmup and warmup and target_ms:
-            inner = {key: max(1, min(100, round(target_ms / max(median(out[key]), 1e-3)))) for key in calls}
-            out, cpu = {key: [] for key in calls}, {key: [] for key in calls}
+    """ops.timing.interleaved over every (model, batch size): the model order alternates (A B, then B A), batch
+    sizes keep theirs, and the matmul probe runs once per round."""
+    def on_round(r):
         if r == 0 or r == warmup:
             log(f"{what}: {'timing' if r >= warmup else 'warming up'} ({warmup} warm-up + {repeats} rounds)")
-        for s in (subjects if r % 2 == 0 else subjects[::-1]):
-            for b in batch_sizes:
-                fn, n = calls[(s.name, b)], inner[(s.name, b)]
-                ms = timer(fn if n == 1 else lambda: [fn() for _ in range(n)]) / n
-                out[(s.name, b)].append(ms)
-                if timer.cpu_ms is not None:
-                    cpu[(s.name, b)].append(timer.cpu_ms / n)
-        if probe is not None:
-            probe.record(timer(probe))
-    return ({key: v[-repeats:] for key, v in out.items()},
-            {key: v[-repeats:] for key, v in cpu.items() if v})
-
-
-def paired_speedup(base: list[float], other: list[float]) -> float:
-    """Median over rounds of base / other, each pair timed side by side in one round (cancels drift)."""
-    return median([a / b for a, b in zip(base, other)])
+    groups = [[(s.name, b) for b in batch_sizes] for s in subjects]
+    return interleaved(calls, repeats, warmup, timer=timer, groups=groups, target_ms=target_ms, on_round=on_round,
+                       after_round=None if probe is None else lambda: probe.record(timer(probe)))
 
 
 def _quality(subjects, images, judge) -> dict[str, dict]:

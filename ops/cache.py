@@ -12,7 +12,7 @@ How the policy is chosen (no hand constants; only the target speedup and the cal
   2. the cost model: for one image (bench's batch-1 headline, where per-call overhead weighs most), one
      transformer call with every block run, one with every block skipped, and the VAE decode are timed
      (process CPU time on one thread, interleaved, medians), so a skipped block is worth
-     (t_full - t_skip_all) / n_blocks of a step; FLOPs (torch's FlopCounterMode) are reported beside it;
+     (t_full - t_skip_all) / n_blocks of a step; FLOPs (ops.flops, attention included) are reported beside it;
   3. greedy rounds: the trajectories run under the current policy; at every step that still runs some
      blocks, each candidate (contiguous block range at this step) is tried against the full call on the
      same inputs, its error being the relative L2 distance of the model output. Candidates are ranked by
@@ -38,9 +38,12 @@ import torch
 
 from ditkit.formats.errors import ConfigError
 
-from .generate import GenerateConfig, conditions, latent_hw, settings
-from .runtime import cpu_ms, image_speedup
+from .generate import GenerateConfig
+from .geometry import conditions, latent_hw, settings
+from .flops import call_flops
+from .runtime import image_speedup
 from .sample import SAMPLERS, decode, denoise, image_noise, make_scheduler, padded, pad_rows
+from .timing import cpu_ms
 
 MAX_CHUNKS = 4  # candidate ranges are built from at most this many groups of blocks (10 ranges: calibration cost)
 ROUNDS = 3  # greedy rounds: each takes a third of the remaining saving, then re-measures staleness
@@ -283,8 +286,6 @@ class _Calib:
 def _cost_model(c: _Calib, repeats: int) -> dict:
     """Timed ms of one image's full call, its all-blocks-skipped call (same inputs) and the decode call that
     a batch of one image makes."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     captured = {}
 
     def probe(i, x, t, cond):
@@ -304,14 +305,7 @@ def _cost_model(c: _Calib, repeats: int) -> dict:
         skip_all = lambda: c.call_with(x, t, cond, every)
         dec = lambda: decode(c.bundle.vae, lat)
         med = cpu_ms({"full": full, "skip_all": skip_all, "decode": dec}, repeats)
-        flops = {}
-        for k, fn in (("full", full), ("skip_all", skip_all)):
-            with FlopCounterMode(display=False) as fc:
-                fn()
-            flops[k] = int(fc.get_total_flops())
-        with FlopCounterMode(display=False) as fc:
-            dec()
-        flops["decode"] = int(fc.get_total_flops())
+        flops = {k: call_flops(fn) for k, fn in (("full", full), ("skip_all", skip_all), ("decode", dec))}
     return {"full_ms": med["full"], "skip_all_ms": med["skip_all"], "decode_ms": med["decode"],
             "flops_full": flops["full"], "flops_skip_all": flops["skip_all"], "flops_decode": flops["decode"]}
 

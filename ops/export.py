@@ -30,7 +30,7 @@ from torch import nn
 
 from ditkit.formats.errors import ConfigError, QualityGateError, UnsupportedModelError, choice_error
 
-from .generate import latent_hw
+from .geometry import latent_hw
 
 PRECISIONS = ("fp32", "fp16")
 # torch.onnx's torchlib is written for opset 18; its down-conversion to 17 produced an invalid graph here

@@ -236,7 +236,7 @@ def strip_trigger(caption: str, trigger: str | None) -> str:
 
 
 def native_size(bundle) -> tuple[int, int]:
-    from .generate import latent_hw, vae_scale
+    from .geometry import latent_hw, vae_scale
 
     h, w = latent_hw(bundle, None, None)
     s = vae_scale(bundle)
