@@ -15,7 +15,7 @@ from ditkit.formats.errors import choice_error
 # name -> module with predictor_for; the first that yields a predictor wins (feedback and caching do not stack)
 ACCELERATORS: dict[str, str] = {
     "feedback": "ditkit.ops.feedback",  # a feedback module (distill --mode feedback)
-    "cache": "ditkit.ops.cache",  # a step-caching policy (ditkit cache)
+    "cache": "ditkit.ops.cache.policy",  # a step-caching policy (ditkit cache)
 }
 
 

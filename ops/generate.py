@@ -7,14 +7,13 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 import numpy as np
-import torch
 
 from ditkit.formats.errors import ConfigError, choice_error
 from ditkit.formats.onnx_bundle import BACKENDS, resolve_backend
 
 from . import distributed
 from .accelerators import step_predictor
-from .geometry import conditions, latent_hw, settings, vae_scale  # noqa: F401 (also imported from here)
+from .geometry import conditions, latent_hw, settings, vae_scale
 from .runtime import resolve_device, resolve_dtype
 from .sample import SAMPLERS, decode, denoise, image_noise, make_scheduler, padded
 

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .timing import Timer, median, p90  # noqa: F401 (bench reads them from here too)
+from .timing import Timer
 
 PSNR_CAP_DB = 100.0  # identical images have infinite PSNR; JSON has no Infinity, so each image is capped here
 
