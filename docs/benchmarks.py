@@ -195,8 +195,8 @@ def main(argv: list[str] | None = None) -> int:
            "- **ms/step**: one transformer call on the rows one sampler step needs (2 x batch with "
            "classifier-free guidance), median of the timed rounds (p90 in brackets).",
            "- **ms/image**: denoise + VAE decode at the model's own sampler and step count, per image.",
-           "- **MFU**: FLOPs of the timed call (torch's FlopCounterMode) per second, over the dense matmul "
-           "peak that the same run measured on the same device.",
+           "- **MFU**: FLOPs of the timed call (torch's FlopCounterMode, attention included on CPU too: "
+           "ops/flops.py) per second, over the dense matmul peak that the same run measured on the same device.",
            "- **peak memory**: weights in memory + the call's peak growth (CPU: resident set; CUDA: allocated).",
            "- DiT-XL/2 in diffusers' layout has 749.8M parameters, not the original 675M: every block carries "
            "its own copy of the timestep and label embedders.", ""]
