@@ -69,13 +69,3 @@ class Bundle:
         if self.path.is_file():
             return self.path.stat().st_size
         return sum(p.stat().st_size for p in self.path.rglob("*") if p.is_file())
-
-
-# TRANSITION: the loaders moved to ditkit.formats.layouts; importable from here until callers are updated.
-def __getattr__(name):
-    if name in ("load_bundle", "save_bundle", "resolve_source", "write_bundle_dir", "place", "DEFAULT_MODELS",
-                "DEFAULT_MODEL", "ASSETS"):
-        from . import layouts
-
-        return getattr(layouts, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

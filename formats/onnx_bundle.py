@@ -272,13 +272,3 @@ def resolve_backend(bundle, backend: str | None) -> str:
         raise ConfigError(f"{bundle.name} is an ONNX bundle (no PyTorch weights): use --backend onnxruntime, "
                           "or generate from the checkpoint it was exported from")
     return backend
-
-
-# TRANSITION: the bundle reader/writer moved to ditkit.formats.layouts.onnx; importable from here until callers
-# are updated.
-def __getattr__(name):
-    if name in ("save_onnx_bundle", "load_onnx_bundle", "is_onnx_bundle"):
-        from .layouts import onnx
-
-        return getattr(onnx, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -176,13 +176,3 @@ def load_transformer(root: Path, family, device: str = "cpu"):
     setattr(model, SCHEME_ATTR, {k: v for k, v in doc.items() if k not in ("format", "version", "modules")})
     model.eval().requires_grad_(False)
     return model
-
-
-# TRANSITION: the bundle writer moved to ditkit.formats.layouts (save_quantized); importable from here until
-# callers are updated.
-def __getattr__(name):
-    if name == "save":
-        from .layouts import save_quantized
-
-        return save_quantized
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -110,7 +110,7 @@ def available_bytes(device: str) -> int | None:
 
 def load_estimate(*srcs, dtype: torch.dtype = torch.float32) -> Estimate:
     """The weights checkpoints will take once loaded (from their headers; nothing else is read)."""
-    from ditkit.formats.bundle import resolve_source
+    from ditkit.formats.layouts import resolve_source
     from ditkit.formats.safetensors_check import checkpoint_bytes
 
     paths = [resolve_source(s) for s in srcs]

@@ -22,10 +22,6 @@ ALLOWED_CYCLE_EDGES: dict[tuple[str, str], str] = {
                                                            "step modules; a module of its own would end the cycle",
     ("ditkit.ops.distill.recover", "ditkit.ops.distill"): "as ops.distill.feedback: Job",
     ("ditkit.ops.distill.steps", "ditkit.ops.distill"): "as ops.distill.feedback: Job",
-    # TRANSITION (removed with the import sweep): the old import paths of the moved loaders
-    ("ditkit.formats.bundle", "ditkit.formats.layouts"): "transition: load_bundle & co. moved to formats.layouts",
-    ("ditkit.formats.onnx_bundle", "ditkit.formats.layouts.onnx"): "transition: the ONNX bundle reader moved",
-    ("ditkit.formats.quantized", "ditkit.formats.layouts"): "transition: quantized.save moved (save_quantized)",
 }
 
 
