@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from ditkit.formats.errors import ConfigError
+from ditkit.formats.families import FAMILIES
 
 from .generate import GenerateConfig, conditions, latent_hw, settings
 from .runtime import cpu_ms, image_speedup
@@ -167,8 +168,9 @@ class BlockCache:
                 return h + d
             out = orig(*args, **kwargs)
             if not isinstance(out, torch.Tensor) or out.shape != h.shape:
+                one_stream = ", ".join(n for n, f in FAMILIES.items() if not f.two_stream)
                 raise ConfigError(f"cache supports families whose blocks map hidden states to hidden states "
-                                  f"(dit, pixart); the {self.family.name} family's blocks return "
+                                  f"({one_stream}); the {self.family.name} family's blocks return "
                                   f"{type(out).__name__}")
             if self.record:
                 self.deltas[i] = out - h
@@ -230,7 +232,8 @@ class _Calib:
     def __init__(self, bundle, cfg: CacheConfig):
         self.bundle, self.fam, self.tr = bundle, bundle.family, bundle.transformer
         if self.fam.conditioning != "class":
-            raise ConfigError(f"cache calibrates class-conditional families (dit) for now; the {self.fam.name} "
+            by_class = ", ".join(n for n, f in FAMILIES.items() if f.conditioning == "class")
+            raise ConfigError(f"cache calibrates class-conditional families ({by_class}) for now; the {self.fam.name} "
                               "family needs prompt embeddings for its calibration runs, which is not built yet")
         self.sampler, self.steps, self.guidance = settings(
             bundle, GenerateConfig(steps=cfg.steps, sampler=cfg.sampler, guidance=cfg.guidance))

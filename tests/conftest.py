@@ -8,8 +8,9 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 import tiny  # noqa: E402
+from ditkit.formats.families import FAMILIES  # noqa: E402
 
-FAMILY_NAMES = ["dit", "pixart", "sd3", "flux"]
+FAMILY_NAMES = list(FAMILIES)  # every registered family: shared suites parametrize over it
 
 
 @pytest.fixture(scope="session")
