@@ -99,6 +99,26 @@ CUDA_RUNS = [
 ]
 
 
+def cpu_name() -> str:
+    """The machine a CPU section ran on, e.g. '2-core AMD EPYC with AVX512-BF16/VNNI' (from /proc/cpuinfo)."""
+    import os
+    import platform
+
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                model = " ".join(w for w in value.split() if not w[0].isdigit() and "-Core" not in w
+                                 and w not in ("Processor", "CPU"))[:40]
+            elif key.strip() == "flags":
+                flags = set(value.split())
+    except OSError:
+        pass
+    extras = [name for flag, name in (("avx512_bf16", "BF16"), ("avx512_vnni", "VNNI")) if flag in flags]
+    return f"{os.cpu_count()}-core {model}" + (f" with AVX512-{'/'.join(extras)}" if extras else "")
+
+
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
@@ -188,7 +208,8 @@ def main(argv: list[str] | None = None) -> int:
         (" --reuse" if a.reuse else "")
 
     out = ["# Benchmarks", "",
-           f"Produced by `{script}` (`make bench`). Every table below is "
+           f"Rendered by `{script}` (`make bench`); each section names the date it ran and the machine in its "
+           "environment line. Every table below is "
            "rendered from the JSON printed by the `ditkit bench` command quoted above it; re-run the script "
            "to reproduce them on your machine. How to read them: [bench.md](bench.md).", "",
            "- **ms/step**: one transformer call on the rows one sampler step needs (2 x batch with "
@@ -199,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
            "- **peak memory**: weights in memory + the call's peak growth (CPU: resident set; CUDA: allocated).",
            "- DiT-XL/2 in diffusers' layout has 749.8M parameters, not the original 675M: every block carries "
            "its own copy of the timestep and label embedders.", ""]
-    out += ["## CPU (this machine)", ""]
+    out += [f"## CPU ({cpu_name()})", ""]
     for key, title, about, args in CPU_RUNS:
         if key not in keys:
             continue

@@ -116,7 +116,8 @@ def test_schema_quality_and_bare(report):
     assert q["identical"] is True and q["psnr"] == PSNR_CAP_DB and q["ssim"] == 1.0
     # a bare transformer is timed per step only
     assert bare["quality"] is None and bare["latency_ms_per_image"] is None and bare["speedup_per_image"] is None
-    assert bare["steps"] is None and bare["speedup_per_step"] > 0
+    assert bare["steps"] is None
+    assert 0.5 < bare["speedup_per_step"] < 2.0  # the same architecture: per-step speed within noise of the base
 
 
 @pytest.mark.parametrize("family", ["dit", "pixart", "sd3", "flux"])
@@ -127,7 +128,8 @@ def test_every_family_against_itself(family, tiny_dir, tiny_embeddings):
     assert code == 0, err
     base, same = json.loads(out)["models"]
     assert base["family"] == family and base["flops_per_step"] > 0 and base["latency_ms_per_image"] > 0
-    assert same["quality"]["identical"] is True and same["speedup_per_step"] > 0
+    assert same["quality"]["identical"] is True
+    assert 0.5 < same["speedup_per_step"] < 2.0  # the model against itself: a ratio of 1 within noise
     assert base["cfg"] is (family != "flux")  # flux distils guidance into an embedding: no CFG rows
     assert base["by_batch_size"][0]["rows_per_call"] == (2 if base["cfg"] else 1)
 
