@@ -241,7 +241,8 @@ def _load_single_file(path: Path, family: str | None, config: str | None) -> Bun
     if conf is None:
         conf = fam.config_from_state(state)
     if conf is None:
-        raise ConfigError(f"{path}: the {fam.name} architecture cannot be read from its keys; pass --config config.json")
+        raise ConfigError(f"{path}: the {fam.name} architecture cannot be read from its keys; "
+                          "pass --config config.json")
     model = _from_state_dict(fam, conf, state, path)
     return Bundle(family=fam, transformer=model, path=path, kind="safetensors",
                   manifest=parse_manifest(meta["ditkit"], f"{path} metadata") if "ditkit" in meta else {})
