@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .. import dit_original
 from ..bundle import Bundle
 from ..errors import ConfigError, FormatError
 from ..families import FAMILIES, detect_family, get_family
@@ -39,9 +38,10 @@ def load(path: Path, *, family: str | None = None, config: str | None = None, de
     fam = get_family(family)
     state = load_file(path)
     if conf is None:
-        if fam.name != "dit":
-            raise ConfigError(f"{path}: the {fam.name} architecture cannot be read from its keys; pass --config config.json")
-        conf = dit_original.config_from_diffusers_state(state)
+        conf = fam.config_from_state(state)
+    if conf is None:
+        raise ConfigError(f"{path}: the {fam.name} architecture cannot be read from its keys; "
+                          "pass --config config.json")
     model = from_state_dict(fam, conf, state, path)
     return Bundle(family=fam, transformer=model, path=path, kind="safetensors",
                   manifest=parse_manifest(meta["ditkit"], f"{path} metadata") if "ditkit" in meta else {})
