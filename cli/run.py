@@ -4,7 +4,8 @@ Its steps, always in this order:
   1. outputs vs inputs: every path the command writes (`-o`, `--plot`, `--checkpoint-dir`, a fused bundle ...)
      is checked by formats.atomic.check_output against every path it reads (the sources, resolved; a teacher,
      `--data`, `--embeddings`, `--lora`, `--config`, `--prompts-file`), on rank 0, before anything is loaded;
-  2. memory: the weights the sources will take once loaded, against what is free on the device;
+  2. memory: the weights the sources will take once loaded, against what is free on the device; then
+     `prepare` (a checkpoint directory's resume/--force policy);
   3. load: one bundle per source (a lineage record of the first is taken here, before the op can change it),
      then the memory the op itself will need (`estimate`), now that the weights are known;
   4. threads and process group: `--threads` (when given) and, for commands that shard work, the launcher's
@@ -61,14 +62,15 @@ class Run:
     def bundle(self):
         return self.bundles[0]
 
-    def manifest(self, report, *, config: dict | None = None, defaults: dict | None = None) -> dict:
+    def manifest(self, report, *, op: str | None = None, config: dict | None = None,
+                 defaults: dict | None = None) -> dict:
         """The ditkit.json of an output made from the first source: its config, report and lineage. The sampling
         defaults are the op's (`defaults`, e.g. a distilled student's), else those the parent records in its
         ditkit.json, else its family's (what generate would use for the parent)."""
         from ditkit.formats.manifest import new_manifest
 
         report = report if isinstance(report, dict) else report.to_dict()
-        return new_manifest(family=self.bundle.family.name, op=self.name,
+        return new_manifest(family=self.bundle.family.name, op=op or self.name,
                             config=self.cfg.to_dict() if config is None else config, report=report,
                             parent=self.parent, device=self.device,
                             defaults=self.defaults() if defaults is None else defaults)
@@ -135,31 +137,42 @@ def rank() -> int:
 
 
 def run_op(common: Common, op: Callable, cfg, *, name: str, title: str | Callable[[dict], str] = "",
-           sources: Sequence | None = None, outputs: Sequence = (), inputs: Sequence = (), device: str = "cpu",
+           sources: Sequence | None = None, outputs: Sequence = (), work_dirs: Sequence = (),
+           inputs: Sequence = (), prepare: Callable | None = None, device: str = "cpu",
            estimate: Callable | None = None, write: Callable | None = None, rows: Callable[[dict], dict] | None = None,
            show: Callable[[dict], None] | None = None, gate: Callable | None = None, distributed: bool = False,
            lineage: bool = True) -> dict | None:
     """Run one command (the steps in this module's docstring); returns the document it printed (None on ranks
     other than 0).
 
-    op(bundles, cfg) -> (result, report): `bundles` is the one loaded bundle, or the list when `sources` names
-    several (or none). write(run, result, report) -> doc writes the outputs (atomically) and returns the document;
+    op(bundles, cfg) -> (result, report): `bundles` is the bundle of common.src, or the list of bundles when the
+    command names its `sources` (bench's models; none for a command that loads nothing). write(run, result, report) -> doc writes the outputs (atomically) and returns the document;
     without it the document is report.to_dict(). estimate(bundles) -> ops.memory.Estimate: the op's own memory,
     checked after loading. rows(doc) -> dict: the table without --json (default: doc);
     show(doc): a command's own rendering instead. gate(report) raises QualityGateError after printing.
+    inputs: paths the command reads besides its sources; a str is a checkpoint as given on the command line (a
+    teacher), resolved like SRC.
+    work_dirs: directories a run keeps between runs (a training checkpoint): checked against the inputs like an
+    output, but they may exist; prepare() (rank 0, after the memory check, before loading) applies their policy.
     `lineage` False: no parent record is taken (bench reads many checkpoints and writes none).
     """
-    sources = [common.src] if sources is None else list(sources)
+    one = sources is None  # the op gets the one bundle of common.src, or the list of `sources`
+    sources = [common.src] if one else list(sources)
     dtype = torch_dtype(common.dtype, device)
     # 1. outputs vs inputs (rank 0 owns the outputs)
     outs = [o for o in outputs if o is not None]
     if rank() == 0:
-        outs = check_outputs(outs, [*resolved(sources), *inputs, common.config], common.force)
+        ins = [*resolved(sources), *(resolved([p])[0] if isinstance(p, str) else p for p in inputs if p is not None),
+               common.config]
+        outs = check_outputs(outs, ins, common.force)
+        check_outputs(work_dirs, ins, True)  # kept between runs (checkpoints): `prepare` decides what they may hold
     # 2. memory, before allocating
     if sources:
         from ditkit.ops import memory
 
         memory.check(memory.load_estimate(*sources, dtype=dtype), device, common.force, log)
+    if prepare is not None and rank() == 0:
+        prepare()
     # 3. load (and the memory of the work itself, once the weights are known)
     bundles = load(common, sources, device, dtype)
     if estimate is not None:
@@ -171,7 +184,7 @@ def run_op(common: Common, op: Callable, cfg, *, name: str, title: str | Callabl
         run.parent = bundles[0].parent_record()
     # 4. threads and process group, 5. op
     with threads(common.threads), _process_group(distributed, run.device):
-        result, report = op(bundles[0] if len(sources) == 1 else bundles, cfg)
+        result, report = op(bundles[0] if one else bundles, cfg)
     if rank() != 0:
         return None  # rank 0 writes and reports
     # 6. manifest + atomic write
