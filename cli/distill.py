@@ -9,6 +9,8 @@ import typer
 
 from ditkit.formats.errors import ConfigError, choice_error
 from ditkit.ops.distill import DISTILL_MODES, DistillConfig
+from ditkit.ops.distill.job import check_checkpoint_dir, checkpoint_root
+from ditkit.ops.runtime import resolve_device
 
 from . import output
 from .options import (CheckpointDirOpt, CheckpointEveryOpt, ConfigOpt, DeviceOpt, FamilyOpt, ForceOpt,
@@ -97,9 +99,6 @@ def distill_cmd(
 ):
     """Distill a student from a teacher: recover a pruned model, make a few-step one, or train a feedback module
     that makes some steps partial (--mode feedback); exact --resume."""
-    from ditkit.ops.distill.job import check_checkpoint_dir, checkpoint_root
-    from ditkit.ops.runtime import resolve_device
-
     device = resolve_device(device)
     cfg = DistillConfig(mode=check_mode(mode), steps=steps, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps,
                         ema_decay=ema_decay, weight_decay=weight_decay, grad_accum=grad_accum,

@@ -9,7 +9,8 @@ import typer
 
 from ditkit.formats.errors import ConfigError
 from ditkit.formats.lora import ADAPTER_FORMATS, load_adapter
-from ditkit.ops.lora_train import TARGETS, LoraConfig
+from ditkit.ops.lora_train import TARGETS, LoraConfig, check_train, checkpoint_dir, fresh_start
+from ditkit.ops.runtime import resolve_device
 
 from . import output
 from .options import (CheckpointDirOpt, CheckpointEveryOpt, ConfigOpt, DeviceOpt, FamilyOpt, ForceOpt,
@@ -72,9 +73,6 @@ def lora_train_cmd(
 ):
     """Train a LoRA adapter on a folder of images (any family), save it as diffusers/PEFT or kohya safetensors,
     and optionally fuse it into a new bundle. With --lora and no --data: fuse or re-export an existing adapter."""
-    from ditkit.ops.lora_train import check_train, checkpoint_dir, fresh_start
-    from ditkit.ops.runtime import resolve_device
-
     device = resolve_device(device)
     common = Common(src, family=family, config=config, device=device, force=force, json_=json_, threads=threads)
     if check_mode(format_, data, lora):
