@@ -16,8 +16,8 @@ from typing import Callable
 from ditkit.formats.checkpoint import CheckpointStore
 from ditkit.formats.errors import ConfigError, HardwareError, OutputExistsError
 
-from .lora import (TARGETS, LoraConfig, cache_key, encode_data, extract_adapter, fuse_lora, linear_modules,
-                   lora_train, native_size)
+from .lora import (TARGETS, LoraConfig, adapter_scales, cache_key, encode_data, extract_adapter, fuse_lora,
+                   linear_modules, lora_train, native_size)
 
 REPORTED = ("steps", "final_loss", "adapter_fraction", "base_unchanged", "validation")  # kept in the adapter file
 
@@ -122,9 +122,7 @@ def lora_adapt_job(bundle, adapters: list, scales: list[float], *, reexport: boo
     `bundle` is needed then), and/or all of them fused at `scales` (one, or one per adapter)."""
     from ditkit.formats.lora import match
 
-    scales = list(scales) if scales else [1.0]
-    if len(scales) == 1:
-        scales = scales * len(adapters)
+    scales = adapter_scales(scales, len(adapters))
     job = LoraJob(adapters=adapters, scales=scales)
     if reexport:
         job.adapter = adapters[0]

@@ -74,7 +74,7 @@ def ground_truth(student, images: Path | None):
     if images is None:
         return None
     from ditkit.formats.image_folder import read_image_folder
-    from ditkit.ops.generate import latent_hw, vae_scale
+    from ditkit.ops.geometry import latent_hw, vae_scale
 
     s = vae_scale(student)
     h, w = latent_hw(student, None, None)
