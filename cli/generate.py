@@ -10,9 +10,10 @@ import typer
 from ditkit.formats.atomic import check_output
 from ditkit.formats.bundle import load_bundle
 from ditkit.formats.embeddings import load_embeddings
-from ditkit.formats.errors import ConfigError, FormatError
+from ditkit.formats.errors import ConfigError
 from ditkit.formats.images import write_images
 from ditkit.formats.manifest import environment
+from ditkit.formats.reading import read_text
 from ditkit.ops import distributed, memory
 from ditkit.ops.generate import GenerateConfig, generate
 from ditkit.ops.runtime import resolve_device, resolve_dtype
@@ -32,10 +33,10 @@ def parse_ints(text: str | None, flag: str) -> list[int] | None:
 
 def read_prompts(prompts: list[str], prompts_file: Path | None) -> list[str] | None:
     if prompts_file is not None:
-        try:
-            prompts = prompts + [l.strip() for l in prompts_file.read_text().splitlines() if l.strip()]
-        except OSError as e:
-            raise FormatError(f"cannot read --prompts-file {prompts_file} ({e.strerror})")
+        lines = [l.strip() for l in read_text(prompts_file, "--prompts-file").splitlines() if l.strip()]
+        if not lines:
+            raise ConfigError(f"--prompts-file {prompts_file} holds no prompts; write one prompt per line")
+        prompts = prompts + lines
     return prompts or None
 
 

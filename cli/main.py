@@ -44,8 +44,16 @@ def main(argv: list[str] | None = None) -> int:
         # kernels"); it falls back to its own kernels, so the line is noise on every command
         logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     from diffusers.utils import logging as diffusers_logging
+    from huggingface_hub.utils import disable_progress_bars
 
     diffusers_logging.disable_progress_bar()  # ditkit draws its own progress on stderr
+    disable_progress_bars()  # transformers reads this when imported: no "Loading weights" bar for text encoders
+    if "transformers" in sys.modules:  # already imported (in-process callers): switch its own flag too
+        sys.modules["transformers"].utils.logging.disable_progress_bar()
+    if os.environ.get("DITKIT_DEBUG") != "1":
+        # diffusers logs "An error occurred while trying to fetch ..." before raising what ditkit reports as
+        # its one Error: line; every diffusers failure reaches the user as that exception
+        diffusers_logging.set_verbosity(logging.CRITICAL)
     try:
         app(args=argv, standalone_mode=False, prog_name="ditkit")
         code = EXIT_OK

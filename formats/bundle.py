@@ -21,12 +21,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import dit_original, quantized
+from . import dit_original, quantized, sanity
 from .atomic import atomic_dir
 from .errors import ConfigError, FormatError, UnsupportedModelError
 from .families import FAMILIES, Family, detect_family, get_family
 from .manifest import parse_manifest, read_manifest, weights_sha256, write_manifest
-from .safetensors_check import check_tree, read_header, read_json
+from .safetensors_check import check_config, check_tree, read_header, read_json
 
 ASSETS = Path(__file__).parent / "assets"
 DEFAULT_MODELS = {"tiny-digits": ASSETS / "tiny-digits", "tiny-digits-text": ASSETS / "tiny-digits-text"}
@@ -162,6 +162,8 @@ def _load_pipeline(path: Path, device: str = "cpu") -> Bundle:
     index = read_json(path / "model_index.json", "pipeline index")
     tconf = read_json(path / "transformer" / "config.json", "transformer config")
     fam = detect_family(tconf, str(path / "transformer" / "config.json"))
+    sanity.check_weights_dir(fam.transformer_cls(), tconf, path / "transformer",
+                             quantized.is_quantized_dir(path / "transformer"))  # before anything is built
     cls = getattr(diffusers, index.get("_class_name", ""), None)
     if cls is None:
         raise UnsupportedModelError(f"{path}: pipeline class {index.get('_class_name')!r} is not in diffusers")
@@ -194,6 +196,7 @@ def _load_transformer_dir(path: Path, device: str = "cpu") -> Bundle:
     fam = detect_family(conf, str(path / "config.json"))
     if not list(path.glob("*.safetensors")):
         raise FormatError(f"{path} has a config.json but no .safetensors weights (pickled .bin weights are not loaded)")
+    sanity.check_weights_dir(fam.transformer_cls(), conf, path, quantized.is_quantized_dir(path))
     if quantized.is_quantized_dir(path):
         model = quantized.load_transformer(path, fam, device)
     else:
@@ -206,6 +209,7 @@ def _load_transformer_dir(path: Path, device: str = "cpu") -> Bundle:
 
 def _from_state_dict(fam: Family, config: dict, state: dict, where: Path) -> nn.Module:
     cls = fam.transformer_cls()
+    sanity.check_against_weights(cls, check_config(config, str(where)), sanity.state_table(state), where)
     try:
         model = cls.from_config(config)
     except Exception as e:

@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import platform
 from importlib import metadata
 from pathlib import Path
 
 from .errors import FormatError
+from .reading import MAX_JSON, loads, read_bytes
 
 MANIFEST = "ditkit.json"
 FORMAT_VERSION = 1
@@ -58,23 +60,12 @@ def read_manifest(root: Path) -> dict | None:
     p = Path(root) / MANIFEST
     if not p.is_file():
         return None
-    try:
-        text = p.read_bytes()
-    except OSError as e:
-        raise FormatError(f"cannot read {p} ({e.strerror}); restore it or delete it to load the weights alone")
-    return parse_manifest(text, p)
+    return parse_manifest(read_bytes(p, "manifest", MAX_JSON), p)
 
 
 def parse_manifest(text: bytes | str, where) -> dict:
     """A manifest from its JSON text (a ditkit.json file, or a single .safetensors file's "ditkit" metadata)."""
-    try:
-        data = json.loads(text)
-    except RecursionError:
-        raise FormatError(f"{where} is not valid JSON (nested too deeply); restore it or delete it")
-    except (UnicodeDecodeError, ValueError) as e:
-        raise FormatError(f"{where} is not valid JSON ({getattr(e, 'msg', e)}); restore it or delete it to load "
-                          "the weights alone")
-    return check_manifest(data, where)
+    return check_manifest(loads(text, where, "manifest (or delete it to load the weights alone)"), where)
 
 
 def _is_number(v) -> bool:
@@ -96,11 +87,15 @@ _FIELDS = {
     "lineage": (lambda v: isinstance(v, list) and all(isinstance(e, dict) and all(
         e.get(k) is None or isinstance(e.get(k), str) for k in ("path", "sha256", "op")) for e in v),
                 "a list of objects with string op, path and sha256"),
-    "defaults": (lambda v: isinstance(v, dict) and all(
-        k not in v or ok(v[k]) for k, ok in (("sampler", lambda x: isinstance(x, str)),
-                                            ("steps", lambda x: type(x) is int and 1 <= x <= 10_000),
-                                            ("guidance", lambda x: _is_number(x) and x == x and abs(x) < 1e6))),
-                 "an object with a string sampler, integer steps and numeric guidance"),
+    "defaults": (lambda v: isinstance(v, dict), "an object"),
+}
+
+# sampling defaults a manifest stores, checked by the rules the CLI applies to --sampler, --steps and --guidance
+# (ops/generate.py GenerateConfig): a stored guidance of -999999 or NaN must not be used where the option is refused
+DEFAULTS_RULES = {
+    "sampler": (lambda x: isinstance(x, str) and 0 < len(x) <= 64, "a sampler name"),
+    "steps": (lambda x: type(x) is int and 1 <= x <= 1000, "an integer in 1..1000"),
+    "guidance": (lambda x: _is_number(x) and math.isfinite(x) and x >= 0, "a finite number >= 0"),
 }
 
 
@@ -112,6 +107,11 @@ def check_manifest(data, where) -> dict:
     for name, (ok, what) in _FIELDS.items():
         if name in data and not ok(data[name]):
             raise FormatError(f"{where}: field {name!r} must be {what}; restore the file or delete it")
+    defaults = data.get("defaults") or {}
+    for name, (ok, what) in DEFAULTS_RULES.items():
+        if name in defaults and not ok(defaults[name]):
+            raise FormatError(f"{where}: defaults.{name} is {str(defaults[name])[:40]}, it must be {what} (as the "
+                              f"--{name} option); fix or delete the stored default")
     if data.get("format_version", FORMAT_VERSION) > FORMAT_VERSION:
         raise FormatError(f"{where} has format_version {data['format_version']}, newer than this ditkit reads "
                           f"({FORMAT_VERSION}); upgrade ditkit")

@@ -28,7 +28,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ditkit.formats.errors import ConfigError, QualityGateError, UnsupportedModelError, choice_error
+from ditkit.formats.errors import (ConfigError, QualityGateError, UnsupportedModelError, check_options,
+                                   choice_error)
 
 from .generate import latent_hw
 
@@ -84,6 +85,7 @@ class ExportConfig:
     device: str = "cpu"  # onnxruntime's execution provider for the parity check (cuda: CUDA EP)
 
     def __post_init__(self):
+        check_options(self)  # floats finite, seeds and counts in range (formats/errors.py)
         if self.format not in EXPORT_FORMATS:
             raise choice_error("format", self.format, EXPORT_FORMATS)
         if self.precision not in PRECISIONS:

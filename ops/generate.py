@@ -9,7 +9,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ditkit.formats.errors import ConfigError
+from ditkit.formats.errors import ConfigError, check_options
 from . import distributed
 from .runtime import resolve_device, resolve_dtype
 from ditkit.formats.errors import choice_error
@@ -37,6 +37,7 @@ class GenerateConfig:
     feedback: bool = True  # apply the bundle's feedback module (distill --mode feedback) where it fits the run
 
     def __post_init__(self):
+        check_options(self)  # floats finite, seeds and counts in range (formats/errors.py)
         if self.num_images is not None and self.num_images < 1:
             raise ConfigError(f"--num-images must be >= 1 (got {self.num_images})")
         if self.steps is not None and not 1 <= self.steps <= 1000:
@@ -109,8 +110,9 @@ def conditions(bundle, cfg: GenerateConfig, device, embeddings=None):
     """(per-image condition values, cond rows, uncond rows, row index per image)."""
     fam, tr = bundle.family, bundle.transformer
     if fam.conditioning == "class":
-        if cfg.prompts:
-            raise ConfigError(f"the {fam.name} family is class-conditional: use --labels, not --prompt")
+        if cfg.prompts or embeddings is not None:
+            what = "--prompt" if cfg.prompts else "--embeddings"
+            raise ConfigError(f"the {fam.name} family is class-conditional: use --labels, not {what}")
         n_classes = tr.config.num_embeds_ada_norm
         labels = cfg.labels if cfg.labels else bundle.defaults().get("labels", list(range(min(10, n_classes))))
         bad = [l for l in labels if l >= n_classes]

@@ -7,7 +7,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from ditkit.formats import quantized
-from ditkit.formats.errors import ConfigError
+from ditkit.formats.errors import ConfigError, check_options
 
 from .generate import latent_hw, vae_scale
 
@@ -19,8 +19,9 @@ class InfoConfig:
     batch: int = 1  # FLOPs are counted for one transformer call at this batch
 
     def __post_init__(self):
-        if self.batch < 1:
-            raise ConfigError(f"--batch must be >= 1 (got {self.batch})")
+        check_options(self)  # floats finite, seeds and counts in range (formats/errors.py)
+        if not 1 <= self.batch <= 4096:  # the count runs one real forward at this batch
+            raise ConfigError(f"--batch must be in 1..4096 (got {str(self.batch)[:40]})")
 
 
 @dataclass

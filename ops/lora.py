@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ditkit.formats.errors import ConfigError, FormatError, UnsupportedModelError, choice_error
+from ditkit.formats.errors import ConfigError, FormatError, UnsupportedModelError, check_options, choice_error
 from ditkit.formats.lora import Adapter, adapter_from_peft_state, match
 
 from .training import MIXED_PRECISION, TrainConfig, train
@@ -146,6 +146,7 @@ class LoraConfig:
     device: str = "cpu"
 
     def __post_init__(self):
+        check_options(self)  # floats finite, seeds and counts in range (formats/errors.py)
         self.targets = tuple(self.targets)
         if self.rank < 1:
             raise ConfigError(f"--rank must be >= 1 (got {self.rank})")
