@@ -198,7 +198,7 @@ def distill_cmd(
 
         s = vae_scale(student)
         h, w = latent_hw(student, None, None)
-        data = read_image_folder(images, (h * s, w * s))
+        data = read_image_folder(images, (h * s, w * s), flag="--images").tensors()
     root = store.root
 
     def on_plan(plan: dict) -> None:

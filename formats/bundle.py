@@ -25,7 +25,8 @@ from . import dit_original, quantized, sanity
 from .atomic import atomic_dir
 from .errors import ConfigError, FormatError, UnsupportedModelError
 from .families import FAMILIES, Family, detect_family, get_family
-from .manifest import parse_manifest, read_manifest, weights_sha256, write_manifest
+from .manifest import parse_manifest, read_manifest, verified_sha256, write_manifest
+from .reading import loads
 from .safetensors_check import check_config, check_tree, read_header, read_json
 
 ASSETS = Path(__file__).parent / "assets"
@@ -46,6 +47,7 @@ class Bundle:
     kind: str = "pipeline"
     judge: Any = None
     feedback: Any = None  # ops.feedback.Feedback (distill --mode feedback): module + schedule, in feedback/
+    _digest: dict | None = field(default=None, init=False, repr=False, compare=False)  # parent_record's verified sha256
 
     @property
     def vae(self):
@@ -69,10 +71,9 @@ class Bundle:
     def parent_record(self) -> dict:
         """What a child's manifest records about this bundle (location, weight digest, lineage)."""
         m = self.manifest
-        sha = m.get("sha256")
-        if sha is None and self.path is not None:
-            sha = weights_sha256(self.path)
-        return {"path": str(self.path) if self.path else None, "sha256": sha, "op": m.get("op", "import"),
+        if self._digest is None:  # hashed once, when a record is first copied (large checkpoints cost seconds)
+            self._digest = verified_sha256(self.path, m.get("sha256"), onnx=self.kind == "onnx")
+        return {"path": str(self.path) if self.path else None, **self._digest, "op": m.get("op", "import"),
                 "lineage": m.get("lineage", [])}
 
     def transformer_bytes_on_disk(self) -> int:
@@ -232,9 +233,9 @@ def _load_single_file(path: Path, family: str | None, config: str | None) -> Bun
         conf = read_json(Path(config), "--config")
     elif "config" in meta:  # files ditkit writes carry their config
         try:
-            conf = json.loads(meta["config"])
-        except json.JSONDecodeError:
-            raise FormatError(f"{path}: the config in its metadata is not JSON; pass --config")
+            conf = loads(meta["config"], f"{path} metadata")
+        except FormatError:
+            raise FormatError(f"{path}: the config in its metadata is not JSON; pass --config") from None
     if family is None:
         family = meta.get("family") or (detect_family(conf).name if conf else None)
     if family is None:

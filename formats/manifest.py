@@ -56,6 +56,32 @@ def weights_sha256(root: Path) -> str:
     return sha256_files(files)
 
 
+def bundle_sha256(root: Path, onnx: bool = False) -> str:
+    """The digest a manifest's `sha256` records: the safetensors weights (write_manifest), or for an ONNX bundle
+    its graphs, external data and safetensors (formats/onnx_bundle.py)."""
+    root = Path(root)
+    if not onnx or root.is_file():
+        return weights_sha256(root)
+    return sha256_files(sorted([*root.glob("*.onnx"), *root.glob("*.onnx.data"), *root.rglob("*.safetensors")]))
+
+
+def verified_sha256(root: Path | None, claimed: str | None, onnx: bool = False) -> dict:
+    """{"sha256": ...} for a record copied into a child's manifest or a sidecar: the digest of the weights as they
+    are (computed, never copied), plus `sha256_verified: false` and the `claimed_sha256` when the manifest claims
+    another (a forged or stale ditkit.json); a note goes to stderr then. Without a path the claim is all there is."""
+    if root is None:
+        return {"sha256": claimed}
+    actual = bundle_sha256(root, onnx)
+    if claimed is None or claimed == actual:
+        return {"sha256": actual}
+    import logging
+
+    logging.getLogger("ditkit").warning(
+        f"note: {root}: its ditkit.json claims sha256 {str(claimed)[:16]}, the weights hash to {actual[:16]}; "
+        "recording the computed digest (sha256_verified: false)")
+    return {"sha256": actual, "sha256_verified": False, "claimed_sha256": claimed}
+
+
 def read_manifest(root: Path) -> dict | None:
     p = Path(root) / MANIFEST
     if not p.is_file():
@@ -121,10 +147,11 @@ def check_manifest(data, where) -> dict:
 def new_manifest(*, family: str, op: str, config: dict, report: dict, parent: dict | None,
                  device: str = "cpu", defaults: dict | None = None) -> dict:
     """A manifest for a directory produced by `op` from `parent` (the parent's manifest + location)."""
-    lineage = []
+    lineage, checked = [], {}
     if parent is not None:
+        checked = {k: parent[k] for k in ("sha256_verified", "claimed_sha256") if k in parent}
         lineage = list(parent.get("lineage", [])) + [
-            {"op": parent.get("op"), "path": parent.get("path"), "sha256": parent.get("sha256")}
+            {"op": parent.get("op"), "path": parent.get("path"), "sha256": parent.get("sha256"), **checked}
         ]
     return {
         "format_version": FORMAT_VERSION,
@@ -132,7 +159,7 @@ def new_manifest(*, family: str, op: str, config: dict, report: dict, parent: di
         "op": op,
         "config": config,
         "report": report,
-        "parent": None if parent is None else {"path": parent.get("path"), "sha256": parent.get("sha256")},
+        "parent": None if parent is None else {"path": parent.get("path"), "sha256": parent.get("sha256"), **checked},
         "lineage": lineage,
         "defaults": defaults or {},
         "environment": environment(device),

@@ -20,8 +20,10 @@ class InfoConfig:
 
     def __post_init__(self):
         check_options(self)  # floats finite, seeds and counts in range (formats/errors.py)
-        if not 1 <= self.batch <= 4096:  # the count runs one real forward at this batch
-            raise ConfigError(f"--batch must be in 1..4096 (got {str(self.batch)[:40]})")
+        if self.batch < 1:
+            raise ConfigError(f"--batch must be >= 1 (got {self.batch})")
+        if self.batch > 4096:  # the count runs one real forward at this batch
+            raise ConfigError(f"--batch must be at most 4096 (got {self.batch})")
 
 
 @dataclass
