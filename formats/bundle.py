@@ -116,9 +116,9 @@ def load_bundle(src: str | os.PathLike | None = None, *, family: str | None = No
             from .onnx_bundle import load_onnx_bundle
 
             bundle = load_onnx_bundle(path, device)
-        elif (path / "model_index.json").is_file():
+        elif _present(path / "model_index.json"):  # a FIFO or device there is refused by its reader, not skipped
             bundle = _load_pipeline(path, device)
-        elif (path / "config.json").is_file():
+        elif _present(path / "config.json"):
             bundle = _load_transformer_dir(path, device)
         else:
             raise FormatError(f"{path} is not a checkpoint: expected model_index.json (diffusers pipeline) "
@@ -138,6 +138,10 @@ def load_bundle(src: str | os.PathLike | None = None, *, family: str | None = No
 
         bundle.feedback = load_feedback(path, bundle.family, bundle.transformer)
     return bundle
+
+
+def _present(p: Path) -> bool:
+    return p.exists() or p.is_symlink()
 
 
 def place(module: nn.Module, device: str, dtype: torch.dtype | None = None) -> None:

@@ -74,11 +74,10 @@ def verified_sha256(root: Path | None, claimed: str | None, onnx: bool = False) 
     actual = bundle_sha256(root, onnx)
     if claimed is None or claimed == actual:
         return {"sha256": actual}
-    import logging
+    import sys
 
-    logging.getLogger("ditkit").warning(
-        f"note: {root}: its ditkit.json claims sha256 {str(claimed)[:16]}, the weights hash to {actual[:16]}; "
-        "recording the computed digest (sha256_verified: false)")
+    print(f"note: {root}: its ditkit.json claims sha256 {str(claimed)[:16]}, the weights hash to {actual[:16]}; "
+          "recording the computed digest (sha256_verified: false)", file=sys.stderr, flush=True)
     return {"sha256": actual, "sha256_verified": False, "claimed_sha256": claimed}
 
 

@@ -127,7 +127,8 @@ def conditions(bundle, cfg: GenerateConfig, device, embeddings=None):
         if cfg.prompts:
             missing = [p for p in cfg.prompts if p not in prompts]
             if missing:
-                raise ConfigError(f"prompt {missing[0]!r} is not in the embeddings file; its prompts: {prompts[:5]}")
+                raise ConfigError(f"prompt {missing[0][:80]!r} is not in the embeddings file; its prompts: "
+                                  f"{[p[:40] for p in prompts[:5]]}")
             rows = [prompts.index(p) for p in cfg.prompts]
             cond = {k: v[rows] for k, v in cond.items()}
             uncond = None if uncond is None else {k: v[rows] for k, v in uncond.items()}
