@@ -38,8 +38,12 @@ def exit_code(err: BaseException) -> int:
     return EXIT_INTERNAL
 
 
-def one_line(text: str) -> str:
-    return " ".join(str(text).split())
+MAX_LINE = 300  # characters of an error line: a value echoed from a file (a 1 MB caption) is cut, not printed whole
+
+
+def one_line(text: str, limit: int = MAX_LINE) -> str:
+    line = " ".join(str(text).split())
+    return line if len(line) <= limit else line[:limit - 3] + "..."
 
 
 def report_error(err: BaseException) -> int:

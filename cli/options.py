@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from ditkit.formats.errors import ConfigError, FormatError
+from ditkit.formats.errors import ConfigError
 
 # -- every command ---------------------------------------------------------------------------------------------
 ModelArg = Annotated[Optional[str], typer.Argument(
@@ -66,8 +66,10 @@ def parse_ints(text: str | None, flag: str) -> list[int] | None:
 
 def read_prompts(prompts: list[str], prompts_file: Path | None) -> list[str] | None:
     if prompts_file is not None:
-        try:
-            prompts = prompts + [l.strip() for l in prompts_file.read_text().splitlines() if l.strip()]
-        except OSError as e:
-            raise FormatError(f"cannot read --prompts-file {prompts_file} ({e.strerror})")
+        from ditkit.formats.reading import read_text
+
+        lines = [l.strip() for l in read_text(prompts_file, "--prompts-file").splitlines() if l.strip()]
+        if not lines:
+            raise ConfigError(f"--prompts-file {prompts_file} holds no prompts; write one prompt per line")
+        prompts = prompts + lines
     return prompts or None

@@ -101,9 +101,21 @@ def torch_dtype(dtype: str, device: str):
 
 def quiet_diffusers() -> None:
     """diffusers draws its own bars while loading; ditkit draws its own progress (called once diffusers is needed)."""
+    import logging
+    import os
+    import sys
+
     from diffusers.utils import logging as diffusers_logging
+    from huggingface_hub.utils import disable_progress_bars
 
     diffusers_logging.disable_progress_bar()
+    disable_progress_bars()  # transformers reads this when imported: no "Loading weights" bar for text encoders
+    if "transformers" in sys.modules:  # already imported (in-process callers): switch its own flag too
+        sys.modules["transformers"].utils.logging.disable_progress_bar()
+    if os.environ.get("DITKIT_DEBUG") != "1":
+        # diffusers logs "An error occurred while trying to fetch ..." before raising what ditkit reports as
+        # its one Error: line; every diffusers failure reaches the user as that exception
+        diffusers_logging.set_verbosity(logging.CRITICAL)
 
 
 def load(common: Common, sources: Sequence, device: str, dtype) -> list:

@@ -78,7 +78,7 @@ def ground_truth(student, images: Path | None):
 
     s = vae_scale(student)
     h, w = latent_hw(student, None, None)
-    return read_image_folder(images, (h * s, w * s))
+    return read_image_folder(images, (h * s, w * s), flag="--images").tensors()
 
 
 def check_plan_memory(plan: dict, device: str, force: bool, log) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 
-from ditkit.formats.errors import ConfigError, QualityGateError, choice_error
+from ditkit.formats.errors import ConfigError, QualityGateError, check_options, choice_error
 
 
 PRECISIONS = ("fp32", "fp16")
@@ -59,6 +59,7 @@ class ExportConfig:
     device: str = "cpu"  # onnxruntime's execution provider for the parity check (cuda: CUDA EP)
 
     def __post_init__(self):
+        check_options(self)  # floats finite, seeds and counts in range (formats/errors.py)
         if self.format not in EXPORT_FORMATS:
             raise choice_error("format", self.format, EXPORT_FORMATS)
         if self.precision not in PRECISIONS:
