@@ -9,7 +9,7 @@ import torch
 import typer
 
 from ditkit.formats.atomic import check_output
-from ditkit.formats.bundle import load_bundle
+from ditkit.formats.bundle import load_bundle, resolve_source
 from ditkit.formats.embeddings import load_embeddings
 from ditkit.formats.errors import ConfigError, QualityGateError
 from ditkit.ops import distributed, memory
@@ -73,7 +73,8 @@ def bench_cmd(
     if threads is not None and threads < 1:
         raise ConfigError(f"--threads must be >= 1 (got {threads})")
     if plot is not None and distributed.world()[0] == 0:
-        check_output(plot, force)
+        check_output(plot, force, inputs=[*(resolve_source(m) for m in (models or [None])), prompts_file,
+                                          embeddings, config], what="--plot")
     torch_dtype = resolve_dtype(dtype, cfg.device)
     memory.check(memory.load_estimate(*(models or [None]), dtype=torch_dtype), cfg.device, force, log)
     bundles = [load_bundle(m, family=family, config=config, device=cfg.device, dtype=torch_dtype)

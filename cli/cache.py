@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from ditkit.formats.atomic import check_output
-from ditkit.formats.bundle import load_bundle, save_bundle
+from ditkit.formats.bundle import load_bundle, resolve_source, save_bundle
 from ditkit.formats.manifest import new_manifest
 from ditkit.ops.cache import CacheConfig, cache
 
@@ -34,7 +34,7 @@ def cache_cmd(
     """Calibrate training-free step caching (reuse blocks' residuals from the previous full step); weights unchanged."""
     cfg = CacheConfig(target_speedup=target_speedup, images=images, steps=steps, sampler=sampler, guidance=guidance,
                       seed=seed)
-    check_output(out, force, inputs=(Path(src),) if src else ())
+    check_output(out, force, inputs=[resolve_source(src), config])
     bundle = load_bundle(src, family=family, config=config)
     parent = bundle.parent_record()
     print(f"calibrating on {cfg.images} seeded trajectories (target {cfg.target_speedup}x)", file=sys.stderr, flush=True)

@@ -1,7 +1,6 @@
 """ditkit distill: recover a pruned student from its teacher, or distill a few-step student from a base."""
 from __future__ import annotations
 
-import shutil
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -9,7 +8,7 @@ from typing import Annotated, Optional
 import torch
 import typer
 
-from ditkit.formats.atomic import atomic_file, check_output
+from ditkit.formats.atomic import atomic_file, check_apart, check_disjoint, check_output
 from ditkit.formats.bundle import load_bundle, resolve_source, save_bundle
 from ditkit.formats.checkpoint import CheckpointStore
 from ditkit.formats.embeddings import load_embeddings
@@ -31,13 +30,16 @@ def _default(mode: str, name: str) -> str:
 
 
 def checkpoint_store(out: Path, checkpoint_dir: Path | None, resume: bool, force: bool,
-                     check: bool = True) -> CheckpointStore:
+                     check: bool = True, inputs=()) -> CheckpointStore:
     """OUT.ckpt beside OUT (or --checkpoint-dir): refuse to overwrite an unfinished run by accident.
-    Every process reads the checkpoint on --resume; only rank 0 (`check`) validates and clears the directory."""
+    Every process reads the checkpoint on --resume; only rank 0 (`check`) validates the directory. Nothing
+    is deleted here: with --force the earlier run's files go at this run's first write."""
     root = Path(checkpoint_dir) if checkpoint_dir is not None else out.with_name(out.name + ".ckpt")
     store = CheckpointStore(root)
     if not check:
         return store
+    store.check(inputs)
+    check_apart(out, "output", root, "--checkpoint-dir")
     if resume:
         if not store.exists():
             raise ConfigError(f"--resume: no checkpoint in {root}; start without --resume (add --force if {root} "
@@ -46,7 +48,7 @@ def checkpoint_store(out: Path, checkpoint_dir: Path | None, resume: bool, force
         if not force:
             raise OutputExistsError(f"checkpoint directory {root} holds an earlier run; pass --resume to continue it "
                                     "or --force to start over")
-        shutil.rmtree(root)  # --force: the earlier run's checkpoint and log are discarded
+        store.start_over()  # --force: the earlier run's checkpoint, log and grids go once this run trains
     return store
 
 
@@ -180,12 +182,16 @@ def distill_cmd(
     if threads is not None and threads < 1:
         raise ConfigError(f"--threads must be >= 1 (got {threads})")
     rank, _ = distributed.world()
+    inputs = [resolve_source(src), teacher, images, embeddings, config]
     if rank == 0:
-        check_output(out, force, inputs=(resolve_source(src),))
+        check_output(out, force, inputs=inputs)
+    store = checkpoint_store(out, checkpoint_dir, resume, force, check=rank == 0, inputs=inputs)
     memory.check(memory.load_estimate(src), device, force, say)
-    store = checkpoint_store(out, checkpoint_dir, resume, force, check=rank == 0)
     student = load_bundle(src, family=family, config=config, device=device)
     teacher_path = teacher if teacher is not None else teacher_source(student, mode)
+    if teacher_path is not None and rank == 0:  # the recorded parent is an input too
+        check_disjoint(out, [teacher_path])
+        check_disjoint(store.root, [teacher_path], "--checkpoint-dir")
     teacher_bundle = load_bundle(teacher_path, device=device) if teacher_path is not None else None
     recorded = (student.manifest.get("parent") or {}).get("sha256")
     if teacher is None and teacher_bundle is not None and recorded and \

@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from ditkit.formats.atomic import check_output
-from ditkit.formats.bundle import load_bundle
+from ditkit.formats.bundle import load_bundle, resolve_source
 from ditkit.formats.errors import ConfigError
 from ditkit.formats.export_files import WRITERS
 from ditkit.formats.manifest import new_manifest
@@ -63,7 +63,7 @@ def export_cmd(
         raise ConfigError(f"--format {fmt.name} writes one {fmt.suffix} file; give -o NAME{fmt.suffix}")
     if fmt.suffix is None and out.suffix in (".safetensors", ".pt", ".onnx"):
         raise ConfigError(f"--format {fmt.name} writes a directory; give -o a directory name, not {out.name}")
-    out = check_output(out, force, inputs=(Path(src),) if src else ())
+    out = check_output(out, force, inputs=[resolve_source(src), config])
     cfg.workdir = str(out.resolve().parent)
     bundle = load_bundle(src, family=family, config=config)
     parent = bundle.parent_record()

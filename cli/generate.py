@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from ditkit.formats.atomic import check_output
-from ditkit.formats.bundle import load_bundle
+from ditkit.formats.bundle import load_bundle, resolve_source
 from ditkit.formats.embeddings import load_embeddings
 from ditkit.formats.errors import ConfigError, FormatError
 from ditkit.formats.images import write_images
@@ -102,7 +102,7 @@ def generate_cmd(
                          backend=backend, cache=not no_cache, feedback=not no_feedback)
     rank, _ = distributed.world()
     if rank == 0:
-        check_output(out, force)
+        check_output(out, force, inputs=[resolve_source(src), prompts_file, embeddings, config, *(lora or [])])
     torch_dtype = resolve_dtype(dtype, cfg.device)
     memory.check(memory.load_estimate(src, dtype=torch_dtype), cfg.device, force, say)  # before allocating
     bundle = load_bundle(src, family=family, config=config, device=cfg.device, dtype=torch_dtype)

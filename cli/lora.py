@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from ditkit.formats.atomic import check_output
+from ditkit.formats.atomic import check_apart, check_outputs
 from ditkit.formats.bundle import load_bundle, resolve_source, save_bundle
 from ditkit.formats.checkpoint import CheckpointStore
 from ditkit.formats.datasets import CACHE, load_cache, read_image_folder, save_cache, save_validation
@@ -111,11 +111,15 @@ def lora_train_cmd(
                      prior_weight=prior_weight, device=device)
     rank0 = distributed.world()[0] == 0
     ckpt = checkpoint_dir(out, checkpoint_dir_)
+    store = CheckpointStore(ckpt)
     if rank0:
-        check_output(out, force)
-        if fuse_into is not None:
-            check_output(fuse_into, force, inputs=(resolve_source(src),))
-        _fresh_start(ckpt, resume, force)
+        inputs = [resolve_source(src), data, embeddings, config]
+        check_outputs([out, fuse_into], force, inputs, what=["output", "--fuse-into"])
+        store.check(inputs)
+        for path, what in ((out, "output"), (fuse_into, "--fuse-into")):
+            if path is not None:
+                check_apart(path, what, ckpt, "--checkpoint-dir")
+        _fresh_start(store, resume, force)
     memory.check(memory.load_estimate(src), device, force, log)  # before loading
     bundle = load_bundle(src, family=family, config=config, device=device, dtype=resolve_dtype("fp32", device))
     emb = load_embeddings(embeddings) if embeddings else None
@@ -126,11 +130,11 @@ def lora_train_cmd(
     if cached is None:
         tensors, info = encode_data(bundle, folder, cfg, emb)
         if rank0:
+            store.mark()  # the directory is ditkit's from its first file on
             save_cache(ckpt / CACHE, tensors, key, info)
     else:
         tensors, info = cached
         log(f"data: latents and embeddings from the cache {ckpt / CACHE}")
-    store = CheckpointStore(ckpt)
 
     def on_plan(plan: dict) -> None:  # before the optimizer and step 1
         mem = plan["memory"]
@@ -166,17 +170,15 @@ def lora_train_cmd(
     _print(doc, json_, f"lora-train -> {out}")
 
 
-def _fresh_start(ckpt: Path, resume: bool, force: bool) -> None:
-    """Without --resume, an old run's checkpoint is an error (or, with --force, cleared; the data cache stays)."""
-    store = CheckpointStore(ckpt)
-    if resume or not (store.exists() or (ckpt / "log.jsonl").exists()):
+def _fresh_start(store: CheckpointStore, resume: bool, force: bool) -> None:
+    """Without --resume, an old run's checkpoint is an error (or, with --force, cleared once this run writes
+    its own; the data cache stays)."""
+    if resume or not store.has_run():
         return
     if not force:
-        raise OutputExistsError(f"{ckpt} holds a previous run's checkpoint; pass --resume to continue it or "
+        raise OutputExistsError(f"{store.root} holds a previous run's checkpoint; pass --resume to continue it or "
                                 "--force to start over")
-    shutil.rmtree(store.ckpt, ignore_errors=True)
-    shutil.rmtree(ckpt / "validation", ignore_errors=True)
-    (ckpt / "log.jsonl").unlink(missing_ok=True)
+    store.start_over(keep=(CACHE,))
 
 
 def _write_fused(bundle, parent: dict, adapters, scales, out: Path, device: str, force: bool) -> Path:
@@ -194,9 +196,8 @@ def _fuse_or_export(src, paths, scales, out, fuse_into, fmt, device, family, con
     if out is not None:
         if len(paths) != 1:
             raise ConfigError("-o re-exports one adapter; give a single --lora")
-        check_output(out, force, inputs=tuple(paths))
-    if fuse_into is not None:
-        check_output(fuse_into, force, inputs=(resolve_source(src),))
+    base = resolve_source(src) if fuse_into is not None else src
+    check_outputs([out, fuse_into], force, [base, *paths, config], what=["output", "--fuse-into"])
     adapters = [load_adapter(p) for p in paths]
     scales = list(scales) if scales else [1.0]
     if len(scales) == 1:

@@ -103,7 +103,7 @@ def prune_cmd(
     if not dry_run:
         if out is None:
             raise ConfigError("prune needs -o OUT (or --dry-run to print the plan only)")
-        check_output(out, force, inputs=(resolve_source(src),))
+        check_output(out, force, inputs=[resolve_source(src), embeddings, config])
     bundle = load_bundle(src, family=family, config=config, device=device, dtype=resolve_dtype(dtype, device))
     if family is not None and bundle.family.name != family:
         raise ConfigError(f"--family {family} does not match the checkpoint, which is {bundle.family.name}; "

@@ -8,7 +8,7 @@ import typer
 
 from ditkit.formats import quantized
 from ditkit.formats.atomic import check_output
-from ditkit.formats.bundle import load_bundle
+from ditkit.formats.bundle import load_bundle, resolve_source
 from ditkit.formats.manifest import new_manifest
 from ditkit.ops.quantize import QUANT_SCHEMES, QuantizeConfig, check_hardware, quantize
 
@@ -46,7 +46,7 @@ def quantize_cmd(
                          compute_dtype=compute_dtype, device=device, calib_batches=calib_batches,
                          calib_batch_size=calib_batch_size, seed=seed)
     cfg.device = check_hardware(cfg)  # fp8 on CPU etc. fails here, before any loading
-    check_output(out, force, inputs=(Path(src),) if src else ())
+    check_output(out, force, inputs=[resolve_source(src), config])
     bundle = load_bundle(src, family=family, config=config, device=cfg.device)
     parent = bundle.parent_record()
     # typer.echo finds the current stderr (output.log's console keeps the one from import time)
