@@ -17,8 +17,8 @@ from ditkit.formats.errors import ConfigError, HardwareError, OutputExistsError
 from ditkit.formats.lora import ADAPTER_FORMATS, load_adapter, save_adapter
 from ditkit.formats.manifest import new_manifest
 from ditkit.ops import distributed, memory
-from ditkit.ops.lora import (TARGETS, LoraConfig, cache_key, encode_data, extract_adapter, fuse_lora, lora_train,
-                             native_size)
+from ditkit.ops.lora import (TARGETS, LoraConfig, adapter_scales, cache_key, encode_data, extract_adapter, fuse_lora,
+                             lora_train, native_size)
 from ditkit.ops.runtime import resolve_device, resolve_dtype
 
 from . import output
@@ -199,9 +199,7 @@ def _fuse_or_export(src, paths, scales, out, fuse_into, fmt, device, family, con
     base = resolve_source(src) if fuse_into is not None else src
     check_outputs([out, fuse_into], force, [base, *paths, config], what=["output", "--fuse-into"])
     adapters = [load_adapter(p) for p in paths]
-    scales = list(scales) if scales else [1.0]
-    if len(scales) == 1:
-        scales = scales * len(adapters)
+    scales = adapter_scales(scales, len(adapters))
     doc = {"adapters": [a.summary() for a in adapters], "scales": scales}
     if out is not None:
         from ditkit.formats.lora import match

@@ -4,7 +4,7 @@
                                         [--only tiny-digits,dit-xl-2-256-variants,...]
 
 (`make bench` runs it.) It writes the full-size random-weight architectures into --cache once
-(python -m ditkit.ops.archs; about 5.5 GB), runs each bench with --json, keeps the JSON next to them, and
+(tools/archs.py; about 5.5 GB), runs each bench with --json, keeps the JSON next to them, and
 renders the tables from that JSON under the exact command that produced it. CUDA runs are added when
 torch sees a GPU; otherwise the CUDA section says they were not measured.
 """
@@ -99,6 +99,26 @@ CUDA_RUNS = [
 ]
 
 
+def cpu_name() -> str:
+    """The machine a CPU section ran on, e.g. '2-core AMD EPYC with AVX512-BF16/VNNI' (from /proc/cpuinfo)."""
+    import os
+    import platform
+
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                model = " ".join(w for w in value.split() if not w[0].isdigit() and "-Core" not in w
+                                 and w not in ("Processor", "CPU"))[:40]
+            elif key.strip() == "flags":
+                flags = set(value.split())
+    except OSError:
+        pass
+    extras = [name for flag, name in (("avx512_bf16", "BF16"), ("avx512_vnni", "VNNI")) if flag in flags]
+    return f"{os.cpu_count()}-core {model}" + (f" with AVX512-{'/'.join(extras)}" if extras else "")
+
+
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
@@ -115,7 +135,8 @@ def prepare(cache: Path, names: set[str]) -> None:
     for name in ("dit-xl-2-256", "pixart-alpha-512"):
         if any(k.startswith(name) for k in names) and not (cache / name / "config.json").is_file():
             log(f"writing {cache / name}")
-            subprocess.run([sys.executable, "-m", "ditkit.ops.archs", name, "--out", str(cache / name)], check=True)
+            subprocess.run([sys.executable, str(ROOT / "tools" / "archs.py"), name, "--out", str(cache / name)],
+                           check=True)
     emb = cache / "pixart-t5-120.safetensors"
     if "pixart-alpha-512" in names and not emb.is_file():
         g = torch.Generator().manual_seed(0)
@@ -188,18 +209,19 @@ def main(argv: list[str] | None = None) -> int:
         (" --reuse" if a.reuse else "")
 
     out = ["# Benchmarks", "",
-           f"Produced by `{script}` (`make bench`). Every table below is "
+           f"Rendered by `{script}` (`make bench`); each section names the date it ran and the machine in its "
+           "environment line. Every table below is "
            "rendered from the JSON printed by the `ditkit bench` command quoted above it; re-run the script "
            "to reproduce them on your machine. How to read them: [bench.md](bench.md).", "",
            "- **ms/step**: one transformer call on the rows one sampler step needs (2 x batch with "
            "classifier-free guidance), median of the timed rounds (p90 in brackets).",
            "- **ms/image**: denoise + VAE decode at the model's own sampler and step count, per image.",
-           "- **MFU**: FLOPs of the timed call (torch's FlopCounterMode) per second, over the dense matmul "
-           "peak that the same run measured on the same device.",
+           "- **MFU**: FLOPs of the timed call (torch's FlopCounterMode, attention included on CPU too: "
+           "ops/flops.py) per second, over the dense matmul peak that the same run measured on the same device.",
            "- **peak memory**: weights in memory + the call's peak growth (CPU: resident set; CUDA: allocated).",
            "- DiT-XL/2 in diffusers' layout has 749.8M parameters, not the original 675M: every block carries "
            "its own copy of the timestep and label embedders.", ""]
-    out += ["## CPU (this machine)", ""]
+    out += [f"## CPU ({cpu_name()})", ""]
     for key, title, about, args in CPU_RUNS:
         if key not in keys:
             continue

@@ -47,7 +47,7 @@ def test_cache_writes_policy_keeps_weights_and_generate_applies_it(tiny_dir, cli
     assert r.code == 0, r.err
     doc = r.json()
     assert doc["predicted_speedup"] >= 1.2 and doc["skipped_block_steps"] > 0
-    assert doc["latent_rel_error"] >= 0 and np.isfinite(doc["latent_rel_error"])
+    assert 0 < doc["latent_rel_error"] < 0.01  # blocks were skipped (not 0), and the result stays close (3.6e-5 here)
     manifest = json.loads((out / "ditkit.json").read_text())
     policy = manifest["cache"]
     assert manifest["op"] == "cache" and policy["steps"] == STEPS and policy["skip"][0] is None
@@ -79,7 +79,7 @@ def test_cache_op_applies_in_the_generate_op(tiny_dir):
     cached, g = generate(b, cfg)
     again, g2 = generate(b, GenerateConfig(labels=[1, 2], steps=STEPS, cache=False))
     assert g.cache["applied"] and g2.cache is None and np.array_equal(again, plain)
-    assert rep.image_psnr is None or rep.image_psnr > 10
+    assert rep.image_psnr is not None and rep.image_psnr > 30  # the tiny pipeline has a VAE (97 dB here)
     assert psnr(cached, plain) > 10
 
 

@@ -71,7 +71,7 @@ def test_info_counts_params_and_flops(family, tiny_dir, cli):
     assert doc["num_blocks"] == len(b.family.blocks(b.transformer))
     hw = tuple(doc["latent_shape"][1:])
     # linear in batch (no data-dependent work), and dominated by 2 * params * tokens for these shapes
-    assert count_flops(b, 2, hw) == 2 * count_flops(b, 1, hw) or family != "dit"
+    assert count_flops(b, 2, hw) == 2 * count_flops(b, 1, hw)
     assert doc["flops_per_step"] > 2 * doc["params"]
 
 
