@@ -439,7 +439,7 @@ def deliver(monkeypatch):
             interrupt_writes_with(monkeypatch, out.name, sig)
         elif phase == "train":
             import ditkit.ops.distill as d
-            import ditkit.ops.lora as lo
+            import ditkit.ops.lora.train as lo
 
             for mod in (d, lo):
                 real_train = mod.train
@@ -509,7 +509,7 @@ def test_signal_matrix(command, phase, sig, code, text, cli, inputs, tmp_path, d
     area.mkdir()
     out = area / OUT_NAME.get(command, "out")
     deliver(phase, getattr(signal, sig), inputs, out)
-    keep = CHECKPOINTED[command] if phase in ("train", "save") else None
+    keep = CHECKPOINTED.get(command) if phase in ("train", "save", "write") else None  # trained: kept
     check_case(cli, command, signal_args(command, phase, inputs, out), inputs, area, code, text, keep=keep,
                stdout_empty=not (command == "bench" and phase == "write"))  # bench prints, then plots
     if keep is not None:  # a resumable checkpoint of step 1, complete
