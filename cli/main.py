@@ -118,17 +118,23 @@ def _quiet_libraries() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     _quiet_libraries()
+    from ditkit.formats.atomic import interrupts_raise
+
     try:
-        app(args=argv, standalone_mode=False, prog_name="ditkit")
+        with interrupts_raise():  # SIGINT and SIGTERM in every phase: exit 130, one line, cleanups run
+            app(args=argv, standalone_mode=False, prog_name="ditkit")
         code = EXIT_OK
     except typer.Exit as e:  # --help, --version
         code = e.exit_code
     except click_exceptions.NoArgsIsHelpError as e:
         print(e.ctx.get_help() if e.ctx else "", file=sys.stderr)
         code = 2
-    except typer.Abort:
-        print("Error: aborted", file=sys.stderr)
-        code = 130
+    except typer.Abort as e:  # click turns a KeyboardInterrupt into Abort
+        if isinstance(e.__cause__, BaseException) and not isinstance(e.__cause__, EOFError):
+            code = report_error(e.__cause__)
+        else:
+            print("Error: aborted", file=sys.stderr)
+            code = 130
     except BaseException as e:  # noqa: BLE001 - every error leaves as one line and a code
         if isinstance(e, SystemExit):
             raise

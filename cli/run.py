@@ -80,11 +80,21 @@ class Run:
 
 
 def check_outputs(outputs: Sequence, inputs: Sequence, force: bool) -> list[Path]:
-    """formats.atomic.check_output for each output against every input (None entries are skipped)."""
-    from ditkit.formats.atomic import check_output
+    """formats.atomic.check_outputs: each output against every input and against the other outputs."""
+    from ditkit.formats.atomic import check_outputs as check_all
 
-    ins = tuple(Path(p) for p in inputs if p is not None)
-    return [check_output(Path(o), force, inputs=ins) for o in outputs if o is not None]
+    return check_all(outputs, force, inputs)
+
+
+def check_work_dirs(work_dirs: Sequence, outputs: Sequence, inputs: Sequence) -> None:
+    """A training checkpoint directory: apart from inputs and outputs, and never a directory ditkit did not write."""
+    from ditkit.formats.atomic import check_apart
+    from ditkit.formats.checkpoint import CheckpointStore
+
+    for d in work_dirs:
+        CheckpointStore(d).check(inputs)
+        for o in outputs:
+            check_apart(Path(o), "output", Path(d), "--checkpoint-dir")
 
 
 def resolved(sources: Sequence) -> list[Path]:
@@ -177,7 +187,7 @@ def run_op(common: Common, op: Callable, cfg, *, name: str, title: str | Callabl
         ins = [*resolved(sources), *(resolved([p])[0] if isinstance(p, str) else p for p in inputs if p is not None),
                common.config]
         outs = check_outputs(outs, ins, common.force)
-        check_outputs(work_dirs, ins, True)  # kept between runs (checkpoints): `prepare` decides what they may hold
+        check_work_dirs(work_dirs, outs, ins)  # kept between runs (checkpoints): `prepare` decides what they may hold
     # 2. memory, before allocating
     if sources:
         from ditkit.ops import memory

@@ -44,9 +44,7 @@ def fresh_start(ckpt: Path, resume: bool, force: bool) -> None:
     if not force:
         raise OutputExistsError(f"{ckpt} holds a previous run's checkpoint; pass --resume to continue it or "
                                 "--force to start over")
-    shutil.rmtree(store.ckpt, ignore_errors=True)
-    shutil.rmtree(ckpt / "validation", ignore_errors=True)
-    (ckpt / "log.jsonl").unlink(missing_ok=True)
+    # --force: the previous run's files go at this run's first write (lora_train_job: store.start_over)
 
 
 def _data(bundle, folder, cfg: LoraConfig, ckpt: Path, emb, rank0: bool, log) -> tuple[dict, dict]:
@@ -70,7 +68,7 @@ def lora_train_job(bundle, cfg: LoraConfig, *, data: Path, ckpt: Path, resume: b
     """Train an adapter on the image folder `data` ((LoraJob, report); LoraJob.fused with `fuse`).
     on_step(step, loss) after every step. The plan's memory is checked before the optimizer exists
     (HardwareError unless `force`; a data cache this run wrote is removed again)."""
-    from ditkit.formats.datasets import read_image_folder, save_validation
+    from ditkit.formats.datasets import CACHE, read_image_folder, save_validation
     from ditkit.formats.embeddings import load_embeddings
     from ditkit.ops import distributed, memory
 
@@ -78,6 +76,11 @@ def lora_train_job(bundle, cfg: LoraConfig, *, data: Path, ckpt: Path, resume: b
     emb = load_embeddings(embeddings) if embeddings else None
     folder = read_image_folder(data, size=native_size(bundle))
     made = ckpt if rank0 and not ckpt.exists() else None  # removed again if the memory check refuses the job
+    store = CheckpointStore(ckpt)
+    if force and not resume and store.has_run():
+        store.start_over(keep=(CACHE,))  # the keyed data cache stays; the rest goes at the first write
+    if rank0:
+        store.mark()  # the directory is ditkit's (its marker) before the data cache is written into it
     tensors, info = _data(bundle, folder, cfg, ckpt, emb, rank0, log)
 
     def on_plan(plan: dict) -> None:  # before the optimizer and step 1
@@ -93,7 +96,7 @@ def lora_train_job(bundle, cfg: LoraConfig, *, data: Path, ckpt: Path, resume: b
             raise
 
     bundle, report = lora_train(
-        bundle, cfg, tensors, CheckpointStore(ckpt), resume, embeddings=emb, data_info=info, log=log,
+        bundle, cfg, tensors, store, resume, embeddings=emb, data_info=info, log=log,
         on_plan=on_plan, on_step=on_step,
         on_validation=lambda step, images, conds, metrics: rank0 and save_validation(ckpt, step, images, conds,
                                                                                       metrics))

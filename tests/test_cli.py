@@ -81,7 +81,12 @@ def test_existing_output_needs_force(cli, tiny_dir, tmp_path):
     assert_bad_input(r, "--force")
     assert [p.name for p in out.iterdir()] == ["mine.txt"]
     r = cli("generate", tiny_dir("dit"), "-o", out, "--steps", "2", "--labels", "1", "--force")
-    assert r.code == 0 and not (out / "mine.txt").exists() and (out / "00000.png").is_file()
+    assert_bad_input(r, "ditkit did not write")  # --force replaces only ditkit's own outputs
+    assert [p.name for p in out.iterdir()] == ["mine.txt"]
+    (out / "mine.txt").unlink()
+    (out / "generate.json").write_text("{}")  # an earlier generate output
+    r = cli("generate", tiny_dir("dit"), "-o", out, "--steps", "2", "--labels", "1", "--force")
+    assert r.code == 0 and (out / "00000.png").is_file()
 
 
 def test_help_lists_only_real_commands(cli):

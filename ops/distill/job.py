@@ -36,7 +36,7 @@ def check_checkpoint_dir(root: Path, resume: bool, force: bool) -> None:
         if not force:
             raise OutputExistsError(f"checkpoint directory {root} holds an earlier run; pass --resume to continue it "
                                     "or --force to start over")
-        shutil.rmtree(root)  # --force: the earlier run's checkpoint and log are discarded
+        pass  # --force: the earlier run's files go at this run's first write (distill_job: store.start_over)
 
 
 def teacher_source(student, mode: str) -> str | None:
@@ -111,6 +111,9 @@ def distill_job(student, cfg: DistillConfig, *, root: Path, teacher: str | None 
         log(f"  checkpoints + log: {root}" + (" (resuming)" if resume else ""))
         check_plan_memory(plan, cfg.device, force, log)
 
-    return distill(student, cfg, teacher_bundle, store=CheckpointStore(root), resume=resume, progress=progress,
+    store = CheckpointStore(root)
+    if force and not resume and root.is_dir() and any(root.iterdir()):
+        store.start_over()  # nothing is deleted unless this run gets as far as writing its own checkpoint
+    return distill(student, cfg, teacher_bundle, store=store, resume=resume, progress=progress,
                    embeddings=emb, images=data, log=log, on_plan=on_plan, on_validation=on_validation,
                    pool_progress=pool_progress)
