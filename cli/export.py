@@ -13,7 +13,7 @@ from ditkit.formats.bundle import load_bundle
 from ditkit.formats.errors import ConfigError
 from ditkit.formats.export_files import WRITERS
 from ditkit.formats.manifest import new_manifest
-from ditkit.ops.export import EXPORT_FORMATS, PRECISIONS, VAE_CHOICES, ExportConfig, check_gate, export
+from ditkit.ops.export import EXPORT_FORMATS, GGUF_QUANTS, PRECISIONS, VAE_CHOICES, ExportConfig, check_gate, export
 from ditkit.ops.runtime import resolve_device
 
 from . import output
@@ -24,6 +24,8 @@ SHOWN = {  # the table without --json; --json prints the whole report
     "onnx": ("format", "family", "precision", "opset", "resolution", "resolution_note", "latent_hw", "dynamic_axes",
              "external_data", "graph_bytes", "lora_fused", "max_abs_error", "max_rel_error", "atol", "rtol", "passed",
              "failures", "seconds_export", "seconds_check"),
+    "gguf": ("format", "family", "quant", "layout", "tensor_types", "num_blocks", "params", "lora_fused", "sqnr_db",
+             "max_abs_error", "passed", "failures", "seconds_check"),
     "layout": ("format", "family", "num_blocks", "params", "lora_fused", "bit_exact", "max_abs_error", "passed",
                "failures", "seconds_check"),
 }
@@ -36,7 +38,7 @@ def log(msg: str) -> None:
 def export_cmd(
     src: ModelArg = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Output: a directory (onnx, diffusers) or a file "
-                                      "(.safetensors, .pt for dit-original); written atomically.")] = ...,
+                                      "(.safetensors, .pt for dit-original, .gguf); written atomically.")] = ...,
     format_: Annotated[str, typer.Option("--format", help=FORMAT_HELP)] = "onnx",
     precision: Annotated[str, typer.Option(help=f"onnx: {', '.join(PRECISIONS)} (fp16 is converted from the "
                                            "checked fp32 graph).")] = "fp32",
@@ -49,6 +51,10 @@ def export_cmd(
     atol: Annotated[Optional[float], typer.Option(help="Max |onnx - torch| (default: 1e-4 fp32, 5e-2 fp16).")] = None,
     rtol: Annotated[Optional[float], typer.Option(help="Max |onnx - torch| / max |torch| (default: 1e-4 fp32, "
                                                   "2e-2 fp16).")] = None,
+    quant: Annotated[Optional[str], typer.Option(help=f"gguf: {', '.join(GGUF_QUANTS)} (default Q8_0); norms, "
+                                                 "biases and embedders stay float.")] = None,
+    min_sqnr: Annotated[Optional[float], typer.Option(help="gguf: exit 1, writing nothing, under this output "
+                                                      "SQNR (dB).")] = None,
     device: DeviceOpt = "cpu",
     family: FamilyOpt = None,
     config: ConfigOpt = None,
@@ -57,11 +63,11 @@ def export_cmd(
 ):
     """Export a checkpoint; ONNX graphs are checked against PyTorch (exit 1 over --atol/--rtol, nothing written)."""
     cfg = ExportConfig(format=format_, precision=precision, opset=opset, height=height, width=width, vae=vae,
-                       atol=atol, rtol=rtol, device=resolve_device(device))
+                       atol=atol, rtol=rtol, device=resolve_device(device), quant=quant, min_sqnr=min_sqnr)
     fmt = EXPORT_FORMATS[cfg.format]
     if fmt.suffix is not None and out.suffix != fmt.suffix:
         raise ConfigError(f"--format {fmt.name} writes one {fmt.suffix} file; give -o NAME{fmt.suffix}")
-    if fmt.suffix is None and out.suffix in (".safetensors", ".pt", ".onnx"):
+    if fmt.suffix is None and out.suffix in (".safetensors", ".pt", ".onnx", ".gguf"):
         raise ConfigError(f"--format {fmt.name} writes a directory; give -o a directory name, not {out.name}")
     out = check_output(out, force, inputs=(Path(src),) if src else ())
     cfg.workdir = str(out.resolve().parent)
@@ -83,6 +89,6 @@ def export_cmd(
         output.print_json(doc)
     else:
         output.print_kv(f"export -> {out}" if report.passed else "export (nothing written)",
-                        {k: doc[k] for k in ("out", *SHOWN["onnx" if fmt.name == "onnx" else "layout"])
+                        {k: doc[k] for k in ("out", *SHOWN[fmt.name if fmt.name in SHOWN else "layout"])
                          if doc.get(k) not in (None, [], {})})
     check_gate(report)

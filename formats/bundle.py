@@ -6,6 +6,7 @@ Sources (load_bundle):
   - a bare transformer directory (config.json + safetensors);
   - a single .safetensors file (--family, plus --config when the keys don't determine it);
   - a facebookresearch/DiT .pt checkpoint (read with weights_only=True, converted to diffusers keys).
+  - a .gguf file (formats/gguf.py: dequantized to float tensors);
   - an ONNX bundle directory (transformer.onnx; formats/onnx_bundle.py), run by onnxruntime.
 """
 from __future__ import annotations
@@ -126,8 +127,12 @@ def load_bundle(src: str | os.PathLike | None = None, *, family: str | None = No
         bundle = _load_single_file(path, family, config)
     elif path.suffix in (".pt", ".pth"):
         bundle = _load_dit_original(path, family)
+    elif path.suffix == ".gguf":  # formats/gguf.py: dequantized to float on load
+        from .gguf import load_gguf_bundle
+
+        bundle = load_gguf_bundle(path, family, config)
     else:
-        raise FormatError(f"{path}: unknown checkpoint file type {path.suffix!r}; use .safetensors or a DiT .pt")
+        raise FormatError(f"{path}: unknown checkpoint file type {path.suffix!r}; use .safetensors, .gguf or a DiT .pt")
     for name, comp in [("transformer", bundle.transformer), *bundle.components.items()]:
         if isinstance(comp, nn.Module):
             comp.eval().requires_grad_(False)
