@@ -34,12 +34,12 @@ test-all: setup
 
 # Rebuild the embedded default from scratch (about 10-15 minutes on 2 CPU cores).
 tiny-digits: setup
-	$(BIN)/python -m ditkit.ops.defaults.tiny_digits --out formats/assets/tiny-digits
+	$(BIN)/python tools/tiny_digits.py --out formats/assets/tiny-digits
 
 # Rebuild the text-conditioned default (a PixArt pipeline, prompts like "a handwritten seven"); it reuses
 # tiny-digits' VAE and judge, so build that first (see docs/tiny-digits-text.md for the time it takes).
 tiny-digits-text: setup
-	$(BIN)/python -m ditkit.ops.defaults.tiny_digits_text --out formats/assets/tiny-digits-text
+	$(BIN)/python tools/tiny_digits_text.py --out formats/assets/tiny-digits-text
 
 # Regenerate docs/benchmarks.md: writes full-size random-weight architectures and every variant into
 # $(OUT)/bench-archs (about 12 GB), then runs each `ditkit bench` the page quotes (about 30 minutes on 2 cores).

@@ -50,11 +50,10 @@ def with_lora(bundle, paths: list[Path], scales: list[float]) -> list[dict]:
     if not paths:
         return []
     from ditkit.formats.lora import load_adapter
-    from ditkit.ops.lora import apply_lora
+    from ditkit.ops.lora import adapter_scales, apply_lora
 
     adapters = [load_adapter(p) for p in paths]
-    scales = scales or [1.0]
-    scales = scales * len(adapters) if len(scales) == 1 else scales
+    scales = adapter_scales(scales, len(adapters))
     apply_lora(bundle, adapters, scales)
     base = bundle.parent_record().get("sha256")
     for a in adapters:

@@ -17,8 +17,8 @@ from ditkit.formats.errors import ConfigError, HardwareError, OutputExistsError
 from ditkit.formats.lora import ADAPTER_FORMATS, load_adapter, save_adapter
 from ditkit.formats.manifest import new_manifest
 from ditkit.ops import distributed, memory
-from ditkit.ops.lora import (TARGETS, LoraConfig, cache_key, encode_data, extract_adapter, fuse_lora, lora_train,
-                             native_size)
+from ditkit.ops.lora import (TARGETS, LoraConfig, adapter_scales, cache_key, encode_data, extract_adapter, fuse_lora,
+                             lora_train, native_size)
 from ditkit.ops.runtime import resolve_device, resolve_dtype
 
 from . import output
@@ -198,9 +198,7 @@ def _fuse_or_export(src, paths, scales, out, fuse_into, fmt, device, family, con
     if fuse_into is not None:
         check_output(fuse_into, force, inputs=(resolve_source(src),))
     adapters = [load_adapter(p) for p in paths]
-    scales = list(scales) if scales else [1.0]
-    if len(scales) == 1:
-        scales = scales * len(adapters)
+    scales = adapter_scales(scales, len(adapters))
     doc = {"adapters": [a.summary() for a in adapters], "scales": scales}
     if out is not None:
         from ditkit.formats.lora import match

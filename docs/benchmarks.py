@@ -4,7 +4,7 @@
                                         [--only tiny-digits,dit-xl-2-256-variants,...]
 
 (`make bench` runs it.) It writes the full-size random-weight architectures into --cache once
-(python -m ditkit.ops.archs; about 5.5 GB), runs each bench with --json, keeps the JSON next to them, and
+(tools/archs.py; about 5.5 GB), runs each bench with --json, keeps the JSON next to them, and
 renders the tables from that JSON under the exact command that produced it. CUDA runs are added when
 torch sees a GPU; otherwise the CUDA section says they were not measured.
 """
@@ -135,7 +135,8 @@ def prepare(cache: Path, names: set[str]) -> None:
     for name in ("dit-xl-2-256", "pixart-alpha-512"):
         if any(k.startswith(name) for k in names) and not (cache / name / "config.json").is_file():
             log(f"writing {cache / name}")
-            subprocess.run([sys.executable, "-m", "ditkit.ops.archs", name, "--out", str(cache / name)], check=True)
+            subprocess.run([sys.executable, str(ROOT / "tools" / "archs.py"), name, "--out", str(cache / name)],
+                           check=True)
     emb = cache / "pixart-t5-120.safetensors"
     if "pixart-alpha-512" in names and not emb.is_file():
         g = torch.Generator().manual_seed(0)
@@ -215,8 +216,8 @@ def main(argv: list[str] | None = None) -> int:
            "- **ms/step**: one transformer call on the rows one sampler step needs (2 x batch with "
            "classifier-free guidance), median of the timed rounds (p90 in brackets).",
            "- **ms/image**: denoise + VAE decode at the model's own sampler and step count, per image.",
-           "- **MFU**: FLOPs of the timed call (torch's FlopCounterMode) per second, over the dense matmul "
-           "peak that the same run measured on the same device.",
+           "- **MFU**: FLOPs of the timed call (torch's FlopCounterMode, attention included on CPU too: "
+           "ops/flops.py) per second, over the dense matmul peak that the same run measured on the same device.",
            "- **peak memory**: weights in memory + the call's peak growth (CPU: resident set; CUDA: allocated).",
            "- DiT-XL/2 in diffusers' layout has 749.8M parameters, not the original 675M: every block carries "
            "its own copy of the timestep and label embedders.", ""]

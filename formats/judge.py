@@ -61,11 +61,11 @@ def load_judge(dir) -> LoadedJudge:
     cfg_path, w_path = d / CONFIG, d / WEIGHTS
     if not d.is_dir():
         raise FormatError(f"judge directory {d} does not exist; rebuild the asset with "
-                          f"python -m ditkit.ops.defaults.tiny_digits")
+                          f"python tools/tiny_digits.py")
     for p in (cfg_path, w_path):
         if not p.is_file():
             raise FormatError(f"judge file {p} is missing; rebuild the judge with "
-                              f"python -m ditkit.ops.defaults.tiny_digits")
+                              f"python tools/tiny_digits.py")
     try:
         cfg = json.loads(cfg_path.read_text())
         arch = cfg["architecture"]
@@ -98,6 +98,6 @@ def read_judge_config(dir) -> dict:
         return json.loads(p.read_text())
     except FileNotFoundError:
         raise FormatError(f"judge file {p} is missing; rebuild the judge with "
-                          f"python -m ditkit.ops.defaults.tiny_digits")
+                          f"python tools/tiny_digits.py")
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise FormatError(f"judge config {p} is corrupt ({e}); restore it or rebuild the judge")

@@ -42,6 +42,11 @@ DIFFUSERS_META_KEY = "lora_adapter_metadata"  # diffusers.loaders.lora_base.LORA
 DITKIT_META_KEY = "ditkit_lora"
 
 
+def effective_scale(alpha: float, rank: int, scale: float = 1.0) -> float:
+    """The one LoRA-scale rule: the factor on B A is the user's scale times alpha / rank (the file's metadata)."""
+    return float(scale) * (alpha / rank)
+
+
 @dataclass
 class Adapter:
     """A LoRA adapter: per target module, A (rank, in) and B (out, rank); output += (alpha / rank) * B A x."""
@@ -61,7 +66,7 @@ class Adapter:
 
     @property
     def scale(self) -> float:
-        return self.alpha / self.rank
+        return effective_scale(self.alpha, self.rank)
 
     @property
     def num_params(self) -> int:

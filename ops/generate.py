@@ -7,14 +7,14 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 import numpy as np
-import torch
 
-from ditkit.formats.errors import ConfigError
-from . import distributed
-from .runtime import resolve_device, resolve_dtype
-from ditkit.formats.errors import choice_error
+from ditkit.formats.errors import ConfigError, choice_error
 from ditkit.formats.onnx_bundle import BACKENDS, resolve_backend
 
+from . import distributed
+from .accelerators import step_predictor
+from .geometry import conditions, latent_hw, settings, vae_scale
+from .runtime import resolve_device, resolve_dtype
 from .sample import SAMPLERS, decode, denoise, image_noise, make_scheduler, padded
 
 
@@ -87,62 +87,6 @@ class GenerateReport:
         return asdict(self)
 
 
-def settings(bundle, cfg: GenerateConfig) -> tuple[str, int, float]:
-    d = bundle.defaults()
-    return (cfg.sampler or d["sampler"], cfg.steps or d["steps"],
-            d["guidance"] if cfg.guidance is None else cfg.guidance)
-
-
-def vae_scale(bundle) -> int:
-    vae = bundle.vae
-    if vae is None:
-        return bundle.family.vae_scale_fallback
-    return 2 ** (len(vae.config.block_out_channels) - 1)
-
-
-def latent_hw(bundle, height: int | None, width: int | None) -> tuple[int, int]:
-    s, native = vae_scale(bundle), bundle.family.latent_size(bundle.transformer)
-    return ((height // s) if height else native, (width // s) if width else native)
-
-
-def conditions(bundle, cfg: GenerateConfig, device, embeddings=None):
-    """(per-image condition values, cond rows, uncond rows, row index per image)."""
-    fam, tr = bundle.family, bundle.transformer
-    if fam.conditioning == "class":
-        if cfg.prompts:
-            raise ConfigError(f"the {fam.name} family is class-conditional: use --labels, not --prompt")
-        n_classes = tr.config.num_embeds_ada_norm
-        labels = cfg.labels if cfg.labels else bundle.defaults().get("labels", list(range(min(10, n_classes))))
-        bad = [l for l in labels if l >= n_classes]
-        if bad:
-            raise ConfigError(f"--labels {bad} out of range: this model has classes 0..{n_classes - 1}")
-        cond = {"class_labels": torch.tensor(labels, device=device)}
-        return labels, cond, fam.null_cond(tr, cond)
-    if cfg.labels:
-        raise ConfigError(f"the {fam.name} family is text-conditioned: use --prompt, not --labels")
-    if embeddings is not None:
-        prompts, cond, uncond = embeddings
-        if cfg.prompts:
-            missing = [p for p in cfg.prompts if p not in prompts]
-            if missing:
-                raise ConfigError(f"prompt {missing[0]!r} is not in the embeddings file; its prompts: {prompts[:5]}")
-            rows = [prompts.index(p) for p in cfg.prompts]
-            cond = {k: v[rows] for k, v in cond.items()}
-            uncond = None if uncond is None else {k: v[rows] for k, v in uncond.items()}
-            prompts = list(cfg.prompts)
-        return prompts, cond, uncond
-    if not cfg.prompts:
-        raise ConfigError(f"the {fam.name} family needs --prompt (or --prompts-file / --embeddings)")
-    if not any(k.startswith("text_encoder") for k in bundle.components):
-        raise ConfigError(f"{bundle.name} has no text encoder; pass precomputed --embeddings FILE")
-    import diffusers
-
-    pipe = getattr(diffusers, bundle.pipeline_class)(transformer=tr, **bundle.components)
-    with torch.no_grad():
-        cond, uncond = fam.encode_prompts(pipe, list(cfg.prompts), device)
-    return list(cfg.prompts), cond, uncond
-
-
 def _rows(d: dict | None, idx: list[int], dtype) -> dict | None:
     if d is None:
         return None
@@ -204,23 +148,6 @@ def generate(bundle, cfg: GenerateConfig, embeddings=None,
 
         report.judge = score(bundle.judge, images, labels).to_dict()
     return images, report
-
-
-def step_predictor(bundle, sampler: str, steps: int, guidance: float, cache: bool = True, feedback: bool = True):
-    """(a factory of the transformer-call replacement for one denoise run, or None; report notes): the bundle's
-    feedback module (ops.feedback) or else its step-caching policy (ops.cache), where either fits the run."""
-    from . import cache as caching, feedback as fb
-
-    notes, make = {}, None
-    for name, on, mod in (("feedback", feedback, fb), ("cache", cache, caching)):
-        if not on:
-            continue
-        factory, note = mod.predictor_for(bundle, sampler, steps, guidance)
-        if note is not None:
-            notes[name] = note
-        if make is None and factory is not None:
-            make = factory
-    return make, notes
 
 
 def judge_labels(bundle, conditions: list) -> list[int] | None:

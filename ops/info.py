@@ -4,12 +4,12 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from ditkit.formats import quantized
 from ditkit.formats.errors import ConfigError
 
-from .generate import latent_hw, vae_scale
+from .flops import count_flops
+from .geometry import latent_hw, vae_scale
 
 
 @dataclass
@@ -56,23 +56,6 @@ def count_params(module) -> int:
     if quantized.is_quantized(module):
         return quantized.param_count(module)
     return sum(p.numel() for p in module.parameters())
-
-
-def _cpu_sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
-    return sdpa_flop_count(query_shape, key_shape, value_shape)
-
-
-# torch's counter knows the CUDA attention kernels but not the CPU flash kernel that SDPA uses here
-EXTRA_FLOP_FORMULAS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops}
-
-
-@torch.no_grad()
-def count_flops(bundle, batch: int, hw: tuple[int, int]) -> int:
-    fam, tr = bundle.family, bundle.transformer
-    latents, t, cond = fam.dummy_inputs(tr, batch, hw)
-    with FlopCounterMode(display=False, custom_mapping=EXTRA_FLOP_FORMULAS) as counter:
-        fam.predict(tr, latents, t, cond)
-    return int(counter.get_total_flops())
 
 
 def info(bundle, cfg: InfoConfig):

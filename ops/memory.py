@@ -156,7 +156,7 @@ def vae_activations(bundle, hw: tuple[int, int], scale: int) -> int:
 def inference_estimate(what: str, bundles: list, batch: int, height: int | None = None,
                        width: int | None = None) -> Estimate:
     """Loaded weights of every bundle + the activations of the largest one at `batch` images."""
-    from .generate import latent_hw, vae_scale
+    from .geometry import latent_hw, vae_scale
     from .sample import padded
 
     weights = sum(module_bytes(b) for b in bundles)

@@ -1,17 +1,17 @@
-"""Measurements bench is built from: image similarity (PSNR, SSIM), timers, memory meters, a matmul peak.
+"""Measurements bench is built from: image similarity (PSNR, SSIM), memory meters, a matmul peak (timers: ops.timing).
 
 Pure functions of tensors/arrays, or of this process's own state (/proc/self); no argv, no printing.
 """
 from __future__ import annotations
 
 import ctypes
-import statistics
-import time
 from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from .timing import Timer
 
 PSNR_CAP_DB = 100.0  # identical images have infinite PSNR; JSON has no Infinity, so each image is capped here
 
@@ -48,45 +48,6 @@ def ssim(a: np.ndarray, b: np.ndarray, window: int = 11, sigma: float = 1.5) -> 
     c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
     s = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx ** 2 + my ** 2 + c1) * (vx + vy + c2))
     return float(s.mean())
-
-
-# -- timing ------------------------------------------------------------------------------------------
-
-class Timer:
-    """Milliseconds of one call: CUDA events around it on GPU, perf_counter on CPU (both synchronized).
-
-    On CPU it also keeps `cpu_ms`, the process CPU time of the last call (user + system, all threads):
-    with one torch thread that is the wall time the call would take on an idle core, whatever else the
-    machine is running.
-    """
-
-    def __init__(self, device: str):
-        self.cuda = device.startswith("cuda")
-        self.cpu_ms: float | None = None
-
-    def __call__(self, fn: Callable[[], object]) -> float:
-        if self.cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            torch.cuda.synchronize()
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            return float(start.elapsed_time(end))
-        c0, t0 = time.process_time(), time.perf_counter()
-        fn()
-        t1, c1 = time.perf_counter(), time.process_time()
-        self.cpu_ms = (c1 - c0) * 1e3
-        return (t1 - t0) * 1e3
-
-
-def median(xs: list[float]) -> float:
-    return float(statistics.median(xs))
-
-
-def p90(xs: list[float]) -> float:
-    """90th percentile, linear interpolation between closest ranks (numpy's default)."""
-    return float(np.percentile(np.asarray(xs, dtype=np.float64), 90))
 
 
 # -- memory ------------------------------------------------------------------------------------------

@@ -33,36 +33,13 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def cpu_ms(calls: dict, repeats: int) -> dict:
-    """Median process CPU time (ms) of each call, on one thread, in interleaved rounds (round 0 warms up, the
-    order alternates): what other jobs on a shared machine do not inflate. Used by the calibrating ops' cost
-    models (cache, distill --mode feedback)."""
-    import time
-
-    import numpy as np
-
-    times = {k: [] for k in calls}
-    items = list(calls.items())
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        for r in range(repeats + 1):
-            for k, fn in items[:: 1 if r % 2 else -1]:
-                t0 = time.process_time()
-                fn()
-                if r:
-                    times[k].append((time.process_time() - t0) * 1e3)
-    finally:
-        torch.set_num_threads(threads)
-    return {k: float(np.median(v)) for k, v in times.items()}
-
-
 def image_speedup(bundle, noise, cond: dict, uncond: dict | None, sampler: str, steps: int, guidance: float,
                   make_predict, repeats: int) -> float:
     """One image's denoise + decode at (sampler, steps, guidance) without and with `make_predict()` replacing the
     transformer call, in process CPU time on one thread (interleaved medians): bench's per-image figure, as the
     calibrating ops (cache, distill --mode feedback) check their choice."""
     from .sample import decode, denoise, make_scheduler
+    from .timing import cpu_ms
 
     fam, tr = bundle.family, bundle.transformer
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(1, str(Path(__file__).resolve().parents[1] / "tools"))  # the build scripts (not installed)
 import tiny  # noqa: E402
 
 FAMILY_NAMES = ["dit", "pixart", "sd3", "flux"]
@@ -98,12 +99,12 @@ def one_thread():
 
 
 # -- the embedded defaults' asset tests (a module sets ASSET = the asset's directory, PIPELINE = its diffusers
-# pipeline class name, BUILDER = the module that rebuilds it) -------------------------------------------------
+# pipeline class name, BUILDER = the script that rebuilds it) -------------------------------------------------
 
 @pytest.fixture(scope="module")
 def asset(request) -> Path:
     m = request.module
-    assert (m.ASSET / "model_index.json").is_file(), f"{m.ASSET} is missing; build it with python -m {m.BUILDER}"
+    assert (m.ASSET / "model_index.json").is_file(), f"{m.ASSET} is missing; build it with python {m.BUILDER}"
     return m.ASSET
 
 

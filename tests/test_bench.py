@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from conftest import FAMILY_NAMES
 from ditkit.formats.bundle import load_bundle
 from ditkit.ops.bench import BenchConfig, bench, kernels
 from ditkit.ops.judge import Judge
@@ -288,3 +289,24 @@ def test_peak_memory_meter_sees_a_64mb_tensor():
 def test_matmul_peak_probe():
     flops, dtype, n = matmul_peak("cpu", seconds=0.1)
     assert dtype == "float32" and n == 1024 and 1e8 < flops < 1e13
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_bench_and_info_agree_on_flops_per_step(family, tmp_path, one_thread):
+    """One FLOP counter: bench's FLOPs per step (and so its MFU) are info's for the same model and rows, attention
+    included (on CPU torch's counter does not see SDPA's flash kernel by itself)."""
+    import tiny
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from ditkit.ops.geometry import latent_hw
+    from ditkit.ops.info import count_flops
+
+    b = load_bundle(tiny.write_tiny_transformer(family, tmp_path / family))
+    _, rep = bench([b], BenchConfig(batch_sizes=[1, 2], num_images=0, image_repeats=0, warmup=0, repeats=1))
+    hw = latent_hw(b, None, None)
+    rows = rep.models[0]["by_batch_size"]
+    assert [r["flops_per_step"] for r in rows] == [count_flops(b, r["rows_per_call"], hw) for r in rows]
+    latents, t, cond = b.family.dummy_inputs(b.transformer, 1, hw)
+    with torch.no_grad(), FlopCounterMode(display=False) as plain:  # torch's own registry: no CPU attention
+        b.family.predict(b.transformer, latents, t, cond)
+    assert count_flops(b, 1, hw) > plain.get_total_flops()

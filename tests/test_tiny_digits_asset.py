@@ -1,6 +1,6 @@
 """The shipped default model formats/assets/tiny-digits: loads in diffusers, draws the digits asked for, is small.
 
-Rebuild it with `python -m ditkit.ops.defaults.tiny_digits` (see docs/tiny-digits.md).
+Rebuild it with `make tiny-digits` (tools/tiny_digits.py; see docs/tiny-digits.md).
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from ditkit.ops.judge import frechet_distance, score
 ASSET = Path(ditkit.formats.__file__).parent / "assets" / "tiny-digits"
 MAX_BYTES = 10 * 1024 * 1024
 PIPELINE = "DiTPipeline"  # conftest's `pipe` fixture loads the asset with it
-BUILDER = "ditkit.ops.defaults.tiny_digits"
+BUILDER = "tools/tiny_digits.py"
 
 
 def test_asset_is_small_and_pickle_free(asset):

@@ -1,7 +1,7 @@
 """The shipped default model formats/assets/tiny-digits-text: a PixArt pipeline whose captions pick the digit.
 It loads in diffusers' PixArtAlphaPipeline and in ditkit by name, draws the digit a prompt names, is small.
 
-Rebuild it with `python -m ditkit.ops.defaults.tiny_digits_text` (see docs/tiny-digits-text.md).
+Rebuild it with `make tiny-digits-text` (tools/tiny_digits_text.py; see docs/tiny-digits-text.md).
 """
 from __future__ import annotations
 
@@ -12,13 +12,13 @@ import torch
 
 import ditkit.formats
 from ditkit.formats.bundle import DEFAULT_MODELS, load_bundle
-from ditkit.ops.defaults.tiny_digits_text import LABEL_NAMES, MAX_TOKENS, TEMPLATES, VOCAB, prompt
 from ditkit.ops.judge import score
+from tiny_digits_text import LABEL_NAMES, MAX_TOKENS, TEMPLATES, VOCAB, prompt  # tools/, on the path by conftest
 
 ASSET = Path(ditkit.formats.__file__).parent / "assets" / "tiny-digits-text"
 MAX_BYTES = 10 * 1024 * 1024
 PIPELINE = "PixArtAlphaPipeline"  # conftest's `pipe` fixture loads the asset with it
-BUILDER = "ditkit.ops.defaults.tiny_digits_text"
+BUILDER = "tools/tiny_digits_text.py"
 LABELS = list(range(10)) * 2  # 20 images: a few seconds on 2 cores
 
 

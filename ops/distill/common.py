@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from ditkit.formats.errors import ConfigError
-from ditkit.ops.generate import GenerateConfig, generate, latent_hw
+from ditkit.ops.generate import GenerateConfig, generate
+from ditkit.ops.geometry import latent_hw
 from ditkit.ops.sample import image_seed
 
 # noise for the pool comes from its own seed stream, far from the indices `generate` uses (0, 1, 2 ...), so a

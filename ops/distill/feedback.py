@@ -26,8 +26,10 @@ import torch
 from ditkit.formats.errors import ConfigError, UnsupportedModelError
 from ditkit.ops.feedback import (Feedback, FeedbackModule, FeedbackRunner, FeedbackSchedule, backbone_blocks,
                                  feedback_predict)
-from ditkit.ops.generate import GenerateConfig, settings
-from ditkit.ops.runtime import cpu_ms, image_speedup
+from ditkit.ops.generate import GenerateConfig
+from ditkit.ops.geometry import settings
+from ditkit.ops.runtime import image_speedup
+from ditkit.ops.timing import cpu_ms
 from ditkit.ops.sample import decode, denoise, make_scheduler, pad_rows
 
 from .common import conditions, local_rows, native_hw, pool_noise, reduce_rows, to_device

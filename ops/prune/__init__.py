@@ -18,12 +18,14 @@ from typing import Callable
 import torch
 
 from ditkit.formats.errors import ConfigError, UnsupportedModelError, choice_error
-from ditkit.ops.generate import latent_hw
-from ditkit.ops.info import count_flops, count_params
+from ditkit.ops.flops import count_flops
+from ditkit.ops.geometry import latent_hw
+from ditkit.ops.info import count_params
+from ditkit.ops.timing import paired_ratio, speedup_basis
 
 from . import depth, magnitude, semi24, width
 from .calibration import Calibration, calibration_set, output_error
-from .measure import basis, interleaved_ms, paired_ratio
+from .measure import interleaved_ms
 
 
 @dataclass(frozen=True)
@@ -160,7 +162,7 @@ def _speed(bundle, pruned, cfg: PruneConfig) -> dict:
             n = semi24.to_semi_structured_(timed, [k for k, m in names.items() if m.in_features % semi24.GROUP == 0])
             kernel = f"{kernel}: {n} layers"
     ms = interleaved_ms(fam, {"base": base, "pruned": timed}, inputs, cfg.device, warmup=1, repeats=cfg.timing_repeats)
-    how = basis(cfg.device)  # CPU time with one CPU thread (immune to other jobs), else wall time
+    how = speedup_basis(cfg.device)  # CPU time with one CPU thread (immune to other jobs), else wall time
     key = "cpu_samples_ms" if how == "cpu-time" else "samples_ms"
     ratio = paired_ratio(ms["pruned"][key], ms["base"][key])
     med = lambda xs: round(statistics.median(xs), 3)  # noqa: E731

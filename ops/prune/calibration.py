@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ditkit.formats.errors import ConfigError
-from ditkit.ops.generate import latent_hw
+from ditkit.ops.geometry import latent_hw
 from ditkit.ops.sample import denoise, image_noise, make_scheduler
 
 SQNR_CAP_DB = 200.0  # identical outputs have infinite SQNR; JSON has no Infinity

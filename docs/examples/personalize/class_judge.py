@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parents[3] / "tools"))  # tiny_digits: the default's build script
+import tiny_digits as td  # noqa: E402
 from style_judge import HELD_OUT_VARIANTS, rendered, round_trip  # noqa: E402
 from style_set import VARIANTS  # noqa: E402
 
@@ -66,7 +68,6 @@ def main(argv=None) -> int:
 
     from ditkit.formats.bundle import load_bundle
     from ditkit.formats.judge import save_judge
-    from ditkit.ops.defaults import tiny_digits as td
     from ditkit.ops.judge import Judge, feature_stats, judge_features
 
     td.seed_everything(args.seed, args.threads)

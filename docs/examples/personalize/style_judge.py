@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parents[3] / "tools"))  # tiny_digits: the default's build script
+import tiny_digits as td  # noqa: E402
 from style_set import render  # noqa: E402
 
 ARCH = {"arch": "cnn3", "in_channels": 3, "image_size": 32, "channels": [16, 32, 32], "feature_dim": 32,
@@ -67,7 +69,6 @@ def main(argv=None) -> int:
 
     from ditkit.formats.bundle import load_bundle
     from ditkit.formats.judge import save_judge
-    from ditkit.ops.defaults import tiny_digits as td
     from ditkit.ops.judge import Judge, feature_stats, judge_features
 
     td.seed_everything(args.seed, args.threads)

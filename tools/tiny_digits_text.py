@@ -1,8 +1,9 @@
 """Build the embedded default `tiny-digits-text`: a text-conditioned PixArt pipeline that draws the digit a
 caption names ("a handwritten seven"), reproducibly, with nothing downloaded.
 
-    python -m ditkit.ops.defaults.tiny_digits_text --out DIR [--seed 0] [--steps N] [--threads 1]
-                                                   [--tiny-digits DIR]
+    python tools/tiny_digits_text.py --out DIR [--seed 0] [--steps N] [--threads 1] [--tiny-digits DIR]
+
+(`make tiny-digits-text` runs it into formats/assets/tiny-digits-text.)
 
 Writes into DIR (atomically, replacing it):
     model_index.json, transformer/, vae/, scheduler/,   a diffusers PixArtAlphaPipeline (fp32 safetensors)
@@ -35,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import tiny_digits as td
+import tiny_digits as td  # the sibling script (tools/ is the script's own folder on sys.path)
 
 LABEL_NAMES = td.LABEL_NAMES
 SPECIALS = ["<pad>", "</s>", "<unk>"]  # T5's ids: pad 0, eos 1, unk 2
@@ -161,31 +162,9 @@ def train_transformer(lat_mu, lat_std, labels, table, uncond, steps: int, batch:
         zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
         pred = model(zt, encoder_hidden_states=enc, encoder_attention_mask=mask, timestep=t,
                      added_cond_kwargs={"resolution": None, "aspect_ratio": None}, return_dict=False)[0]
-        per = (pred - noise).pow(2).mean(dim=(1, 2, 3))
-        if snr_gamma:  # Min-SNR-gamma (Hang et al. 2023), as in tiny_digits.train_dit
-            snr = a.view(-1) / (1 - a.view(-1))
-            per = per * (snr.clamp(max=snr_gamma) / snr)
-        loss = per.mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        d = min(ema_decay, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for k, v in model.state_dict().items():
-                ema[k].mul_(d).add_(v.detach(), alpha=1 - d) if v.dtype.is_floating_point else ema[k].copy_(v)
-        run.append(loss.item())
-        if (step + 1) % 250 == 0 or step + 1 == steps:
-            m = float(np.mean(run[-250:]))
-            hist.append([step + 1, round(m, 5)])
-            el = time.time() - t0
-            log(f"transformer step {step + 1}/{steps} loss {m:.4f} ({el / (step + 1):.3f} s/step, "
-                f"eta {el / (step + 1) * (steps - step - 1):.0f}s)")
-    model.load_state_dict(ema)
-    model.eval()
-    return model, {"params": td.n_params(model), "final_loss": float(np.mean(run[-250:])), "loss_history": hist,
-                   "seconds": round(time.time() - t0, 1),
-                   "seconds_per_step": round((time.time() - t0) / max(1, steps), 4)}
+        per = td.min_snr((pred - noise).pow(2).mean(dim=(1, 2, 3)), a, snr_gamma)
+        td.denoiser_step_(model, opt, ema, ema_decay, per.mean(), step, steps, run, hist, t0, "transformer", log)
+    return td.finish_denoiser(model, ema, run, hist, t0, steps)
 
 
 # ------------------------------------------------------------------------------------------------ eval
@@ -225,7 +204,7 @@ def diffusers_check(root: Path, guidance: float, seed: int, per_class: int = 10)
 
 # ------------------------------------------------------------------------------------------------ main
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m ditkit.ops.defaults.tiny_digits_text",
+    p = argparse.ArgumentParser(prog="python tools/tiny_digits_text.py",
                                 description=__doc__.split("\n")[0])
     p.add_argument("--out", type=Path, default=None, help="output directory (default: the installed asset)")
     p.add_argument("--seed", type=int, default=0)

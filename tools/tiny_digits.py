@@ -1,8 +1,9 @@
 """Build the embedded default model `tiny-digits` and its judge, reproducibly, from sklearn's load_digits().
 
-    python -m ditkit.ops.defaults.tiny_digits --out DIR [--seed 0] [--dit-steps N] [--vae-steps N]
-                                              [--judge-steps N] [--guidance G] [--eval-per-class 50]
-                                              [--threads 2]
+    python tools/tiny_digits.py --out DIR [--seed 0] [--dit-steps N] [--vae-steps N]
+                                [--judge-steps N] [--guidance G] [--eval-per-class 50] [--threads 2]
+
+(`make tiny-digits` runs it into formats/assets/tiny-digits.)
 
 Writes into DIR (atomically, replacing it):
     model_index.json, transformer/, vae/, scheduler/   a diffusers DiTPipeline (fp32 safetensors)
@@ -297,31 +298,48 @@ def train_dit(lat_mu, lat_std, labels: np.ndarray, sf: float, steps: int, batch:
         a = acp[t].view(-1, 1, 1, 1)
         zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
         pred = model(zt, timestep=t, class_labels=y[idx]).sample
-        per = (pred - noise).pow(2).mean(dim=(1, 2, 3))
-        if snr_gamma:
-            # Min-SNR-gamma weighting of the epsilon loss (Hang et al. 2023): low-noise steps, dominated by
-            # unpredictable noise, stop swamping the gradient.
-            snr = a.view(-1) / (1 - a.view(-1))
-            per = per * (snr.clamp(max=snr_gamma) / snr)
-        loss = per.mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        d = min(ema_decay, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for k, v in model.state_dict().items():
-                if v.dtype.is_floating_point:
-                    ema[k].mul_(d).add_(v.detach(), alpha=1 - d)
-                else:
-                    ema[k].copy_(v)
-        run.append(loss.item())
-        if (step + 1) % 250 == 0 or step + 1 == steps:
-            m = float(np.mean(run[-250:]))
-            hist.append([step + 1, round(m, 5)])
-            el = time.time() - t0
-            log(f"dit step {step + 1}/{steps} loss {m:.4f} ({el / (step + 1):.3f} s/step, "
-                f"eta {el / (step + 1) * (steps - step - 1):.0f}s)")
+        per = min_snr((pred - noise).pow(2).mean(dim=(1, 2, 3)), a, snr_gamma)
+        denoiser_step_(model, opt, ema, ema_decay, per.mean(), step, steps, run, hist, t0, "dit")
+    return finish_denoiser(model, ema, run, hist, t0, steps)
+
+
+def min_snr(per, a, snr_gamma: float | None):
+    """Min-SNR-gamma weighting of the per-image epsilon loss (Hang et al. 2023): low-noise steps, dominated by
+    unpredictable noise, stop swamping the gradient. `a`: (B, 1, 1, 1) alphas_cumprod of the drawn steps."""
+    if not snr_gamma:
+        return per
+    snr = a.view(-1) / (1 - a.view(-1))
+    return per * (snr.clamp(max=snr_gamma) / snr)
+
+
+def denoiser_step_(model, opt, ema: dict, ema_decay: float, loss, step: int, steps: int, run: list, hist: list,
+                   t0: float, what: str, say=None) -> None:
+    """One optimizer step of a denoiser (grad-norm clipped at 1), its EMA (warmed-up decay), and the loss log
+    every 250 steps (the DiT of tiny-digits and the transformer of tiny-digits-text train alike)."""
+    import torch
+
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    d = min(ema_decay, (1 + step) / (10 + step))
+    with torch.no_grad():
+        for k, v in model.state_dict().items():
+            if v.dtype.is_floating_point:
+                ema[k].mul_(d).add_(v.detach(), alpha=1 - d)
+            else:
+                ema[k].copy_(v)
+    run.append(loss.item())
+    if (step + 1) % 250 == 0 or step + 1 == steps:
+        m = float(np.mean(run[-250:]))
+        hist.append([step + 1, round(m, 5)])
+        el = time.time() - t0
+        (say or log)(f"{what} step {step + 1}/{steps} loss {m:.4f} ({el / (step + 1):.3f} s/step, "
+                     f"eta {el / (step + 1) * (steps - step - 1):.0f}s)")
+
+
+def finish_denoiser(model, ema: dict, run: list, hist: list, t0: float, steps: int) -> tuple:
+    """The EMA weights loaded, eval mode, and the training info of the manifest."""
     model.load_state_dict(ema)
     model.eval()
     info = {
@@ -366,7 +384,7 @@ def to_uint8(x01) -> np.ndarray:
 
 # ----------------------------------------------------------------------------------------------- main
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m ditkit.ops.defaults.tiny_digits", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python tools/tiny_digits.py", description=__doc__.split("\n")[0])
     p.add_argument("--out", type=Path, default=None, help="output directory (default: ditkit/formats/assets/tiny-digits)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dit-steps", type=int, default=3000)

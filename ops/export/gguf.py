@@ -7,11 +7,16 @@ import time
 
 import torch
 
+from ..geometry import latent_hw
+from .config import PARITY_GUIDANCE
+from .trace import _forward_inputs
 
-def check_gguf(bundle, cfg, report, hw, forward_inputs, guidance: float):
+
+def check_gguf(bundle, cfg, report):
     from ditkit.formats import gguf, original_keys
 
     fam, tr = bundle.family, bundle.transformer
+    hw = latent_hw(bundle, cfg.height, cfg.width)
     t0 = time.perf_counter()
     enc = gguf.encode(tr, fam.name, cfg.quant)
     state = gguf.decode(enc)
@@ -20,10 +25,10 @@ def check_gguf(bundle, cfg, report, hw, forward_inputs, guidance: float):
     model = fam.transformer_cls().from_config(enc.config)
     model.load_state_dict(state, strict=True)
     model.eval().requires_grad_(False)
-    latents, t, cond = forward_inputs(fam, tr, 2, hw, None, seed=3)
+    latents, t, cond = _forward_inputs(fam, tr, 2, hw, None, seed=3)
     with torch.no_grad():
-        ref = fam.predict(tr, latents, t, cond, guidance).float()
-        got = fam.predict(model, latents, t, cond, guidance).float()
+        ref = fam.predict(tr, latents, t, cond, PARITY_GUIDANCE).float()
+        got = fam.predict(model, latents, t, cond, PARITY_GUIDANCE).float()
     noise = float(((got - ref) ** 2).mean())
     signal = float((ref ** 2).mean())
     sqnr = float("inf") if noise == 0 else 10 * math.log10(signal / noise) if signal > 0 else float("-inf")

@@ -1,6 +1,6 @@
 """Full-size published architectures with random weights, for timing and memory (not for images).
 
-    python -m ditkit.ops.archs NAME --out DIR [--seed 0] [--force]
+    python tools/archs.py NAME --out DIR [--seed 0] [--force]
 
 writes a bare diffusers transformer directory (config.json + safetensors) that `ditkit bench` and
 `ditkit info` load like any checkpoint. Shapes follow the public configs; only the weights are random.
@@ -46,7 +46,7 @@ def build(name: str, seed: int = 0) -> torch.nn.Module:
 def main(argv: list[str] | None = None) -> int:
     from ditkit.formats.atomic import atomic_dir
 
-    p = argparse.ArgumentParser(prog="python -m ditkit.ops.archs", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python tools/archs.py", description=__doc__.splitlines()[0])
     p.add_argument("name", choices=sorted(ARCHS))
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--seed", type=int, default=0)

@@ -1,0 +1,140 @@
+"""Adapters in a model: inject (peft), apply with per-adapter scales, unload to the exact base, fuse, extract."""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+
+import torch
+from torch import nn
+
+from ditkit.formats.errors import ConfigError, FormatError
+from ditkit.formats.lora import Adapter, adapter_from_peft_state, effective_scale, match
+
+from .config import LoraConfig
+from .targets import linear_modules
+
+
+ADAPTER_NAME = "ditkit"  # peft adapter name of the adapter being trained
+
+
+def adapter_scales(scale: float | list[float] | None, n: int) -> list[float]:
+    """The user's scale of each of `n` adapters (--lora-scale): None or [] is 1 for all, one value is for all,
+    else one each; the layer's factor is then effective_scale(alpha, rank, scale) (formats.lora)."""
+    scales = [1.0] if scale is None or (isinstance(scale, list) and not scale) else scale
+    scales = list(scales) if isinstance(scales, (list, tuple)) else [scales]
+    if len(scales) == 1:
+        scales = scales * n
+    if len(scales) != n:
+        raise ConfigError(f"{len(scales)} --lora-scale values for {n} adapters; give one, or one each")
+    return [float(s) for s in scales]
+
+
+def _lora_layers(tr: nn.Module):
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return [(n, m) for n, m in tr.named_modules() if isinstance(m, BaseTunerLayer)]
+
+
+def adapter_names(tr: nn.Module) -> list[str]:
+    names: list[str] = []
+    for _, m in _lora_layers(tr):
+        names += [k for k in m.lora_A.keys() if k not in names]
+    return names
+
+
+def _inject(tr: nn.Module, modules: list[str], rank: int, alpha: float, name: str) -> None:
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import inject_adapter_in_model
+
+    conf = PeftLoraConfig(r=rank, lora_alpha=alpha, target_modules=list(modules), lora_dropout=0.0, bias="none",
+                          init_lora_weights=True)
+    inject_adapter_in_model(conf, tr, adapter_name=name)
+
+
+def base_digest(tr: nn.Module) -> str:
+    """sha256 over the base weights (LoRA factors excluded; peft's base_layer names folded back)."""
+    h = hashlib.sha256()
+    sd = tr.state_dict()
+    items = sorted((k.replace(".base_layer.", "."), v) for k, v in sd.items() if ".lora_" not in k)
+    for k, v in items:
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes() if v.numel() else b"")
+    return h.hexdigest()
+
+
+def apply_lora(bundle, adapter: Adapter | list[Adapter], scale: float | list[float] = 1.0):
+    """Load adapter(s) into the bundle's transformer (in place), each active with its own scale; returns the
+    bundle. An adapter for another family, or with keys that match no module, raises FormatError."""
+    from peft import set_peft_model_state_dict
+
+    adapters = adapter if isinstance(adapter, list) else [adapter]
+    scales = adapter_scales(scale, len(adapters))
+    tr, fam = bundle.transformer, bundle.family
+    for i, ad in enumerate(adapters):
+        if ad.family is not None and ad.family != fam.name:
+            raise FormatError(f"adapter {ad.path or i} was trained for the {ad.family} family; this model is "
+                              f"{fam.name}")
+    modules = linear_modules(tr)
+    adapters = [match(ad, modules) for ad in adapters]  # every adapter matches before any is applied
+    names = adapter_names(tr)
+    for i, (ad, s) in enumerate(zip(adapters, scales)):
+        name = f"lora{len(names)}"
+        _inject(tr, ad.modules, ad.rank, ad.alpha, name)
+        p = next(tr.parameters())
+        state = {k: v.to(p.device) for k, v in ad.peft_state_dict().items()}
+        res = set_peft_model_state_dict(tr, state, adapter_name=name)
+        bad = [k for k in res.unexpected_keys if ".lora_" in k]
+        missing = [k for k in res.missing_keys if f".{name}." in k]
+        if bad or missing:
+            raise FormatError(f"adapter {ad.path or i} did not load: {(bad or missing)[:5]}")
+        for _, layer in _lora_layers(tr):
+            if name in layer.lora_A:
+                layer.set_scale(name, float(s))
+        names.append(name)
+    for _, layer in _lora_layers(tr):
+        layer.set_adapter(names, inference_mode=True)
+    tr.requires_grad_(False)
+    return bundle
+
+
+def unload_lora(bundle):
+    """Remove every adapter: the wrapped Linears are put back as they were (same tensors); returns the bundle."""
+    tr = bundle.transformer
+    for name, layer in sorted(_lora_layers(tr), key=lambda x: -len(x[0])):
+        parent = tr.get_submodule(name.rsplit(".", 1)[0]) if "." in name else tr
+        setattr(parent, name.rsplit(".", 1)[-1], layer.get_base_layer())
+    return bundle
+
+
+def fuse_lora(bundle, adapter: Adapter | list[Adapter], scale: float | list[float] = 1.0):
+    """A new bundle whose transformer holds W + scale * (alpha / rank) * B A (the input is left untouched)."""
+    adapters = adapter if isinstance(adapter, list) else [adapter]
+    scales = adapter_scales(scale, len(adapters))
+    tr = copy.deepcopy(bundle.transformer)
+    unload_lora(dataclasses.replace(bundle, transformer=tr))
+    mods = linear_modules(tr)
+    for ad, s in zip(adapters, scales):
+        if ad.family is not None and ad.family != bundle.family.name:
+            raise FormatError(f"adapter {ad.path} was trained for the {ad.family} family; this model is "
+                              f"{bundle.family.name}")
+        ad = match(ad, mods)
+        with torch.no_grad():
+            for m in ad.modules:
+                lin = tr.get_submodule(m)
+                delta = (ad.B[m].double() @ ad.A[m].double()) * effective_scale(ad.alpha, ad.rank, s)
+                lin.weight.copy_((lin.weight.double() + delta.to(lin.weight.device)).to(lin.weight.dtype))
+    return dataclasses.replace(bundle, transformer=tr)
+
+
+def extract_adapter(bundle, cfg: LoraConfig, info: dict | None = None) -> Adapter:
+    """The trained adapter (peft's state dict of ADAPTER_NAME) with its config, family and base digest."""
+    from peft import get_peft_model_state_dict
+
+    tr = bundle.transformer
+    if ADAPTER_NAME not in adapter_names(tr):
+        raise ConfigError("this bundle carries no adapter trained by lora_train")
+    state = get_peft_model_state_dict(tr, adapter_name=ADAPTER_NAME)
+    return adapter_from_peft_state({k: v.float() for k, v in state.items()}, cfg.rank, cfg.alpha,
+                                   family=bundle.family.name, targets=list(cfg.targets),
+                                   base_sha256=bundle.parent_record().get("sha256"), info=dict(info or {}))
