@@ -189,7 +189,7 @@ def test_cli_refuses_bad_options(tiny_dir, cli, tmp_path):
     src = tiny_dir("dit")
     r = cli("export", src, "-o", tmp_path / "a", "--format", "tensorrt")
     assert r.code == 2 and r.error_line == ("Error: unknown format 'tensorrt', choose one of: diffusers, "
-                                            "dit-original, onnx, safetensors")
+                                            "dit-original, gguf, onnx, safetensors")
     r = cli("export", src, "-o", tmp_path / "a.onnx")
     assert r.code == 2 and r.error_line == ("Error: --format onnx writes a directory; give -o a directory name, "
                                             "not a.onnx")

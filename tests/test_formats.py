@@ -151,5 +151,11 @@ def test_existing_output_is_kept_without_force(tiny_dir, tmp_path):
     with pytest.raises(OutputExistsError):
         save_bundle(b, out, new_manifest(family="dit", op="copy", config={}, report={}, parent=None))
     assert (out / "keep.txt").read_text() == "mine"
-    save_bundle(b, out, new_manifest(family="dit", op="copy", config={}, report={}, parent=None), force=True)
-    assert not (out / "keep.txt").exists() and (out / MANIFEST).is_file()
+    with pytest.raises(ConfigError, match="ditkit did not write"):  # --force replaces only ditkit's own outputs
+        save_bundle(b, out, new_manifest(family="dit", op="copy", config={}, report={}, parent=None), force=True)
+    assert (out / "keep.txt").read_text() == "mine"
+    ours = tmp_path / "ours"
+    save_bundle(b, ours, new_manifest(family="dit", op="copy", config={}, report={}, parent=None))
+    (ours / "stale.txt").write_text("old")
+    save_bundle(b, ours, new_manifest(family="dit", op="copy", config={}, report={}, parent=None), force=True)
+    assert not (ours / "stale.txt").exists() and (ours / MANIFEST).is_file()
