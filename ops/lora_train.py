@@ -47,9 +47,10 @@ def fresh_start(ckpt: Path, resume: bool, force: bool) -> None:
     # --force: the previous run's files go at this run's first write (lora_train_job: store.start_over)
 
 
-def _data(bundle, folder, cfg: LoraConfig, ckpt: Path, emb, rank0: bool, log) -> tuple[dict, dict]:
+def _data(bundle, folder, cfg: LoraConfig, store: CheckpointStore, emb, rank0: bool, log) -> tuple[dict, dict]:
     """The encoded data: from the checkpoint directory's cache when it was made from the same inputs."""
     from ditkit.formats.datasets import CACHE, load_cache, save_cache
+    ckpt = store.root
 
     key = cache_key(bundle, folder, cfg)
     cached = load_cache(ckpt / CACHE, key)
@@ -58,6 +59,7 @@ def _data(bundle, folder, cfg: LoraConfig, ckpt: Path, emb, rank0: bool, log) ->
         return cached
     tensors, info = encode_data(bundle, folder, cfg, emb)
     if rank0:
+        store.mark()  # the directory is ditkit's (its marker) from its first file on
         save_cache(ckpt / CACHE, tensors, key, info)
     return tensors, info
 
@@ -79,9 +81,7 @@ def lora_train_job(bundle, cfg: LoraConfig, *, data: Path, ckpt: Path, resume: b
     store = CheckpointStore(ckpt)
     if force and not resume and store.has_run():
         store.start_over(keep=(CACHE,))  # the keyed data cache stays; the rest goes at the first write
-    if rank0:
-        store.mark()  # the directory is ditkit's (its marker) before the data cache is written into it
-    tensors, info = _data(bundle, folder, cfg, ckpt, emb, rank0, log)
+    tensors, info = _data(bundle, folder, cfg, store, emb, rank0, log)
 
     def on_plan(plan: dict) -> None:  # before the optimizer and step 1
         mem = plan["memory"]
