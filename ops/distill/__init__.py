@@ -25,6 +25,7 @@ from ditkit.ops.training import MIXED_PRECISION, TrainConfig, train
 from ditkit.ops.config import OpConfig
 
 from . import common, feedback, recover, steps
+from .common import Job  # noqa: F401 - what a mode hands the loop (re-exported)
 
 
 @dataclass(frozen=True)
@@ -171,22 +172,6 @@ class DistillReport:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-@dataclass
-class Job:
-    """What a mode hands the loop."""
-    model: nn.Module  # the student transformer; its parameters that require grad are trained
-    loss_fn: Callable  # (model, generator, rank, world) -> loss
-    defaults: dict  # the student's sampling defaults (sampler, steps, guidance ...)
-    scheduler: object | None  # the student's scheduler component (None: keep the student's own)
-    plan: dict
-    report: dict
-    rows_per_step: int  # transformer rows of one micro-batch (for the memory estimate)
-    data_bytes: int = 0
-    close: Callable = lambda: None
-    transformer: nn.Module | None = None  # the output bundle's transformer (default: `model`)
-    feedback: object = None  # ops.feedback.Feedback the output bundle carries (feedback mode)
 
 
 @dataclass
