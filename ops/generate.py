@@ -1,6 +1,8 @@
 """generate(bundle, GenerateConfig) -> (images, GenerateReport): sample images, score them with the judge."""
 from __future__ import annotations
 
+from typing import ClassVar
+
 import re
 import time
 from dataclasses import asdict, dataclass, field
@@ -10,6 +12,7 @@ import numpy as np
 
 from ditkit.formats.errors import ConfigError, check_options, choice_error
 from ditkit.formats.onnx_bundle import BACKENDS, resolve_backend
+from ditkit.ops.config import OpConfig
 
 from . import distributed
 from .accelerators import step_predictor
@@ -19,7 +22,9 @@ from .sample import SAMPLERS, decode, denoise, image_noise, make_scheduler, padd
 
 
 @dataclass
-class GenerateConfig:
+class GenerateConfig(OpConfig):
+    TYPE: ClassVar[str] = "generate"
+
     labels: list[int] | None = None  # class-conditional families; default: the bundle's labels
     prompts: list[str] | None = None  # text families
     num_images: int | None = None  # default: one per label or prompt; images cycle through them
@@ -57,8 +62,6 @@ class GenerateConfig:
         if self.labels is not None and any(l < 0 for l in self.labels):
             raise ConfigError(f"--labels must be class ids >= 0 (got {self.labels})")
 
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 @dataclass

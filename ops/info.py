@@ -1,19 +1,24 @@
 """info(bundle, InfoConfig) -> (bundle, InfoReport): what a checkpoint is, its size and its cost per step."""
 from __future__ import annotations
 
+from typing import ClassVar
+
 from dataclasses import asdict, dataclass, field
 
 import torch
 
 from ditkit.formats import quantized
 from ditkit.formats.errors import ConfigError, check_options
+from ditkit.ops.config import OpConfig
 
 from .flops import count_flops
 from .geometry import latent_hw, vae_scale
 
 
 @dataclass
-class InfoConfig:
+class InfoConfig(OpConfig):
+    TYPE: ClassVar[str] = "info"
+
     height: int | None = None  # pixels; default: native resolution
     width: int | None = None
     batch: int = 1  # FLOPs are counted for one transformer call at this batch

@@ -8,6 +8,8 @@ match one process at the same global batch size (up to float summation order).
 """
 from __future__ import annotations
 
+from typing import ClassVar
+
 import dataclasses
 
 import math
@@ -20,6 +22,7 @@ import torch
 
 from ditkit.formats.checkpoint import set_rng_state
 from ditkit.formats.errors import ConfigError, Interrupted, check_options
+from ditkit.ops.config import OpConfig
 
 from .sample import image_seed
 
@@ -27,7 +30,9 @@ MIXED_PRECISION = ("no", "bf16", "fp16")
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(OpConfig):
+    TYPE: ClassVar[str] = "train"
+
     steps: int = 1000
     batch_size: int = 64  # global batch per optimizer step (all processes and accumulation steps together)
     lr: float = 1e-4
@@ -63,8 +68,6 @@ class TrainConfig:
         if self.checkpoint_every < 1 or self.validate_every < 0:
             raise ConfigError("--checkpoint-every must be >= 1 and --validate-every >= 0")
 
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 @dataclass

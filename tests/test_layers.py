@@ -17,12 +17,7 @@ LAYERS = ("nn", "formats", "ops", "cli")  # lowest first: a module may import it
 
 # Known import cycles whose fix is under way elsewhere: (importer, imported) edges left out of the cycle check.
 # Each entry names its reason; test_allowed_edges_are_still_needed fails once an entry can go.
-ALLOWED_CYCLE_EDGES: dict[tuple[str, str], str] = {
-    ("ditkit.ops.distill.feedback", "ditkit.ops.distill"): "Job lives in ops/distill/__init__.py, which imports the "
-                                                           "step modules; a module of its own would end the cycle",
-    ("ditkit.ops.distill.recover", "ditkit.ops.distill"): "as ops.distill.feedback: Job",
-    ("ditkit.ops.distill.steps", "ditkit.ops.distill"): "as ops.distill.feedback: Job",
-}
+ALLOWED_CYCLE_EDGES: dict[tuple[str, str], str] = {}
 
 
 def module_name(root: Path, path: Path) -> str:

@@ -1,10 +1,13 @@
 """bench's config and report types: BenchConfig (with its gates), per batch size, per model, per gate, the whole."""
 from __future__ import annotations
 
+from typing import ClassVar
+
 import math
 from dataclasses import asdict, dataclass, field
 
 from ditkit.formats.errors import ConfigError, check_options, choice_error
+from ditkit.ops.config import OpConfig
 
 from ..runtime import resolve_device, resolve_dtype
 from ..sample import SAMPLERS
@@ -19,7 +22,9 @@ GATES = {  # gate name -> (metric it reads, comparison): every variant must pass
 
 
 @dataclass
-class BenchConfig:
+class BenchConfig(OpConfig):
+    TYPE: ClassVar[str] = "bench"
+
     batch_sizes: list[int] = field(default_factory=lambda: [1])  # the first one is the headline
     steps: int | None = None  # end-to-end steps for every model; default: each model's own
     sampler: str | None = None  # likewise
@@ -61,8 +66,6 @@ class BenchConfig:
     def gates(self) -> dict[str, float]:
         return {k: getattr(self, k) for k in GATES if getattr(self, k) is not None}
 
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 @dataclass

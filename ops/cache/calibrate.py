@@ -22,6 +22,8 @@ The policy is for one (sampler, steps); generate and bench apply it only at thos
 """
 from __future__ import annotations
 
+from typing import ClassVar
+
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -31,6 +33,7 @@ import torch
 
 from ditkit.formats.errors import ConfigError, check_options
 from ditkit.formats.families import FAMILIES
+from ditkit.ops.config import OpConfig
 
 from ..flops import call_flops
 from ..generate import GenerateConfig
@@ -47,7 +50,9 @@ MEASURE_ATTEMPTS = 3  # searches: each ends with an end-to-end measurement; a sh
 
 
 @dataclass
-class CacheConfig:
+class CacheConfig(OpConfig):
+    TYPE: ClassVar[str] = "cache"
+
     target_speedup: float = 1.5  # predicted end-to-end speedup per image to reach
     images: int = 4  # calibration trajectories (cycling through the labels); more = steadier ranking
     steps: int | None = None  # default: the bundle's own
@@ -71,8 +76,6 @@ class CacheConfig:
         if self.timing_repeats < 1:
             raise ConfigError(f"--timing-repeats must be >= 1 (got {self.timing_repeats})")
 
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 @dataclass

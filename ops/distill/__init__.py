@@ -11,6 +11,8 @@ when the bundle has one, else by PSNR against the teacher's images on the same s
 """
 from __future__ import annotations
 
+from typing import ClassVar
+
 import copy
 import time
 from dataclasses import asdict, dataclass, field
@@ -20,8 +22,10 @@ from torch import nn
 
 from ditkit.formats.errors import ConfigError, check_options, choice_error
 from ditkit.ops.training import MIXED_PRECISION, TrainConfig, train
+from ditkit.ops.config import OpConfig
 
 from . import common, feedback, recover, steps
+from .common import Job  # noqa: F401 - what a mode hands the loop (re-exported)
 
 
 @dataclass(frozen=True)
@@ -60,7 +64,9 @@ MODE_OPTIONS = tuple(sorted({o for m in DISTILL_MODES.values() for o in m.option
 
 
 @dataclass
-class DistillConfig:
+class DistillConfig(OpConfig):
+    TYPE: ClassVar[str] = "distill"
+
     mode: str = "recover"
     # training (None: the mode's recommended value, see DISTILL_MODES)
     steps: int | None = None  # optimizer steps
@@ -139,8 +145,6 @@ class DistillConfig:
     def train_config(self) -> TrainConfig:
         return TrainConfig.of(self)
 
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 # fields that may change between an interrupted run and its --resume
@@ -171,22 +175,6 @@ class DistillReport:
 
 
 @dataclass
-class Job:
-    """What a mode hands the loop."""
-    model: nn.Module  # the student transformer; its parameters that require grad are trained
-    loss_fn: Callable  # (model, generator, rank, world) -> loss
-    defaults: dict  # the student's sampling defaults (sampler, steps, guidance ...)
-    scheduler: object | None  # the student's scheduler component (None: keep the student's own)
-    plan: dict
-    report: dict
-    rows_per_step: int  # transformer rows of one micro-batch (for the memory estimate)
-    data_bytes: int = 0
-    close: Callable = lambda: None
-    transformer: nn.Module | None = None  # the output bundle's transformer (default: `model`)
-    feedback: object = None  # ops.feedback.Feedback the output bundle carries (feedback mode)
-
-
-@dataclass
 class Context:
     cfg: DistillConfig
     student: object  # the input bundle
@@ -207,8 +195,12 @@ class Context:
 
 def check_resume(stored: dict, cfg: DistillConfig, teacher_sha) -> None:
     """A --resume continues the same run: the stored config must match, up to RESUMABLE_CHANGES."""
+    from ditkit.ops.config import same_run
+
     now = {**cfg.to_dict(), "teacher_sha256": teacher_sha}
-    diff = sorted(k for k in set(stored) | set(now) if k not in RESUMABLE_CHANGES and stored.get(k) != now.get(k))
+    diff = same_run(stored, cfg, RESUMABLE_CHANGES)  # compared as configs (DistillConfig.from_dict of the stored one)
+    if stored.get("teacher_sha256") != teacher_sha:
+        diff.append("teacher_sha256")
     if diff:
         k = diff[0]
         raise ConfigError(f"--resume: the checkpoint was made with {k}={stored.get(k)!r}, this run has {now.get(k)!r}; "

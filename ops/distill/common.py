@@ -228,3 +228,19 @@ def check_pair(student, teacher) -> None:
         ns, nt = student.transformer.config.num_embeds_ada_norm, teacher.transformer.config.num_embeds_ada_norm
         if ns != nt:
             raise ConfigError(f"the teacher has {nt} classes but the student {ns}; they must match")
+
+
+@dataclass
+class Job:
+    """What a mode hands the loop."""
+    model: nn.Module  # the student transformer; its parameters that require grad are trained
+    loss_fn: Callable  # (model, generator, rank, world) -> loss
+    defaults: dict  # the student's sampling defaults (sampler, steps, guidance ...)
+    scheduler: object | None  # the student's scheduler component (None: keep the student's own)
+    plan: dict
+    report: dict
+    rows_per_step: int  # transformer rows of one micro-batch (for the memory estimate)
+    data_bytes: int = 0
+    close: Callable = lambda: None
+    transformer: nn.Module | None = None  # the output bundle's transformer (default: `model`)
+    feedback: object = None  # ops.feedback.Feedback the output bundle carries (feedback mode)

@@ -269,7 +269,7 @@ def prepare(ctx):
     from ditkit.formats import quantized
     from ditkit.formats.feedback import fingerprint
 
-    from . import Job
+    from .common import Job
 
     cfg, bundle = ctx.cfg, ctx.student
     fam, tr = bundle.family, bundle.transformer

@@ -197,7 +197,7 @@ def encode_images(bundle, images: torch.Tensor, labels: list | None, embeddings,
 
 def prepare(ctx):
     """The student, its loss and the plan (see ops.distill.Mode)."""
-    from . import Job
+    from .common import Job
 
     cfg, fam = ctx.cfg, ctx.student.family
     student, teacher = ctx.trainable, ctx.teacher.transformer

@@ -156,7 +156,7 @@ def teacher_pool(teacher_bundle, grid: Grid, n: int, seed: int, guidance: float,
 
 
 def prepare(ctx):
-    from . import Job
+    from .common import Job
 
     cfg, fam = ctx.cfg, ctx.student.family
     teacher_bundle, student = ctx.teacher, ctx.trainable

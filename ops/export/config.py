@@ -1,10 +1,13 @@
 """What export makes and how it is checked: the formats (EXPORT_FORMATS), ExportConfig, ExportReport, tolerances."""
 from __future__ import annotations
 
+from typing import ClassVar
+
 import math
 from dataclasses import asdict, dataclass, field
 
 from ditkit.formats.errors import ConfigError, QualityGateError, check_options, choice_error
+from ditkit.ops.config import OpConfig
 
 
 PRECISIONS = ("fp32", "fp16")
@@ -49,7 +52,10 @@ GGUF_QUANTS = ("Q8_0", "Q5_K", "Q4_K", "Q4_0", "BF16")  # formats.gguf.QUANTS (n
 
 
 @dataclass
-class ExportConfig:
+class ExportConfig(OpConfig):
+    TYPE: ClassVar[str] = "export"
+    NOT_SAVED: ClassVar[tuple[str, ...]] = ("workdir",)  # where graphs are staged: a run-time choice
+
     format: str = "onnx"
     precision: str = "fp32"  # onnx only: fp16 is converted from the verified fp32 graph (fp16 export is fragile)
     opset: int = 18  # torch.onnx's native opset (OPSETS: the range checked)
@@ -97,10 +103,6 @@ class ExportConfig:
         atol, rtol = TOLERANCE[self.precision]
         return (atol if self.atol is None else self.atol, rtol if self.rtol is None else self.rtol)
 
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d.pop("workdir")
-        return d
 
 
 @dataclass

@@ -1,18 +1,23 @@
 """lora-train's config (the recommended recipe as defaults) and report."""
 from __future__ import annotations
 
+from typing import ClassVar
+
 import math
 from dataclasses import asdict, dataclass, field
 
 from ditkit.formats.errors import ConfigError, check_options, choice_error
 from ditkit.formats.lora import effective_scale
+from ditkit.ops.config import OpConfig
 
 from ..training import MIXED_PRECISION, TrainConfig
 from .targets import TARGETS
 
 
 @dataclass
-class LoraConfig:
+class LoraConfig(OpConfig):
+    TYPE: ClassVar[str] = "lora-train"
+
     rank: int = 4  # 4: a style/subject adapter; ~1-2% of the tiny defaults' transformers on attention alone
     alpha: float | None = None  # None: = rank, so the effective scale alpha/rank is 1 (always saved)
     targets: tuple[str, ...] = ("attention",)  # the usual LoRA recipe; add mlp / modulation for bigger shifts
@@ -70,8 +75,8 @@ class LoraConfig:
     def train_config(self) -> TrainConfig:
         return TrainConfig.of(self)
 
-    def to_dict(self) -> dict:
-        d = asdict(self)
+    def fields_dict(self) -> dict:
+        d = super().fields_dict()
         d["targets"] = list(self.targets)
         return d
 

@@ -94,7 +94,7 @@ def lora_train(bundle, cfg: LoraConfig, data, store=None, resume: bool = False, 
     # 3. train (exact resume: the store keeps LoRA factors, optimizer, scheduler, RNG)
     record = {"lora": cfg.to_dict(), "modules": modules}
     if resume and store is not None and store.exists():
-        _check_resume(store, record)
+        _check_resume(store, record, cfg)
     result = train(tr, loss_fn, cfg.train_config(), store=store, resume=resume, validate=validate,
                    on_step=on_step, config_record=record)
     tr.requires_grad_(False)
@@ -122,11 +122,13 @@ def _validation_conditions(tensors, info, fam, cfg) -> list:
     return caps[:cfg.validation_images]
 
 
-def _check_resume(store, record: dict) -> None:
+def _check_resume(store, record: dict, cfg: LoraConfig) -> None:
+    from ditkit.ops.config import same_run
+
     state = store.load()
     old = state.get("config", {})
     old_l, new_l = old.get("lora", {}), record["lora"]
-    diff = sorted(k for k in set(old_l) | set(new_l) if k not in RESUMABLE_CHANGES and old_l.get(k) != new_l.get(k))
+    diff = same_run(old_l, cfg, RESUMABLE_CHANGES)  # compared as configs (LoraConfig.from_dict of the stored one)
     if diff:
         raise ConfigError(f"--resume: the checkpoint in {store.root} was made with different settings "
                           f"({', '.join(f'{k}: {old_l.get(k)!r} -> {new_l.get(k)!r}' for k in diff[:4])}); "

@@ -9,6 +9,8 @@ transformer measured in the same run.
 """
 from __future__ import annotations
 
+from typing import ClassVar
+
 import dataclasses
 import statistics
 import time
@@ -22,6 +24,7 @@ from ditkit.ops.flops import count_flops
 from ditkit.ops.geometry import latent_hw
 from ditkit.ops.info import count_params
 from ditkit.ops.timing import paired_ratio, speedup_basis
+from ditkit.ops.config import OpConfig
 
 from . import depth, magnitude, semi24, width
 from .calibration import Calibration, calibration_set, output_error
@@ -61,7 +64,9 @@ METHOD_OPTIONS = ("ratio", "keep", "blocks", "sparsity", "scope", "importance")
 
 
 @dataclass
-class PruneConfig:
+class PruneConfig(OpConfig):
+    TYPE: ClassVar[str] = "prune"
+
     method: str = "depth"
     ratio: float | None = None  # depth: fraction of blocks removed; width: fraction of heads removed
     keep: int | None = None  # depth: blocks to keep
@@ -117,8 +122,6 @@ class PruneConfig:
         if self.calib_points > self.calib_steps:
             raise ConfigError(f"--calib-points ({self.calib_points}) cannot exceed --calib-steps ({self.calib_steps})")
 
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 @dataclass

@@ -17,6 +17,8 @@ The input bundle's transformer is quantized in place (a copy of DiT-XL/2 would c
 """
 from __future__ import annotations
 
+from typing import ClassVar
+
 import dataclasses
 import math
 import re
@@ -31,6 +33,7 @@ from ditkit.formats.errors import ConfigError, HardwareError, UnsupportedModelEr
 from ditkit.formats.quantized import SCHEME_ATTR, is_quantized
 
 from ditkit.nn.quantized import KERNEL_ATTR, KINDS, bnb, fp8, torch_dynamic, weight_only
+from ditkit.ops.config import OpConfig
 
 from ..runtime import DTYPES, resolve_device
 from . import calibration
@@ -79,7 +82,9 @@ QUANT_SCHEMES: dict[str, Scheme] = {s.name: s for s in (
 
 
 @dataclass
-class QuantizeConfig:
+class QuantizeConfig(OpConfig):
+    TYPE: ClassVar[str] = "quantize"
+
     scheme: str = "int8-dynamic"  # the fastest CPU int8 path measured here (docs/quantize.md)
     skip: list[str] = field(default_factory=list)  # extra module-name regexes kept in full precision
     modulation: str | None = None  # "quantize" or "keep" the adaLN modulation linears; None: scheme default
@@ -115,8 +120,6 @@ class QuantizeConfig:
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(self, name)})")
 
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 @dataclass
