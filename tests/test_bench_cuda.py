@@ -126,3 +126,15 @@ def test_gpu_tests_collect_and_skip_with_reason():
     assert skips and all("no CUDA device" in why for _, why in skips), p.stdout
     assert sum(int(n) for n, _ in skips) >= 15
     assert re.search(r"(\d+) skipped", p.stdout)
+
+
+def test_pixart_1024_shape():
+    import torch
+
+    import archs
+
+    with torch.device("meta"):  # the published shape, without allocating 611M weights
+        m = archs.build("pixart-alpha-1024")
+    c = m.config
+    assert (c.sample_size // c.patch_size) ** 2 == 4096 and c.num_layers == 28 and c.use_additional_conditions
+    assert 600e6 < sum(p.numel() for p in m.parameters()) < 620e6

@@ -240,12 +240,19 @@ def build_archs(out: Path) -> int:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     for name in ("dit-xl-2-256", "pixart-alpha-1024"):
         t0 = time.perf_counter()
-        with torch.device(device):
+        try:  # initialising 750M weights on the GPU takes a fraction of the CPU's time
+            with torch.device(device):
+                model = archs.build(name).to(torch.bfloat16)
+        except (RuntimeError, NotImplementedError) as e:
+            print(f"{name}: building on {device} failed ({e}); building on the CPU")
+            device = "cpu"
             model = archs.build(name).to(torch.bfloat16)
         model.save_pretrained(out / name, safe_serialization=True)
         print(f"{name}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
-              f"{time.perf_counter() - t0:.1f} s -> {out / name}")
+              f"{time.perf_counter() - t0:.1f} s on {device} -> {out / name}")
         del model
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
     g = torch.Generator().manual_seed(0)
     rows = {"prompt_embeds": torch.randn(1, PIXART_TOKENS, 4096, generator=g) * 0.1,
             "prompt_attention_mask": torch.ones(1, PIXART_TOKENS, dtype=torch.long)}
