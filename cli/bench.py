@@ -9,7 +9,7 @@ import torch
 import typer
 
 from ditkit.formats.atomic import check_output
-from ditkit.formats.bundle import load_bundle
+from ditkit.formats.layouts import load_bundle
 from ditkit.formats.embeddings import load_embeddings
 from ditkit.formats.errors import ConfigError, QualityGateError
 from ditkit.ops import distributed, memory

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from ditkit.formats.atomic import check_output
-from ditkit.formats.bundle import load_bundle, save_bundle
+from ditkit.formats.layouts import load_bundle, save_bundle
 from ditkit.formats.manifest import new_manifest
 from ditkit.ops.cache import CacheConfig, cache
 

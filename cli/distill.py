@@ -10,7 +10,7 @@ import torch
 import typer
 
 from ditkit.formats.atomic import atomic_file, check_output
-from ditkit.formats.bundle import load_bundle, resolve_source, save_bundle
+from ditkit.formats.layouts import load_bundle, resolve_source, save_bundle
 from ditkit.formats.checkpoint import CheckpointStore
 from ditkit.formats.embeddings import load_embeddings
 from ditkit.formats.errors import ConfigError, OutputExistsError, choice_error

@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from ditkit.formats.atomic import check_output
-from ditkit.formats.bundle import load_bundle
+from ditkit.formats.layouts import load_bundle
 from ditkit.formats.errors import ConfigError
 from ditkit.formats.export_files import WRITERS
 from ditkit.formats.manifest import new_manifest

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from ditkit.formats.atomic import check_output
-from ditkit.formats.bundle import load_bundle
+from ditkit.formats.layouts import load_bundle
 from ditkit.formats.embeddings import load_embeddings
 from ditkit.formats.errors import ConfigError, FormatError
 from ditkit.formats.images import write_images

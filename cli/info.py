@@ -5,7 +5,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from ditkit.formats.bundle import load_bundle
+from ditkit.formats.layouts import load_bundle
 from ditkit.ops.info import InfoConfig, info
 
 from . import output

@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from ditkit.formats.atomic import check_output
-from ditkit.formats.bundle import load_bundle, resolve_source, save_bundle
+from ditkit.formats.layouts import load_bundle, resolve_source, save_bundle
 from ditkit.formats.checkpoint import CheckpointStore
 from ditkit.formats.datasets import CACHE, load_cache, read_image_folder, save_cache, save_validation
 from ditkit.formats.embeddings import load_embeddings

@@ -6,9 +6,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from ditkit.formats import quantized
+from ditkit.formats.layouts import save_quantized
 from ditkit.formats.atomic import check_output
-from ditkit.formats.bundle import load_bundle
+from ditkit.formats.layouts import load_bundle
 from ditkit.formats.manifest import new_manifest
 from ditkit.ops.quantize import QUANT_SCHEMES, QuantizeConfig, check_hardware, quantize
 
@@ -57,7 +57,7 @@ def quantize_cmd(
         return new_manifest(family=bundle.family.name, op="quantize", config=cfg.to_dict(), report=report.to_dict(),
                             parent=parent, device=cfg.device, defaults=bundle.manifest.get("defaults"))
 
-    quantized.save(variant, out, manifest, force=force)
+    save_quantized(variant, out, manifest, force=force)
     doc = {"out": str(out), **report.to_dict()}
     if json_:
         output.print_json(doc)

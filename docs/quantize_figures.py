@@ -33,7 +33,7 @@ def kernels(rounds: int) -> None:
     import torch
     import torch.nn.functional as F
 
-    from ditkit.ops.quantize.base import int8_rows
+    from ditkit.nn.quantized import int8_rows
 
     warnings.filterwarnings("ignore")
     from torch.ao.nn.quantized.dynamic import Linear as DynamicQuantizedLinear
@@ -84,7 +84,7 @@ def engines(rounds: int) -> None:
     import torch
     import torch.nn.functional as F
 
-    from ditkit.ops.quantize.base import int8_rows
+    from ditkit.nn.quantized import int8_rows
 
     warnings.filterwarnings("ignore")
     from torch.ao.nn.quantized.dynamic import Linear as DynamicQuantizedLinear
@@ -124,8 +124,8 @@ def engines(rounds: int) -> None:
 
 
 def tiny_digits(n: int, variants: list[str], out: str) -> None:
-    from ditkit.formats import quantized
-    from ditkit.formats.bundle import load_bundle
+    from ditkit.formats.layouts import save_quantized
+    from ditkit.formats.layouts import load_bundle
     from ditkit.ops.generate import GenerateConfig, generate
     from ditkit.ops.quantize import QuantizeConfig, quantize
 
@@ -144,7 +144,7 @@ def tiny_digits(n: int, variants: list[str], out: str) -> None:
         variant, rep = quantize(base, QuantizeConfig(scheme=scheme, modulation=modulation,
                                                      sensitive=sensitive or "int8-in-blocks"))
         path = f"{out}/{spec.replace(':', '_')}"
-        quantized.save(variant, path, lambda nb: (rep.set_disk_after(nb),
+        save_quantized(variant, path, lambda nb: (rep.set_disk_after(nb),
                                                   {"op": "quantize", "defaults": base.manifest["defaults"]})[1],
                        force=True)
         print(json.dumps({"variant": spec, "disk_bytes_before": rep.disk_bytes_before,
@@ -157,7 +157,7 @@ def tiny_digits(n: int, variants: list[str], out: str) -> None:
 def latency(base_path: str, variant_path: str, rounds: int, batch: int) -> None:
     import torch
 
-    from ditkit.formats.bundle import load_bundle
+    from ditkit.formats.layouts import load_bundle
 
     a, b = load_bundle(base_path), load_bundle(variant_path)
     fam = a.family

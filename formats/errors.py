@@ -1,12 +1,9 @@
-"""Typed errors. Library code raises these; cli/errors.py maps each to one line and an exit code."""
+"""Typed errors. Library code raises these; cli/errors.py maps each to one line and an exit code.
 
+DitkitError and ConfigError are defined in ditkit.nn.errors (the lowest layer raises them too) and are the
+same classes here: import every error type from this module."""
 
-class DitkitError(Exception):
-    """Base of every error ditkit reports to a user (never shown with a traceback)."""
-
-
-class ConfigError(DitkitError):
-    """An option or config field has a bad value. Names the field, the value and what is allowed."""
+from ditkit.nn.errors import ConfigError, DitkitError  # noqa: F401  (re-exported: one family of errors)
 
 
 class FormatError(DitkitError):

@@ -1,7 +1,7 @@
 """Writers for `ditkit export`: one per format in ops.export.EXPORT_FORMATS (WRITERS below).
 
-  onnx          formats.onnx_bundle.save_onnx_bundle (the staged graphs + scheduler, VAE, judge, ditkit.json)
-  diffusers     formats.bundle.save_bundle (a diffusers directory + judge + ditkit.json)
+  onnx          formats.layouts.onnx.save_onnx_bundle (the staged graphs + scheduler, VAE, judge, ditkit.json)
+  diffusers     formats.layouts.save_bundle (a diffusers directory + judge + ditkit.json)
   safetensors   save_single_file: one file; header metadata "config" (the transformer's config.json as a
                 JSON string), "family", "ditkit" (the manifest, JSON) and "format": "pt". formats.bundle
                 reads it back (load_bundle FILE needs no --family or --config).
@@ -59,13 +59,13 @@ def save_dit_original(bundle, out: os.PathLike, manifest: dict, force: bool = Fa
 
 
 def save_diffusers(bundle, out: os.PathLike, manifest: dict, force: bool = False) -> Path:
-    from .bundle import save_bundle
+    from .layouts import save_bundle
 
     return save_bundle(bundle, out, manifest, force=force)
 
 
 def save_onnx(bundle, out: os.PathLike, manifest: dict, force: bool = False) -> Path:
-    from .onnx_bundle import save_onnx_bundle
+    from .layouts.onnx import save_onnx_bundle
 
     return save_onnx_bundle(bundle, out, manifest, force=force)
 

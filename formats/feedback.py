@@ -60,10 +60,10 @@ def save_feedback(fb, root: Path, transformer) -> Path:
 
 
 def load_feedback(root: Path, family, transformer):
-    """The bundle's Feedback (ops.feedback) from `root/feedback/`, or None when it has none."""
+    """The bundle's Feedback (ditkit.nn.feedback) from `root/feedback/`, or None when it has none."""
     from safetensors.torch import load_file
 
-    from ditkit.ops.feedback import Feedback, FeedbackModule, FeedbackSchedule, backbone_blocks
+    from ditkit.nn.feedback import Feedback, FeedbackModule, FeedbackSchedule, backbone_blocks
 
     path = Path(root) / DIR / WEIGHTS
     if not (Path(root) / DIR).exists():

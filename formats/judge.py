@@ -11,6 +11,7 @@ from typing import NamedTuple
 
 from .errors import FormatError
 
+DIR = "judge"  # a bundle's judge, beside its weights
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 REF_KEYS = ("ref_mu", "ref_sigma")
@@ -24,7 +25,7 @@ INPUT_CONVENTION = {
 
 
 class LoadedJudge(NamedTuple):
-    judge: "object"  # ditkit.ops.judge.Judge, with its reference statistics set
+    judge: "object"  # ditkit.nn.judge.Judge, with its reference statistics set
     ref_mu: "object"  # torch.float64 (D,)
     ref_sigma: "object"  # torch.float64 (D, D)
 
@@ -55,7 +56,7 @@ def load_judge(dir) -> LoadedJudge:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from ditkit.ops.judge import Judge
+    from ditkit.nn.judge import Judge
 
     d = Path(dir)
     cfg_path, w_path = d / CONFIG, d / WEIGHTS

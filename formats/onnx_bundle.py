@@ -11,15 +11,13 @@ Layout of an ONNX bundle directory:
     ditkit.json                 the manifest: op "export" + an "onnx" section (input/output names, dynamic
                                 axes, opset, precision, how the graph's inputs map to the model's call)
 
-`OnnxTransformer` stands in for the diffusers transformer: it has the same `config`, takes the same
+Reading and writing the directory: ditkit.formats.layouts.onnx. `OnnxTransformer` stands in for the diffusers transformer: it has the same `config`, takes the same
 keyword arguments as the call each family's `predict` makes, and returns `(sample,)`. So the sampler,
 `generate` and `bench` run an ONNX bundle unchanged, through `family.predict(bundle.transformer, ...)`.
 """
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -28,9 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .atomic import atomic_dir
 from .errors import ConfigError, FormatError, HardwareError, choice_error
-from .manifest import MANIFEST, read_manifest, sha256_files
 
 TRANSFORMER_ONNX = "transformer.onnx"
 VAE_DECODER_ONNX = "vae_decoder.onnx"
@@ -260,91 +256,6 @@ def staging_dir(workdir: str | os.PathLike | None) -> Path:
     if root is not None:
         root.mkdir(parents=True, exist_ok=True)
     return Path(tempfile.mkdtemp(prefix=".ditkit-export-", dir=root))
-
-
-# -- the bundle ------------------------------------------------------------------------------------
-
-def save_onnx_bundle(bundle, out: os.PathLike, manifest: dict, force: bool = False) -> Path:
-    """Move the staged graphs of an exported bundle into `out` (atomically) with its other parts."""
-    from .bundle import JUDGE_DIR
-
-    out = Path(out)
-    src = Path(bundle.path)
-    tr = bundle.transformer
-    with atomic_dir(out, force=force) as tmp:
-        for f in onnx_files(src / TRANSFORMER_ONNX) + onnx_files(src / VAE_DECODER_ONNX):
-            if f.is_file():
-                shutil.move(str(f), tmp / f.name)
-        (tmp / TRANSFORMER_CONFIG).write_text(json.dumps(dict(tr.config), indent=2, sort_keys=True,
-                                                         default=list) + "\n")
-        vae = bundle.components.get("vae")
-        if isinstance(vae, nn.Module) and not isinstance(vae, OnnxVaeDecoder):
-            vae.save_pretrained(tmp / "vae", safe_serialization=True)
-        sched = bundle.components.get("scheduler")
-        if sched is not None:
-            sched.save_pretrained(tmp / "scheduler")
-        if bundle.judge is not None:
-            from .judge import save_judge
-
-            save_judge(bundle.judge, dir=tmp / JUDGE_DIR)
-        manifest = {**manifest, "onnx": bundle.manifest["onnx"]}  # names, axes, opset, precision, call convention
-        weights = sorted([*tmp.glob("*.onnx"), *tmp.glob("*.onnx.data"), *tmp.rglob("*.safetensors")])
-        manifest["sha256"] = sha256_files(weights)
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n")
-    return out
-
-
-def is_onnx_bundle(path: Path) -> bool:
-    return Path(path).is_dir() and (Path(path) / TRANSFORMER_ONNX).is_file()
-
-
-def load_onnx_bundle(path: Path, device: str = "cpu"):
-    """An ONNX bundle as a Bundle of kind "onnx" (its transformer an OnnxTransformer)."""
-    import diffusers
-
-    from .bundle import JUDGE_DIR, Bundle
-    from .families import detect_family
-    from .safetensors_check import check_tree, read_json
-
-    path = Path(path)
-    check_tree(path)
-    manifest = read_manifest(path) or {}
-    spec = manifest.get("onnx")
-    if not isinstance(spec, dict) or "transformer" not in spec:
-        raise FormatError(f"{path} has {TRANSFORMER_ONNX} but its ditkit.json has no \"onnx\" section; "
-                          "re-export it with ditkit export --format onnx")
-    config = read_json(path / TRANSFORMER_CONFIG, "transformer config")
-    fam = detect_family(config, str(path / TRANSFORMER_CONFIG))
-    components: dict[str, Any] = {}
-    transformer = OnnxTransformer(path / TRANSFORMER_ONNX, spec["transformer"], config, device)
-    if (path / VAE_DECODER_ONNX).is_file():
-        components["vae"] = OnnxVaeDecoder(path / VAE_DECODER_ONNX, spec.get("vae_decoder", {}).get("config", {}),
-                                           device)
-    for name in ("vae", "scheduler"):
-        sub = path / name
-        if name in components or not sub.is_dir():
-            continue
-        cfg_file = sub / ("scheduler_config.json" if name == "scheduler" else "config.json")
-        cls = getattr(diffusers, read_json(cfg_file, f"{name} config").get("_class_name", ""), None)
-        if cls is None:
-            raise FormatError(f"{cfg_file}: unknown diffusers class; restore it or re-export the bundle")
-        try:
-            components[name] = cls.from_pretrained(sub) if name == "scheduler" else \
-                cls.from_pretrained(sub, use_safetensors=True)
-        except Exception as e:
-            raise FormatError(f"{sub} could not be loaded ({str(e).splitlines()[0][:200] if str(e) else e}); "
-                              "re-export the bundle")
-    judge = None
-    if (path / JUDGE_DIR).is_dir():
-        from .judge import load_judge
-
-        judge = load_judge(path / JUDGE_DIR).judge
-    pipe = spec.get("pipeline", {})
-    extra = {k: ({int(i): v for i, v in val.items()} if k == "id2label" else val)
-             for k, val in pipe.get("extra", {}).items()}
-    return Bundle(family=fam, transformer=transformer, components=components,
-                  pipeline_class=pipe.get("class"), pipeline_extra=extra, manifest=manifest, path=path,
-                  kind="onnx", judge=judge)
 
 
 def resolve_backend(bundle, backend: str | None) -> str:

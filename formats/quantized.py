@@ -8,20 +8,17 @@
                                                      (e.g. int8 "weight" + fp32 "weight_scale")
 
 Reloading builds the architecture from config.json with empty weights, rebuilds every quantized
-module from its tensors for the target device (ditkit.ops.quantize.KINDS: the kernel is chosen then,
+module from its tensors for the target device (ditkit.nn.quantized.KINDS: the kernel is chosen then,
 e.g. torch.ao fbgemm on CPU, torch._int_mm on CUDA, for the same int8 tensors), swaps them in and
-assigns the remaining tensors. Any tensor missing or left over is a FormatError.
+assigns the remaining tensors. Any tensor missing or left over is a FormatError. The bundle around it (the
+other pipeline components, ditkit.json) is written and read by ditkit.formats.layouts.quantized.
 """
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 from pathlib import Path
-from typing import Callable
 
-from .atomic import atomic_dir
 from .errors import FormatError
-from .manifest import write_manifest
 from .safetensors_check import read_header, read_json
 
 FORMAT = "ditkit-quantized"
@@ -48,9 +45,10 @@ def quantized_modules(model) -> dict:
 def param_count(model) -> int:
     """Parameters as the float model had them: quantized modules count their logical weights and biases
     (torch.ao keeps its int8 weights outside .parameters(), so a plain count would miss them)."""
+    from torch import nn
+
     qmods = quantized_modules(model)
-    total = sum(t.numel() for name, t in _plain_tensors(model, set(qmods)).items()
-                if isinstance(t, __import__("torch").nn.Parameter))
+    total = sum(t.numel() for name, t in _plain_tensors(model, set(qmods)).items() if isinstance(t, nn.Parameter))
     for m in qmods.values():
         s = m.ditkit_spec
         if "in_features" in s:
@@ -86,7 +84,7 @@ def _plain_tensors(model, skip: set[str]) -> dict:
 def write_transformer(model, root: Path) -> None:
     from safetensors.torch import save_file
 
-    from ditkit.ops.quantize import KINDS
+    from ditkit.nn.quantized import KINDS
 
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
@@ -110,35 +108,10 @@ def write_transformer(model, root: Path) -> None:
     (root / QUANT_CONFIG).write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
 
 
-def write_bundle_dir(bundle, root: Path) -> None:
-    """The bundle as a diffusers directory whose transformer/ is in the quantized layout above."""
-    from .bundle import write_bundle_dir as write_plain
-
-    tr = bundle.transformer
-    if bundle.pipeline_class is None:
-        write_transformer(tr, root)
-        return
-    write_plain(replace(bundle, transformer=None), root)  # every other component, as diffusers saves it
-    write_transformer(tr, Path(root) / "transformer")
-    index_path = Path(root) / "model_index.json"
-    index = json.loads(index_path.read_text())
-    index["transformer"] = ["diffusers", type(tr).__name__]
-    index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-
-
 def transformer_bytes(root: Path) -> int:
     root = Path(root)
     sub = root / "transformer" if (root / "transformer").is_dir() else root
     return sum(p.stat().st_size for p in sub.glob("*.safetensors"))
-
-
-def save(bundle, out: Path, manifest: Callable[[int], dict], force: bool = False) -> Path:
-    """Write atomically; `manifest(transformer_bytes_on_disk)` builds ditkit.json once the bytes are known."""
-    out = Path(out)
-    with atomic_dir(out, force=force) as tmp:
-        write_bundle_dir(bundle, tmp)
-        write_manifest(tmp, manifest(transformer_bytes(tmp)))
-    return out
 
 
 # -- loading ---------------------------------------------------------------------------------------
@@ -149,7 +122,7 @@ def load_transformer(root: Path, family, device: str = "cpu"):
     from accelerate import init_empty_weights
     from safetensors.torch import load_file
 
-    from ditkit.ops.quantize import KINDS
+    from ditkit.nn.quantized import KINDS
 
     root = Path(root)
     doc = read_json(root / QUANT_CONFIG, "quantization config")

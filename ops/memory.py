@@ -110,7 +110,7 @@ def available_bytes(device: str) -> int | None:
 
 def load_estimate(*srcs, dtype: torch.dtype = torch.float32) -> Estimate:
     """The weights checkpoints will take once loaded (from their headers; nothing else is read)."""
-    from ditkit.formats.bundle import resolve_source
+    from ditkit.formats.layouts import resolve_source
     from ditkit.formats.safetensors_check import checkpoint_bytes
 
     paths = [resolve_source(s) for s in srcs]
@@ -133,8 +133,7 @@ def transformer_activations(bundle, rows: int, hw: tuple[int, int]) -> int:
     heads, head_dim = getattr(c, "num_attention_heads", None), getattr(c, "attention_head_dim", None)
     if not (isinstance(heads, int) and isinstance(head_dim, int)):
         return 0
-    p = 2 if fam.name == "flux" else (getattr(c, "patch_size", 1) or 1)  # flux packs 2x2 latents per token
-    tokens = (hw[0] // p) * (hw[1] // p)
+    tokens = fam.image_tokens(tr, hw)
     param = next(tr.parameters(), None) if isinstance(tr, torch.nn.Module) else None
     size = param.element_size() if param is not None and param.is_floating_point() else 4
     return int(rows * tokens * heads * head_dim * size * ACT_FACTOR)

@@ -5,7 +5,7 @@ import torch
 
 from ditkit.formats.errors import ConfigError, HardwareError, choice_error
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+from ditkit.nn.dtypes import DTYPES  # the names --dtype accepts (one table, shared with ditkit.nn.quantized)
 
 
 def resolve_device(device: str) -> str:

@@ -9,8 +9,9 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(1, str(Path(__file__).resolve().parents[1] / "tools"))  # the build scripts (not installed)
 import tiny  # noqa: E402
+from ditkit.formats.families import FAMILIES  # noqa: E402
 
-FAMILY_NAMES = ["dit", "pixart", "sd3", "flux"]
+FAMILY_NAMES = list(FAMILIES)  # every registered family: shared suites parametrize over it
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import FAMILY_NAMES
-from ditkit.formats.bundle import load_bundle
+from ditkit.formats.layouts import load_bundle
 from ditkit.ops.bench import BenchConfig, bench, kernels
 from ditkit.ops.judge import Judge
 from ditkit.ops.metrics import PSNR_CAP_DB, matmul_peak, peak_growth, psnr, ssim

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from ditkit.formats.bundle import load_bundle
+from ditkit.formats.layouts import load_bundle
 from ditkit.formats.images import read_images
 from ditkit.ops.cache import CachePolicy, cached_predict
 from ditkit.ops.generate import GenerateConfig, generate

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ditkit.formats.bundle import load_bundle
+from ditkit.formats.layouts import load_bundle
 from ditkit.formats.embeddings import load_embeddings
 from ditkit.formats.errors import ConfigError
 from ditkit.ops.distill import DISTILL_MODES, DistillConfig, distill, recover, steps
@@ -215,7 +215,7 @@ def test_cli_resume_after_sigterm_equals_uninterrupted(tiny_dir, tmp_path, cli, 
 
 
 def test_cli_recover_uses_the_recorded_parent(tiny_dir, tmp_path, cli):
-    from ditkit.formats.bundle import save_bundle
+    from ditkit.formats.layouts import save_bundle
     from ditkit.formats.manifest import new_manifest
     from ditkit.ops.prune import PruneConfig, prune
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from ditkit.formats.bundle import DEFAULT_MODELS, load_bundle
+from ditkit.formats.layouts import DEFAULT_MODELS, load_bundle
 from ditkit.formats.errors import QualityGateError, UnsupportedModelError
 from ditkit.formats.safetensors_check import read_header
 from ditkit.ops.export import ExportConfig, ExportReport, _summarize, check_gate, export
@@ -89,7 +89,7 @@ def test_onnx_bundle_with_pytorch_vae_round_trips(onnx_dit, tiny_dir, tmp_path):
     from diffusers import AutoencoderKL
 
     from ditkit.formats.bundle import Bundle
-    from ditkit.formats.onnx_bundle import save_onnx_bundle
+    from ditkit.formats.layouts.onnx import save_onnx_bundle
 
     ob, pb = load_bundle(onnx_dit[0]), load_bundle(tiny_dir("dit"))
     stage = tmp_path / "stage"
@@ -227,7 +227,7 @@ def _depth_pruned_copy(src: Path, dst: Path, keep: int) -> Path:
     tr = bundle.transformer
     tr.transformer_blocks = torch.nn.ModuleList(list(tr.transformer_blocks)[:keep])
     tr.register_to_config(num_layers=keep)
-    from ditkit.formats.bundle import write_bundle_dir
+    from ditkit.formats.layouts import write_bundle_dir
 
     dst.mkdir(parents=True)
     write_bundle_dir(bundle, dst)

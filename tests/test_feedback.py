@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ditkit.formats.bundle import load_bundle, save_bundle
+from ditkit.formats.layouts import load_bundle, save_bundle
 from ditkit.formats.embeddings import load_embeddings
 from ditkit.formats.errors import ConfigError, FormatError
 from ditkit.formats.images import read_images

@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 
 from conftest import FAMILY_NAMES
 from ditkit.formats import dit_original
-from ditkit.formats.bundle import load_bundle, save_bundle
+from ditkit.formats.layouts import load_bundle, save_bundle
 from ditkit.formats.errors import ConfigError, FormatError, OutputExistsError, UnsupportedModelError
 from ditkit.formats.manifest import MANIFEST, new_manifest, weights_sha256
 import tiny

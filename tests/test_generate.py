@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from conftest import FAMILY_NAMES
-from ditkit.formats.bundle import load_bundle
+from ditkit.formats.layouts import load_bundle
 from ditkit.formats.embeddings import load_embeddings
 from ditkit.ops.generate import GenerateConfig, generate
 from ditkit.ops.info import InfoConfig, count_flops, info

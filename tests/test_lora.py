@@ -14,7 +14,7 @@ from safetensors import safe_open
 
 import tiny
 from conftest import FAMILY_NAMES
-from ditkit.formats.bundle import load_bundle
+from ditkit.formats.layouts import load_bundle
 from ditkit.formats.checkpoint import CheckpointStore
 from ditkit.formats.datasets import read_image_folder
 from ditkit.formats.embeddings import load_embeddings

@@ -16,7 +16,7 @@ def test_available_memory_is_measured():
 
 
 def test_load_estimate_counts_headers_at_the_target_dtype(tiny_dir):
-    from ditkit.formats.bundle import load_bundle
+    from ditkit.formats.layouts import load_bundle
 
     d = tiny_dir("dit")
     est = memory.load_estimate(d)
@@ -28,7 +28,7 @@ def test_load_estimate_counts_headers_at_the_target_dtype(tiny_dir):
 
 
 def test_inference_estimate_grows_with_the_batch(tiny_dir):
-    from ditkit.formats.bundle import load_bundle
+    from ditkit.formats.layouts import load_bundle
 
     b = load_bundle(tiny_dir("dit"))
     e4, e8 = memory.inference_estimate("generate", [b], 4), memory.inference_estimate("generate", [b], 8)
@@ -123,7 +123,7 @@ def test_lora_train_force_overrides(cli, tiny_dir, tmp_path, free):
 
 
 def test_lora_estimate_scales_with_the_batch_and_checkpointing(tiny_dir, tmp_path):
-    from ditkit.formats.bundle import load_bundle
+    from ditkit.formats.layouts import load_bundle
     from ditkit.formats.datasets import read_image_folder
     from ditkit.ops.lora import LoraConfig, _inject, encode_data, estimate_peak_memory, resolve_targets
 

@@ -16,7 +16,7 @@ from conftest import FAMILY_NAMES
 from ditkit.cli.errors import EXIT_INPUT
 from ditkit.cli.prune import summary
 from ditkit.formats import dit_original
-from ditkit.formats.bundle import load_bundle, save_bundle
+from ditkit.formats.layouts import load_bundle, save_bundle
 from ditkit.formats.errors import ConfigError
 from ditkit.formats.manifest import MANIFEST, new_manifest, weights_sha256
 from ditkit.ops.info import count_params
@@ -346,7 +346,7 @@ def test_pruned_bundles_reload_in_a_fresh_process(tiny_dir, tmp_path):
         expected[name] = outputs(out).tolist()
     code = (
         "import json, sys, torch\n"
-        "from ditkit.formats.bundle import load_bundle\n"
+        "from ditkit.formats.layouts import load_bundle\n"
         "res = {}\n"
         "for name in sys.argv[2:]:\n"
         "    b = load_bundle(sys.argv[1] + '/' + name)\n"

@@ -12,11 +12,13 @@ from torch import nn
 
 from conftest import FAMILY_NAMES
 from ditkit.formats import quantized
-from ditkit.formats.bundle import load_bundle, save_bundle
+from ditkit.formats.layouts import save_quantized
+from ditkit.formats.layouts import load_bundle, save_bundle
 from ditkit.formats.errors import ConfigError, FormatError, HardwareError, UnsupportedModelError
 from ditkit.formats.manifest import new_manifest
+from ditkit.nn.quantized import KERNEL_ATTR, int8_rows
 from ditkit.ops.quantize import KINDS, QuantizeConfig, check_hardware, quantize
-from ditkit.ops.quantize.base import KERNEL_ATTR, int8_rows, sqnr_db
+from ditkit.ops.quantize.base import sqnr_db
 
 CPU_SCHEMES = ["int8-dynamic", "int8-weight-only", "bnb-int8", "bnb-nf4", "bnb-fp4"]
 # Bounds from measured tiny-model figures with a margin (docs/quantize.md has the full table).
@@ -29,7 +31,7 @@ FAST = dict(calib_batches=1, calib_batch_size=2)
 
 
 def _save(variant, report, out):
-    return quantized.save(variant, out, lambda n: (report.set_disk_after(n), {"op": "quantize"})[1])
+    return save_quantized(variant, out, lambda n: (report.set_disk_after(n), {"op": "quantize"})[1])
 
 
 def _out(bundle, seed=7, batch=2):
@@ -199,7 +201,7 @@ def test_pruned_variant_quantizes_reloads_in_fresh_process_and_generates(cli, ti
     assert len(q.transformer.transformer_blocks) == 1 and q.manifest["defaults"] == {"steps": 2}
     assert q.manifest["parent"]["path"].endswith("pruned")
     expected = _out(q)
-    code = ("import sys, torch; from ditkit.formats.bundle import load_bundle; b = load_bundle(sys.argv[1]); "
+    code = ("import sys, torch; from ditkit.formats.layouts import load_bundle; b = load_bundle(sys.argv[1]); "
             "x, t, c = b.family.dummy_inputs(b.transformer, 2, seed=7); t = torch.tensor([100.0, 800.0]); "
             "torch.save(b.family.predict(b.transformer, x, t, c), sys.argv[2])")
     subprocess.run([sys.executable, "-c", code, str(tmp_path / "q"), str(tmp_path / "y.pt")], check=True,

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 import ditkit.formats
-from ditkit.formats.bundle import DEFAULT_MODELS, load_bundle
+from ditkit.formats.layouts import DEFAULT_MODELS, load_bundle
 from ditkit.ops.judge import score
 from tiny_digits_text import LABEL_NAMES, MAX_TOKENS, TEMPLATES, VOCAB, prompt  # tools/, on the path by conftest
 

@@ -170,7 +170,7 @@ def train_transformer(lat_mu, lat_std, labels, table, uncond, steps: int, batch:
 # ------------------------------------------------------------------------------------------------ eval
 def evaluate(root: Path, prompts: list[str], labels: list[int], guidance: float, steps: int, seed: int) -> dict:
     """Judge scores of what ditkit's own loader and sampler make from `root` for these prompts."""
-    from ditkit.formats.bundle import load_bundle
+    from ditkit.formats.layouts import load_bundle
     from ditkit.ops.generate import GenerateConfig, generate
     from ditkit.ops.judge import score
 

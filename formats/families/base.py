@@ -1,4 +1,24 @@
-"""What every family adapter knows. One subclass per family file; the registry is in __init__.py."""
+"""What every family adapter knows. One subclass per family file; the registry is in __init__.py.
+
+A new family is one file here plus one line in `FAMILIES`. The file defines a `Family` subclass and one
+instance of it, `FAMILY`, and provides:
+
+- the fields below without a default: names (registry name, diffusers transformer and pipeline classes),
+  conditioning ("class" / "text"), prediction ("epsilon" / "flow"), samplers and sampling defaults, and the
+  attribute of its block list;
+- `predict` (one transformer call on (B, C, h, w) latents) and `dummy_cond` (random conditions of the right
+  shapes); text families also `encode_prompts`; class families `null_cond`;
+- where they differ from the defaults here: `stacks` (the block lists depth pruning removes from, with their
+  config fields), `width` (the coupling rules of width pruning, formats/families/coupling.py; None refuses
+  width pruning), `full_precision` and `modulation` (module-name regexes for quantize and LoRA),
+  `two_stream` (blocks that carry a text stream beside the image stream), and the methods `latent_channels`,
+  `latent_size`, `image_tokens`, `uses_cfg`, `width_unsupported`, `depth_config`, `config_from_state`;
+- `tiny_config()`: the constructor arguments of a tiny random model (2 blocks, hidden 32-64) that the test
+  suite builds for every registered family.
+
+tests/test_families.py checks that every registered family provides these and that every table keyed by
+family covers it.
+"""
 from __future__ import annotations
 
 import re
@@ -7,7 +27,17 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .coupling import WidthSpec
+
 Cond = dict  # name -> tensor with the batch on dim 0 (labels, prompt embeddings, masks, pooled)
+
+
+@dataclass(frozen=True)
+class Stack:
+    """One list of transformer blocks, as depth pruning and distillation see it."""
+    attr: str  # the ModuleList on the transformer
+    config_key: str  # the config field holding its length
+    keep_last: bool = False  # the last block is built differently (SD3's context_pre_only), so it stays
 
 
 @dataclass(frozen=True)
@@ -26,6 +56,15 @@ class Family:
     full_precision: tuple[str, ...] = ()
     modulation: tuple[str, ...] = ()  # module-name regexes of adaLN modulation linears
     vae_scale_fallback: int = 8  # latent downscale when a bundle has no VAE
+    # block lists in execution order (depth pruning, distillation's block mapping); None: blocks_attr alone,
+    # its length in the config's num_layers; () refuses depth pruning
+    stacks: tuple[Stack, ...] | None = None
+    width: WidthSpec | None = None  # what width pruning cuts together; None refuses width pruning
+    two_stream: bool = False  # blocks take and return (text, image) streams (MMDiT), not hidden states alone
+
+    def __post_init__(self):
+        if self.stacks is None:
+            object.__setattr__(self, "stacks", (Stack(self.blocks_attr, "num_layers"),))
 
     # -- identification ----------------------------------------------------------------------
     def detect(self, config: dict) -> bool:
@@ -35,6 +74,11 @@ class Family:
         import diffusers
 
         return getattr(diffusers, self.transformer_class)
+
+    def config_from_state(self, state: dict) -> dict | None:
+        """The transformer config read from a bare state dict's keys and shapes, or None when they do not
+        determine it (a single .safetensors file then needs --config)."""
+        return None
 
     # -- structure -----------------------------------------------------------------------------
     def blocks(self, transformer: nn.Module) -> nn.ModuleList:
@@ -46,6 +90,15 @@ class Family:
     def is_modulation(self, module_name: str) -> bool:
         return any(re.search(p, module_name) for p in self.modulation)
 
+    def depth_config(self, transformer: nn.Module, renumber: dict[str, dict[int, int]]) -> dict:
+        """Config fields besides the stacks' lengths that change when blocks go (renumber: stack attr ->
+        old index -> new index of the kept blocks)."""
+        return {}
+
+    def width_unsupported(self, transformer: nn.Module) -> str | None:
+        """Why this transformer (a variant of the family) cannot be width-pruned, or None."""
+        return None
+
     # -- shapes ------------------------------------------------------------------------------
     def latent_channels(self, transformer: nn.Module) -> int:
         return transformer.config.in_channels
@@ -54,6 +107,11 @@ class Family:
         """Default latent side (the checkpoint's native resolution)."""
         return transformer.config.sample_size
 
+    def image_tokens(self, transformer: nn.Module, hw: tuple[int, int]) -> int:
+        """Image tokens of one transformer call at latent size hw (memory and distill estimates)."""
+        p = getattr(getattr(transformer, "config", None), "patch_size", 1) or 1
+        return (hw[0] // p) * (hw[1] // p)
+
     # -- conditioning ------------------------------------------------------------------------
     def uses_cfg(self, transformer: nn.Module, guidance: float) -> bool:
         return guidance > 1.0
@@ -61,7 +119,8 @@ class Family:
     def null_cond(self, transformer: nn.Module, cond: Cond) -> Cond:
         raise NotImplementedError
 
-    def dummy_cond(self, transformer: nn.Module, batch: int, generator: torch.Generator) -> Cond:
+    def dummy_cond(self, transformer: nn.Module, batch: int, generator: torch.Generator, tokens: int = 8) -> Cond:
+        """Random conditions of the right shapes (`tokens` text tokens for text families)."""
         raise NotImplementedError
 
     def encode_prompts(self, pipe, prompts: list[str], device) -> tuple[Cond, Cond]:
@@ -85,6 +144,11 @@ class Family:
         cond = {k: v.to(p.device) for k, v in self.dummy_cond(transformer, batch, g).items()}
         cond = {k: (v.to(p.dtype) if v.is_floating_point() else v) for k, v in cond.items()}
         return latents, t, cond
+
+    # -- tests -----------------------------------------------------------------------------------
+    def tiny_config(self) -> dict:
+        """Constructor arguments of a tiny random model of this family (2 blocks, hidden 32-64) for CPU tests."""
+        raise NotImplementedError(f"{self.name} has no tiny_config")
 
 
 def split_learned_sigma(out: torch.Tensor, channels: int) -> torch.Tensor:

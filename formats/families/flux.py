@@ -3,7 +3,30 @@ from __future__ import annotations
 
 import torch
 
-from .base import Family
+from .base import Family, Stack
+from .coupling import SB, TB, WB, WidthSpec, attn, ff, linear, mlp2
+
+# Flux's single-stream blocks run text and image tokens as one sequence: the context stream is the residual.
+# Rotary embeddings act on the head dimension, so the residual channels are chosen by importance.
+WIDTH = WidthSpec(rules=(
+    *linear(r"^x_embedder", None, "D:res"),
+    *linear(r"^context_embedder", None, "D:res"),
+    *mlp2(r"^time_text_embed\.timestep_embedder", "D:thid", "D:cond"),
+    *mlp2(r"^time_text_embed\.guidance_embedder", "D:ghid", "D:cond"),
+    *mlp2(r"^time_text_embed\.text_embedder", "D:phid", "D:cond"),
+    *linear(rf"{TB}\.norm1(_context)?\.linear", "D:cond", "D:res"),
+    *attn(rf"{TB}\.attn", "D:res", "D:res", "H:attn.{b}", "D:res", added="D:res"),
+    *ff(rf"{TB}\.ff", "D:res", "F:ff{b}"),
+    *ff(rf"{TB}\.ff_context", "D:res", "F:ffc{b}"),
+    *linear(rf"{SB}\.norm\.linear", "D:cond", "D:res"),
+    *linear(rf"{SB}\.proj_mlp", "D:res", "F:sff{b}"),
+    (rf"{SB}\.attn\.to_(q|k|v)\.weight$", 1, ("D:res",)),
+    (rf"{SB}\.attn\.to_(q|k|v)\.{WB}$", 0, ("H:sattn.{b}",)),
+    (rf"{SB}\.proj_out\.weight$", 1, ("H:sattn.{b}", "F:sff{b}")),  # cat(attention, MLP) -> D
+    (rf"{SB}\.proj_out\.{WB}$", 0, ("D:res",)),
+    *linear(r"^norm_out\.linear", "D:cond", "D:res"),
+    *linear(r"^proj_out", "D:res", None),
+), sincos_residual=False)
 
 
 def pack(latents: torch.Tensor) -> torch.Tensor:
@@ -39,10 +62,13 @@ class FluxFamily(Family):
     def uses_cfg(self, transformer, guidance):
         return False  # dev folds guidance into an embedding; schnell needs none
 
-    def dummy_cond(self, transformer, batch, generator):
+    def image_tokens(self, transformer, hw):
+        return (hw[0] // 2) * (hw[1] // 2)  # 2x2 latents packed per token
+
+    def dummy_cond(self, transformer, batch, generator, tokens=8):
         c = transformer.config
         return {
-            "prompt_embeds": torch.randn(batch, 8, c.joint_attention_dim, generator=generator),
+            "prompt_embeds": torch.randn(batch, tokens, c.joint_attention_dim, generator=generator),
             "pooled_prompt_embeds": torch.randn(batch, c.pooled_projection_dim, generator=generator),
         }
 
@@ -64,6 +90,11 @@ class FluxFamily(Family):
         )[0]
         return unpack(out, h, w)
 
+    def tiny_config(self):
+        return dict(patch_size=1, in_channels=16, out_channels=None, num_layers=1, num_single_layers=1,
+                    attention_head_dim=16, num_attention_heads=2, joint_attention_dim=24, pooled_projection_dim=16,
+                    guidance_embeds=True, axes_dims_rope=(4, 6, 6))
+
 
 FAMILY = FluxFamily(
     name="flux",
@@ -78,4 +109,7 @@ FAMILY = FluxFamily(
     blocks_attr="transformer_blocks",
     full_precision=(r"^x_embedder$", r"^time_text_embed\.", r"^context_embedder$", r"^proj_out$", r"^norm_out\."),
     modulation=(r"\.norm1(_context)?\.linear$", r"\.norm\.linear$"),
+    stacks=(Stack("transformer_blocks", "num_layers"), Stack("single_transformer_blocks", "num_single_layers")),
+    width=WIDTH,
+    two_stream=True,
 )

@@ -4,6 +4,20 @@ from __future__ import annotations
 import torch
 
 from .base import Family, split_learned_sigma
+from .coupling import TB, WidthSpec, attn, ff, linear, mlp2
+
+WIDTH = WidthSpec(rules=(
+    *linear(r"^pos_embed\.proj", None, "D:res"),
+    # the timestep embedding is added to the final (2, D) scale-shift table: it lives in the residual space
+    *mlp2(r"^adaln_single\.emb\.timestep_embedder", "D:thid", "D:res"),
+    *linear(r"^adaln_single\.linear", "D:res", "D:res"),
+    *mlp2(r"^caption_projection", "D:caphid", "D:cap"),
+    (r"^(transformer_blocks\.\d+\.)?scale_shift_table$", 1, ("D:res",)),
+    *attn(rf"{TB}\.attn1", "D:res", "D:res", "H:attn1.{b}", "D:res"),
+    *attn(rf"{TB}\.attn2", "D:res", "D:cap", "H:attn2.{b}", "D:res"),
+    *ff(rf"{TB}\.ff", "D:res", "F:ff{b}"),
+    *linear(r"^proj_out", "D:res", None),
+), sincos_residual=True, width_fields=("cross_attention_dim",))
 
 
 class PixArtFamily(Family):
@@ -14,11 +28,16 @@ class PixArtFamily(Family):
         return ({"prompt_embeds": pe, "prompt_attention_mask": pm},
                 {"prompt_embeds": npe, "prompt_attention_mask": npm})
 
-    def dummy_cond(self, transformer, batch, generator):
+    def width_unsupported(self, transformer):
+        if getattr(transformer, "use_additional_conditions", False):
+            return "PixArt models with resolution / aspect-ratio embeddings (PixArt-alpha 1024) split D into thirds"
+        return None
+
+    def dummy_cond(self, transformer, batch, generator, tokens=8):
         d = transformer.config.caption_channels
         return {
-            "prompt_embeds": torch.randn(batch, 8, d, generator=generator),
-            "prompt_attention_mask": torch.ones(batch, 8, dtype=torch.long),
+            "prompt_embeds": torch.randn(batch, tokens, d, generator=generator),
+            "prompt_attention_mask": torch.ones(batch, tokens, dtype=torch.long),
         }
 
     def predict(self, transformer, latents, t, cond, guidance=1.0):
@@ -38,6 +57,11 @@ class PixArtFamily(Family):
         )[0]
         return split_learned_sigma(out, latents.shape[1])
 
+    def tiny_config(self):
+        return dict(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=8, num_layers=2,
+                    sample_size=8, patch_size=2, cross_attention_dim=32, caption_channels=24,
+                    norm_type="ada_norm_single", num_embeds_ada_norm=1000)
+
 
 FAMILY = PixArtFamily(
     name="pixart",
@@ -52,4 +76,5 @@ FAMILY = PixArtFamily(
     blocks_attr="transformer_blocks",
     full_precision=(r"^pos_embed\.", r"^adaln_single\.", r"^caption_projection\.", r"^proj_out$"),
     modulation=(r"^adaln_single\.linear$",),
+    width=WIDTH,
 )

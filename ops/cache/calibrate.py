@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from ditkit.formats.errors import ConfigError
+from ditkit.formats.families import FAMILIES
 
 from ..flops import call_flops
 from ..generate import GenerateConfig
@@ -113,7 +114,8 @@ class _Calib:
     def __init__(self, bundle, cfg: CacheConfig):
         self.bundle, self.fam, self.tr = bundle, bundle.family, bundle.transformer
         if self.fam.conditioning != "class":
-            raise ConfigError(f"cache calibrates class-conditional families (dit) for now; the {self.fam.name} "
+            by_class = ", ".join(n for n, f in FAMILIES.items() if f.conditioning == "class")
+            raise ConfigError(f"cache calibrates class-conditional families ({by_class}) for now; the {self.fam.name} "
                               "family needs prompt embeddings for its calibration runs, which is not built yet")
         self.sampler, self.steps, self.guidance = settings(
             bundle, GenerateConfig(steps=cfg.steps, sampler=cfg.sampler, guidance=cfg.guidance))

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from ditkit.formats.errors import ConfigError
+from ditkit.formats.families import FAMILIES
 
 
 @dataclass
@@ -81,8 +82,9 @@ class BlockCache:
                 return h + d
             out = orig(*args, **kwargs)
             if not isinstance(out, torch.Tensor) or out.shape != h.shape:
+                one_stream = ", ".join(n for n, f in FAMILIES.items() if not f.two_stream)
                 raise ConfigError(f"cache supports families whose blocks map hidden states to hidden states "
-                                  f"(dit, pixart); the {self.family.name} family's blocks return "
+                                  f"({one_stream}); the {self.family.name} family's blocks return "
                                   f"{type(out).__name__}")
             if self.record:
                 self.deltas[i] = out - h

@@ -116,14 +116,6 @@ def reduce_rows(per_row: torch.Tensor, n_global: int, world: int) -> torch.Tenso
     return per_row.sum() * world / n_global
 
 
-def tokens(family, tr, hw: tuple[int, int]) -> int:
-    """Image tokens of one transformer call at latent size hw."""
-    if family.name == "flux":
-        return (hw[0] // 2) * (hw[1] // 2)
-    p = getattr(tr.config, "patch_size", 1) or 1
-    return (hw[0] // p) * (hw[1] // p)
-
-
 def hidden_size(tr) -> int:
     c = tr.config
     return int(c.num_attention_heads * c.attention_head_dim)
@@ -138,11 +130,9 @@ def memory_estimate(student: nn.Module, teacher: nn.Module | None, family, hw, r
     if teacher is not None and teacher is not student:
         weights += sum(p.numel() * p.element_size() for p in teacher.parameters())
     states = trained * 4 * (3 + (1 if ema else 0))  # grad + exp_avg + exp_avg_sq (+ EMA), fp32
-    from ditkit.ops.prune.depth import STACKS
-
-    n_blocks = sum(len(getattr(student, s.attr)) for s in STACKS.get(family.name, ()) if hasattr(student, s.attr))
+    n_blocks = sum(len(getattr(student, s.attr)) for s in family.stacks if hasattr(student, s.attr))
     arch = arch if arch is not None else student  # the transformer whose config gives tokens and width
-    act = rows * tokens(family, arch, hw) * hidden_size(arch) * max(n_blocks, 1) * 4 * 24
+    act = rows * family.image_tokens(arch, hw) * hidden_size(arch) * max(n_blocks, 1) * 4 * 24
     total = weights + states + pool_bytes + act
     return {"weights": weights, "optimizer_and_ema": states, "pool": pool_bytes, "activations_estimate": act,
             "total_estimate": total}

@@ -24,7 +24,6 @@ import torch
 from torch import nn
 
 from ditkit.formats.errors import ConfigError
-from ditkit.ops.prune.depth import STACKS
 from ditkit.ops.sample import denoise, make_scheduler
 
 from .common import (Conditions, Routed, conditions, local_rows, native_hw, pool_noise, reduce_rows, to_device,
@@ -36,7 +35,7 @@ GT_NULL_PROB = 0.1  # ground-truth rows trained on the unconditional branch (kee
 # -- block mapping -------------------------------------------------------------------------------------------
 
 def _stacks(family):
-    return STACKS.get(family.name, ())
+    return family.stacks
 
 
 def block_map(student_bundle, teacher_tr: nn.Module) -> tuple[list[tuple[str, str]], str]:

@@ -187,7 +187,7 @@ def prune(bundle, cfg: PruneConfig, embeddings=None, log: Callable[[str], None] 
     refuse(bundle, "ditkit prune")
     method = PRUNE_METHODS[cfg.method]
     fam, base = bundle.family, bundle.transformer
-    if fam.name not in depth.STACKS:
+    if not fam.stacks:
         raise UnsupportedModelError(f"prune does not support the {fam.name} family")
     if method.check is not None:
         method.check(bundle, cfg)

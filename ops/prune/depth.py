@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import re
-from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -20,30 +19,14 @@ from .calibration import Calibration, output_error
 from .rebuild import rebuild
 
 
-@dataclass(frozen=True)
-class Stack:
-    attr: str  # the ModuleList on the transformer
-    config_key: str  # the config field holding its length
-    keep_last: bool = False  # SD3: the last block is built differently (context_pre_only), so it stays
-
-
-# family -> its block stacks, in execution order
-STACKS: dict[str, tuple[Stack, ...]] = {
-    "dit": (Stack("transformer_blocks", "num_layers"),),
-    "pixart": (Stack("transformer_blocks", "num_layers"),),
-    "sd3": (Stack("transformer_blocks", "num_layers", keep_last=True),),
-    "flux": (Stack("transformer_blocks", "num_layers"), Stack("single_transformer_blocks", "num_single_layers")),
-}
-
-
 def block_names(family, tr) -> list[str]:
-    """Every block as 'attr.i', in execution order (what --blocks indexes)."""
-    return [f"{s.attr}.{i}" for s in STACKS[family.name] for i in range(len(getattr(tr, s.attr)))]
+    """Every block as 'attr.i', in execution order (what --blocks indexes); the family's `stacks` say where."""
+    return [f"{s.attr}.{i}" for s in family.stacks for i in range(len(getattr(tr, s.attr)))]
 
 
 def protected(family, tr) -> set[str]:
     out = set()
-    for s in STACKS[family.name]:
+    for s in family.stacks:
         n = len(getattr(tr, s.attr))
         if s.keep_last and n:
             out.add(f"{s.attr}.{n - 1}")
@@ -58,7 +41,7 @@ def _without(tr, family, removed: set[str], replay: dict[str, nn.Module] | None 
     class _Ctx:
         def __enter__(self):
             self.saved = {}
-            for s in STACKS[family.name]:
+            for s in family.stacks:
                 blocks = getattr(tr, s.attr)
                 self.saved[s.attr] = blocks
                 setattr(tr, s.attr, nn.ModuleList([replay.get(f"{s.attr}.{i}", b) for i, b in enumerate(blocks)
@@ -93,7 +76,7 @@ class _Prefix:
     def __init__(self, family, tr, calib: Calibration, names: list[str], budget: int | None = None):
         self.batch = 0
         self.outputs: list[list] = []
-        self.blocks = blocks = [blk for s in STACKS[family.name] for blk in getattr(tr, s.attr)]
+        self.blocks = blocks = [blk for s in family.stacks for blk in getattr(tr, s.attr)]
         per_batch = (CACHE_BYTES if budget is None else budget) // max(len(calib.batches), 1)
         self.depth = len(names)
         for b in calib.batches:
@@ -196,7 +179,7 @@ def pick_by_hand(cfg, names: list[str], fixed: set[str]) -> list[str]:
 
 def remove_blocks(family, tr, removed: list[str]) -> nn.Module:
     """The transformer without `removed`, rebuilt from a config with the new depth(s)."""
-    stacks = STACKS[family.name]
+    stacks = family.stacks
     gone = set(removed)
     renumber: dict[str, dict[int, int]] = {}
     updates = {}
@@ -204,10 +187,7 @@ def remove_blocks(family, tr, removed: list[str]) -> nn.Module:
         kept = [i for i in range(len(getattr(tr, s.attr))) if f"{s.attr}.{i}" not in gone]
         renumber[s.attr] = {old: new for new, old in enumerate(kept)}
         updates[s.config_key] = len(kept)
-    dual = tr.config.get("dual_attention_layers") if hasattr(tr.config, "get") else None
-    if dual:  # SD3.5: indices of the blocks with a second attention follow their blocks
-        updates["dual_attention_layers"] = tuple(renumber["transformer_blocks"][i] for i in dual
-                                                 if i in renumber["transformer_blocks"])
+    updates.update(family.depth_config(tr, renumber))  # SD3.5's dual_attention_layers follow their blocks
     state = {}
     pattern = re.compile(r"^(" + "|".join(re.escape(s.attr) for s in stacks) + r")\.(\d+)\.(.*)$")
     for k, v in tr.state_dict().items():
@@ -250,6 +230,6 @@ def run(bundle, cfg, calib: Calibration, say=None):
         "removed_blocks": removed, "removed_indices": [names.index(n) for n in removed],
         "kept_blocks": [n for n in names if n not in removed], "protected": sorted(fixed),
         "criterion": criterion, "scores": {k: (None if v is None else round(v, 6)) for k, v in scores.items()},
-        "config": {s.config_key: pruned.config[s.config_key] for s in STACKS[fam.name]},
+        "config": {s.config_key: pruned.config[s.config_key] for s in fam.stacks},
     }
     return pruned, plan

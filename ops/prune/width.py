@@ -8,8 +8,9 @@ everything from one number, the new head count h': width D' = h' x head_dim, MLP
 that has width D (the residual stream, the conditioning embeddings, the caption / context streams, the
 embedders' hidden layers) shrinks to D'. `--ratio r` removes round(r x heads) heads in every attention.
 
-Coupling: RULES below say, per family, which state-dict tensor dimension belongs to which space ('D:' width D,
-'H:' attention heads, 'F:' MLP units), with chunked dimensions (adaLN's 6 x D modulation) handled as repeats.
+Coupling: each family adapter's `width` (a WidthSpec of rules, formats/families/coupling.py) says which
+state-dict tensor dimension belongs to which space ('D:' width D, 'H:' attention heads, 'F:' MLP units), with
+chunked dimensions (adaLN's 6 x D modulation) handled as repeats.
 Scoring: per channel, the L2 magnitude of every tensor slice that would go with it (each tensor normalized by
 its mean so that large tensors do not dominate) -- or first-order Taylor, (sum of w * dL/dw)^2 on the
 calibration set's denoising loss. Heads score as the sum of their channels. Policy: uniform (every block
@@ -32,164 +33,14 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
 from ditkit.formats.errors import ConfigError, UnsupportedModelError
+from ditkit.formats.families.coupling import WidthSpec
 
 from .calibration import Calibration
 from .rebuild import rebuild
-
-B = r"(?P<b>\d+)"
-WB = r"(weight|bias)"
-
-# (state-dict key regex, dim, space or spaces concatenated along that dim); "{b}" is the regex's block index
-Rule = tuple[str, int, tuple[str, ...]]
-
-
-def _attn(prefix: str, q_in: str, kv_in: str, heads: str, out: str, added: str | None = None) -> list[Rule]:
-    """q/k/v projections -> heads; output projection heads -> `out`; optional joint-attention context side."""
-    rules = [
-        (rf"{prefix}\.to_q\.weight$", 1, (q_in,)),
-        (rf"{prefix}\.to_(k|v)\.weight$", 1, (kv_in,)),
-        (rf"{prefix}\.to_(q|k|v)\.{WB}$", 0, (heads,)),
-        (rf"{prefix}\.to_out\.0\.weight$", 1, (heads,)),
-        (rf"{prefix}\.to_out\.0\.{WB}$", 0, (out,)),
-    ]
-    if added is not None:
-        rules += [
-            (rf"{prefix}\.add_(q|k|v)_proj\.weight$", 1, (added,)),
-            (rf"{prefix}\.add_(q|k|v)_proj\.{WB}$", 0, (heads,)),
-            (rf"{prefix}\.to_add_out\.weight$", 1, (heads,)),
-            (rf"{prefix}\.to_add_out\.{WB}$", 0, (added,)),
-        ]
-    return rules
-
-
-def _ff(prefix: str, io: str, hidden: str) -> list[Rule]:
-    return [
-        (rf"{prefix}\.net\.0\.proj\.weight$", 1, (io,)),
-        (rf"{prefix}\.net\.0\.proj\.{WB}$", 0, (hidden,)),
-        (rf"{prefix}\.net\.2\.weight$", 1, (hidden,)),
-        (rf"{prefix}\.net\.2\.{WB}$", 0, (io,)),
-    ]
-
-
-def _mlp2(prefix: str, hidden: str, out: str) -> list[Rule]:
-    """A two-layer embedder (TimestepEmbedding, PixArtAlphaTextProjection): input width fixed."""
-    return [
-        (rf"{prefix}\.linear_1\.{WB}$", 0, (hidden,)),
-        (rf"{prefix}\.linear_2\.weight$", 1, (hidden,)),
-        (rf"{prefix}\.linear_2\.{WB}$", 0, (out,)),
-    ]
-
-
-def _linear(prefix: str, inp: str | None, out: str | None) -> list[Rule]:
-    rules = []
-    if inp is not None:
-        rules.append((rf"{prefix}\.weight$", 1, (inp,)))
-    if out is not None:
-        rules.append((rf"{prefix}\.{WB}$", 0, (out,)))
-    return rules
-
-
-TB = rf"^transformer_blocks\.{B}"
-SB = rf"^single_transformer_blocks\.{B}"
-
-DIT_RULES: list[Rule] = [
-    *_linear(r"^pos_embed\.proj", None, "D:res"),
-    *_mlp2(rf"{TB}\.norm1\.emb\.timestep_embedder", "D:thid{b}", "D:emb{b}"),
-    (rf"{TB}\.norm1\.emb\.class_embedder\.embedding_table\.weight$", 1, ("D:emb{b}",)),
-    *_linear(rf"{TB}\.norm1\.linear", "D:emb{b}", "D:res"),
-    *_attn(rf"{TB}\.attn1", "D:res", "D:res", "H:attn1.{b}", "D:res"),
-    *_ff(rf"{TB}\.ff", "D:res", "F:ff{b}"),
-    *_linear(r"^proj_out_1", "D:emb0", "D:res"),  # the final adaLN reads block 0's conditioning embedding
-    *_linear(r"^proj_out_2", "D:res", None),
-]
-
-PIXART_RULES: list[Rule] = [
-    *_linear(r"^pos_embed\.proj", None, "D:res"),
-    # the timestep embedding is added to the final (2, D) scale-shift table: it lives in the residual space
-    *_mlp2(r"^adaln_single\.emb\.timestep_embedder", "D:thid", "D:res"),
-    *_linear(r"^adaln_single\.linear", "D:res", "D:res"),
-    *_mlp2(r"^caption_projection", "D:caphid", "D:cap"),
-    (r"^(transformer_blocks\.\d+\.)?scale_shift_table$", 1, ("D:res",)),
-    *_attn(rf"{TB}\.attn1", "D:res", "D:res", "H:attn1.{b}", "D:res"),
-    *_attn(rf"{TB}\.attn2", "D:res", "D:cap", "H:attn2.{b}", "D:res"),
-    *_ff(rf"{TB}\.ff", "D:res", "F:ff{b}"),
-    *_linear(r"^proj_out", "D:res", None),
-]
-
-SD3_RULES: list[Rule] = [
-    *_linear(r"^pos_embed\.proj", None, "D:res"),
-    (r"^pos_embed\.pos_embed$", 2, ("D:res",)),
-    *_mlp2(r"^time_text_embed\.timestep_embedder", "D:thid", "D:cond"),
-    *_mlp2(r"^time_text_embed\.text_embedder", "D:phid", "D:cond"),
-    *_linear(r"^context_embedder", None, "D:ctx"),
-    *_linear(rf"{TB}\.norm1\.linear", "D:cond", "D:res"),
-    *_linear(rf"{TB}\.norm1_context\.linear", "D:cond", "D:ctx"),
-    *_attn(rf"{TB}\.attn", "D:res", "D:res", "H:attn.{b}", "D:res", added="D:ctx"),
-    *_ff(rf"{TB}\.ff", "D:res", "F:ff{b}"),
-    *_ff(rf"{TB}\.ff_context", "D:ctx", "F:ffc{b}"),
-    *_linear(r"^norm_out\.linear", "D:cond", "D:res"),
-    *_linear(r"^proj_out", "D:res", None),
-]
-
-# Flux's single-stream blocks run text and image tokens as one sequence: the context stream is the residual
-FLUX_RULES: list[Rule] = [
-    *_linear(r"^x_embedder", None, "D:res"),
-    *_linear(r"^context_embedder", None, "D:res"),
-    *_mlp2(r"^time_text_embed\.timestep_embedder", "D:thid", "D:cond"),
-    *_mlp2(r"^time_text_embed\.guidance_embedder", "D:ghid", "D:cond"),
-    *_mlp2(r"^time_text_embed\.text_embedder", "D:phid", "D:cond"),
-    *_linear(rf"{TB}\.norm1(_context)?\.linear", "D:cond", "D:res"),
-    *_attn(rf"{TB}\.attn", "D:res", "D:res", "H:attn.{b}", "D:res", added="D:res"),
-    *_ff(rf"{TB}\.ff", "D:res", "F:ff{b}"),
-    *_ff(rf"{TB}\.ff_context", "D:res", "F:ffc{b}"),
-    *_linear(rf"{SB}\.norm\.linear", "D:cond", "D:res"),
-    *_linear(rf"{SB}\.proj_mlp", "D:res", "F:sff{b}"),
-    (rf"{SB}\.attn\.to_(q|k|v)\.weight$", 1, ("D:res",)),
-    (rf"{SB}\.attn\.to_(q|k|v)\.{WB}$", 0, ("H:sattn.{b}",)),
-    (rf"{SB}\.proj_out\.weight$", 1, ("H:sattn.{b}", "F:sff{b}")),  # cat(attention, MLP) -> D
-    (rf"{SB}\.proj_out\.{WB}$", 0, ("D:res",)),
-    *_linear(r"^norm_out\.linear", "D:cond", "D:res"),
-    *_linear(r"^proj_out", "D:res", None),
-]
-
-
-def _no_variants(tr) -> str | None:
-    return None
-
-
-def _pixart_variants(tr) -> str | None:
-    if getattr(tr, "use_additional_conditions", False):
-        return "PixArt models with resolution / aspect-ratio embeddings (PixArt-alpha 1024) split D into thirds"
-    return None
-
-
-def _sd3_variants(tr) -> str | None:
-    if tr.config.get("dual_attention_layers"):
-        return "SD3.5 blocks with a second attention (dual_attention_layers)"
-    return None
-
-
-@dataclass(frozen=True)
-class WidthSpec:
-    rules: list[Rule]
-    sincos_residual: bool  # the position table is recomputed from the width on load (DiT, PixArt)
-    config: Callable[[int], dict]  # new width D' -> config fields besides num_attention_heads
-    unsupported: Callable = _no_variants  # tr -> reason a variant cannot be width-pruned, or None
-
-
-SPECS: dict[str, WidthSpec] = {
-    "dit": WidthSpec(DIT_RULES, True, lambda d: {}),
-    "pixart": WidthSpec(PIXART_RULES, True, lambda d: {"cross_attention_dim": d}, _pixart_variants),
-    "sd3": WidthSpec(SD3_RULES, False, lambda d: {"caption_projection_dim": d}, _sd3_variants),
-    "flux": WidthSpec(FLUX_RULES, False, lambda d: {}),
-}
-
-MLP_MULT = 4  # FeedForward(mult=4) and Flux's mlp_ratio=4.0: the hidden width diffusers builds from D
 
 
 # -- coupling ------------------------------------------------------------------------------------------
@@ -214,11 +65,11 @@ def members(spec: WidthSpec, state: dict) -> list[Member]:
     return out
 
 
-def space_sizes(tr) -> dict[str, int]:
+def space_sizes(spec: WidthSpec, tr) -> dict[str, int]:
     """Channels per space kind before pruning."""
     c = tr.config
     d = c.num_attention_heads * c.attention_head_dim
-    return {"D": d, "H": d, "F": MLP_MULT * d}
+    return {"D": d, "H": d, "F": spec.mlp_mult * d}
 
 
 def _segments(m: Member, dim_size: int, sizes: dict[str, int]) -> list[tuple[str, int, int]]:
@@ -341,10 +192,10 @@ def new_heads(heads: int, ratio: float) -> int:
 def check(bundle, cfg) -> tuple[WidthSpec, int]:
     """(the family's spec, the new head count); rejects what cannot be width-pruned before any work."""
     fam, tr = bundle.family, bundle.transformer
-    spec = SPECS.get(fam.name)
+    spec = fam.width
     if spec is None:
         raise UnsupportedModelError(f"width pruning does not support the {fam.name} family; use --method depth")
-    why = spec.unsupported(tr)
+    why = fam.width_unsupported(tr)
     if why:
         raise UnsupportedModelError(f"width pruning of {fam.name}: {why} are not supported; use --method depth")
     heads, hd = tr.config.num_attention_heads, tr.config.attention_head_dim
@@ -362,11 +213,12 @@ def run(bundle, cfg, calib: Calibration, say=None):
     heads, hd = tr.config.num_attention_heads, tr.config.attention_head_dim
     d, d_new = heads * hd, h_new * hd
     state = tr.state_dict()
-    sizes = space_sizes(tr)
+    sizes = space_sizes(spec, tr)
+    mult = spec.mlp_mult
     mems = members(spec, state)
     grads = taylor_grads(bundle, calib) if cfg.importance == "taylor" else None
     scores = channel_scores(state, mems, sizes, grads)
-    target = {"D": d_new, "F": MLP_MULT * d_new, "H": h_new}
+    target = {"D": d_new, "F": mult * d_new, "H": h_new}
     keep: dict[str, torch.Tensor] = {}
     for space, s in scores.items():
         kind = space[0]
@@ -385,13 +237,13 @@ def run(bundle, cfg, calib: Calibration, say=None):
         return [i for i in range(total) if i not in k]
 
     plan = {
-        "heads": [heads, h_new], "head_dim": hd, "width": [d, d_new], "mlp_hidden": [MLP_MULT * d, MLP_MULT * d_new],
+        "heads": [heads, h_new], "head_dim": hd, "width": [d, d_new], "mlp_hidden": [mult * d, mult * d_new],
         "importance": cfg.importance, "scope": "uniform",
         "residual_channels": "sin-cos frequency-aligned (position table recomputed on load)"
         if spec.sincos_residual else cfg.importance,
         "config": updates,
         "removed_heads": {s[2:]: removed(s, heads) for s in sorted(keep) if s.startswith("H:")},
-        "removed_mlp_units": {s[2:]: removed(s, MLP_MULT * d) for s in sorted(keep) if s.startswith("F:")},
+        "removed_mlp_units": {s[2:]: removed(s, mult * d) for s in sorted(keep) if s.startswith("F:")},
         "removed_channels": {s[2:]: removed(s, d) for s in sorted(keep) if s.startswith("D:")},
     }
     return pruned, plan

@@ -1,7 +1,7 @@
 """quantize(bundle, QuantizeConfig) -> (bundle, QuantizeReport): int8, 4-bit and fp8 transformers.
 
-Schemes live in QUANT_SCHEMES; each maps nn.Linear to a quantized *kind* (KINDS: how a module is
-made, written as plain tensors, and rebuilt; see base.py). What is not quantized by the scheme:
+Schemes live in QUANT_SCHEMES; each maps nn.Linear to a quantized *kind* (ditkit.nn.quantized.KINDS: how
+a module is made, written as plain tensors, and rebuilt). What is not quantized by the scheme:
   - the family's sensitive layers (Family.is_full_precision: patch and timestep embeddings, label
     tables, the final projection). Those outside the blocks stay fp32. Those inside the blocks are
     per-block copies (diffusers' DiT repeats its timestep MLP and its 1001-row label table in every
@@ -30,13 +30,11 @@ from torch import nn
 from ditkit.formats.errors import ConfigError, HardwareError, UnsupportedModelError, choice_error
 from ditkit.formats.quantized import SCHEME_ATTR, is_quantized
 
-from ..runtime import DTYPES, resolve_device
-from . import bnb, calibration, fp8, torch_dynamic, weight_only
-from .base import KERNEL_ATTR, Kind, memory_bytes
+from ditkit.nn.quantized import KERNEL_ATTR, KINDS, bnb, fp8, torch_dynamic, weight_only
 
-KINDS: dict[str, Kind] = {k.name: k for k in (
-    torch_dynamic.KIND_INT8_DYNAMIC, weight_only.KIND_INT8_WEIGHT, weight_only.KIND_INT8_EMBEDDING,
-    bnb.KIND_BNB_INT8, bnb.KIND_BNB_4BIT, fp8.KIND_FP8)}
+from ..runtime import DTYPES, resolve_device
+from . import calibration
+from .base import memory_bytes
 
 MODULATION = ("quantize", "keep")
 SENSITIVE = ("int8-in-blocks", "fp32")

@@ -67,7 +67,7 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
 
-    from ditkit.formats.bundle import load_bundle
+    from ditkit.formats.layouts import load_bundle
     from ditkit.formats.judge import save_judge
     from ditkit.ops.judge import Judge, feature_stats, judge_features
 

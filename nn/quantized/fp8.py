@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ditkit.ops.runtime import DTYPES
+from ditkit.nn.dtypes import DTYPES
 
 from .base import Kind, float_bias, linear_spec, tag
 

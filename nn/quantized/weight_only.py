@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ditkit.ops.runtime import DTYPES
+from ditkit.nn.dtypes import DTYPES
 
 from .base import Kind, float_bias, int8_rows, linear_spec, tag
 
