@@ -29,11 +29,9 @@ BIN = Path(sys.executable).parent
 
 
 def _load(src=None, device="cuda", dtype=torch.float32):
-    """An embedded model or a checkpoint, through ditkit's own loader (wherever formats keeps it)."""
-    try:
-        from ditkit.formats.bundle import load_bundle
-    except ImportError:  # the loader moved beside the layouts
-        from ditkit.formats.layouts import load_bundle
+    """An embedded model or a checkpoint, through ditkit's own loader."""
+    from ditkit.formats.layouts import load_bundle
+
     return load_bundle(src, device=device, dtype=dtype)
 
 
@@ -91,7 +89,7 @@ def _quantize(scheme: str, **kw):
 
 
 def test_int8_dynamic_runs_int_mm():
-    from ditkit.ops.quantize.torch_dynamic import Int8MMLinear
+    from ditkit.nn.quantized.torch_dynamic import Int8MMLinear
 
     out, report = _quantize("int8-dynamic")
     assert report.device.startswith("cuda")
@@ -107,7 +105,7 @@ def test_int_mm_layer_matches_dequantized_reference():
     import torch.nn.functional as F
 
     from ditkit.ops.quantize.base import sqnr_db
-    from ditkit.ops.quantize.torch_dynamic import Int8MMLinear, make
+    from ditkit.nn.quantized.torch_dynamic import Int8MMLinear, make
 
     torch.manual_seed(0)
     lin = torch.nn.Linear(1152, 4608).cuda()
@@ -130,7 +128,7 @@ def test_fp8_scaled_mm():
     cc = _capability()
     if cc < (8, 9):
         pytest.skip(f"fp8 needs compute capability >= 8.9; {torch.cuda.get_device_name(0)} has {cc[0]}.{cc[1]}")
-    from ditkit.ops.quantize.fp8 import Fp8Linear
+    from ditkit.nn.quantized.fp8 import Fp8Linear
 
     out, report = _quantize("fp8")
     mods = [m for m in out.transformer.modules() if isinstance(m, Fp8Linear)]
@@ -141,7 +139,7 @@ def test_fp8_scaled_mm():
 
 
 def test_fp8_refused_below_capability_8_9():
-    from ditkit.ops.quantize.fp8 import check_device
+    from ditkit.nn.quantized.fp8 import check_device
 
     why = check_device("cuda")
     if _capability() >= (8, 9):

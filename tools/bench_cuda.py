@@ -24,6 +24,7 @@ import datetime
 import json
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -286,8 +287,13 @@ def make_wheels(out: Path) -> int:
         old.unlink()
     subprocess.run([PY, "-m", "pip", "download", "-q", "--no-deps", *WHEEL_PLATFORM, "-d", str(out), *WHEELS],
                    check=True)
-    subprocess.run([PY, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(out), str(ROOT)],
-                   check=True)
+    # setuptools stages the package in build/ and reuses it: a module moved since the last build would stay in it
+    shutil.rmtree(ROOT / "build", ignore_errors=True)
+    try:
+        subprocess.run([PY, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(out), str(ROOT)],
+                       check=True)
+    finally:
+        shutil.rmtree(ROOT / "build", ignore_errors=True)
     for w in out.glob("bitsandbytes-*.whl"):
         slim_bnb(w)
     tree = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
