@@ -259,6 +259,8 @@ def test_cuda_peak_memory_is_the_allocators():
 def test_two_process_nccl_generate_equals_one(tmp_path, cli):
     if torch.cuda.device_count() < 2:
         pytest.skip(f"needs 2 CUDA devices for a 2-process NCCL run; this machine has {torch.cuda.device_count()}")
+    # --device cuda on every rank: ops.distributed must give each rank its own GPU (LOCAL_RANK); NCCL refuses
+    # two ranks on one device, so this test is what shows whether it does
     args = ["tiny-digits", "--labels", "0,1,2,3,4,5,6,7,8,9", "--num-images", "20", "--batch-size", "5",
             "--device", "cuda", "--force"]
     one = cli("generate", *args, "-o", tmp_path / "one", "--json")
