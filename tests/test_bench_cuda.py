@@ -122,7 +122,7 @@ def test_gpu_tests_collect_and_skip_with_reason():
     p = subprocess.run([sys.executable, "-m", "pytest", "-m", "gpu", "-rs", "-q", "-p", "no:cacheprovider",
                         str(ROOT / "tests" / "test_gpu.py")], capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert p.returncode == 0, p.stdout[-2000:]
-    skips = re.findall(r"^SKIPPED \[(\d+)\] .*: (.*)$", p.stdout, flags=re.M)
+    skips = re.findall(r"^SKIPPED \[(\d+)\] [^:]+:\d+: (.*)$", p.stdout, flags=re.M)
     assert skips and all("no CUDA device" in why for _, why in skips), p.stdout
     assert sum(int(n) for n, _ in skips) >= 15
     assert re.search(r"(\d+) skipped", p.stdout)
