@@ -138,3 +138,22 @@ def test_pixart_1024_shape():
     c = m.config
     assert (c.sample_size // c.patch_size) ** 2 == 4096 and c.num_layers == 28 and c.use_additional_conditions
     assert 600e6 < sum(p.numel() for p in m.parameters()) < 620e6
+
+
+def test_driver_reports_every_step(tmp_path, monkeypatch):
+    """The run loop, on CPU with stand-in steps: a pass, a failure, a step needing the failure, one over budget."""
+    py = sys.executable
+    steps = [bench_cuda.Step("ok", 20, [py, "-c", "print('fine')"], "passes"),
+             bench_cuda.Step("bad", 20, [py, "-c", "import sys; sys.exit(2)"], "fails"),
+             bench_cuda.Step("after-bad", 20, [py, "-c", "print('never')"], "needs bad", needs=["bad"]),
+             bench_cuda.Step("slow", 1, [py, "-c", "import time; time.sleep(30)"], "over budget")]
+    monkeypatch.setattr(bench_cuda, "plan", lambda work, wheels, install=True: steps)
+    code = bench_cuda.main(["--out", str(tmp_path / "out"), "--work", str(tmp_path / "work"), "--no-install"])
+    assert code == 1  # a step failed
+    doc = __import__("json").loads((tmp_path / "out" / "results.json").read_text())
+    got = {s["name"]: (s["status"], s["note"]) for s in doc["steps"]}
+    assert got == {"ok": ("passed", ""), "bad": ("failed", "exit 2"), "after-bad": ("skipped", "needs bad"),
+                   "slow": ("timed out", "killed at its 1 s budget")}
+    md = (tmp_path / "out" / "bench-cuda.md").read_text()
+    assert "| slow | 1 s | timed out |" in md and "Not benched:" in md
+    assert "fine" in (tmp_path / "out" / "bench-cuda.log").read_text()
