@@ -1,27 +1,17 @@
 """ditkit bench: time and judge variants against their base, side by side, with quality gates for CI."""
 from __future__ import annotations
 
-import sys
+from functools import partial
 from pathlib import Path
 from typing import Annotated, Optional
 
-import torch
 import typer
 
-from ditkit.formats.atomic import check_output
-from ditkit.formats.layouts import load_bundle
-from ditkit.formats.embeddings import load_embeddings
 from ditkit.formats.errors import ConfigError, QualityGateError
-from ditkit.ops import distributed, memory
-from ditkit.ops.bench import BenchConfig, bench, describe_failures
-from ditkit.ops.runtime import resolve_device, resolve_dtype
 
-from . import bench_render, output
-from .generate import parse_ints, read_prompts
-from .options import ConfigOpt, DeviceOpt, DtypeOpt, FamilyOpt, ForceOpt, JsonOpt, SeedOpt
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)  # the current stderr (output.err keeps the one it was built with)
+from .options import (ConfigOpt, DeviceOpt, DtypeOpt, EmbeddingsOpt, FamilyOpt, ForceOpt, JsonOpt, LabelsOpt,
+                      PromptOpt, PromptsFileOpt, SeedOpt, ThreadsOpt, parse_ints, read_prompts)
+from .run import Common, Run, log, run_op
 
 
 def bench_cmd(
@@ -32,10 +22,10 @@ def bench_cmd(
     steps: Annotated[Optional[int], typer.Option(help="End-to-end steps for every model (default: each its own).")] = None,
     sampler: Annotated[Optional[str], typer.Option(help="Sampler for every model (default: each its own).")] = None,
     num_images: Annotated[int, typer.Option(help="Quality images per model, on identical seeds; 0 skips quality.")] = 100,
-    labels: Annotated[Optional[str], typer.Option(help="Class ids, comma-separated (dit).")] = None,
-    prompt: Annotated[Optional[list[str]], typer.Option(help="A prompt (repeatable; text families).")] = None,
-    prompts_file: Annotated[Optional[Path], typer.Option(help="A file with one prompt per line.")] = None,
-    embeddings: Annotated[Optional[Path], typer.Option(help="Precomputed text embeddings (.safetensors).")] = None,
+    labels: LabelsOpt = None,
+    prompt: PromptOpt = None,
+    prompts_file: PromptsFileOpt = None,
+    embeddings: EmbeddingsOpt = None,
     seed: SeedOpt = 0,
     warmup: Annotated[int, typer.Option(help="Untimed interleaved rounds before the per-step repeats.")] = 3,
     repeats: Annotated[int, typer.Option(help="Timed per-step rounds (median and p90).")] = 20,
@@ -48,7 +38,7 @@ def bench_cmd(
     max_fd_ratio: Annotated[Optional[float], typer.Option(
         help="Gate: variant judge FD / base judge FD <= R (needs a judge).")] = None,
     min_psnr: Annotated[Optional[float], typer.Option(help="Gate: PSNR of each variant's images vs the base's >= P dB.")] = None,
-    threads: Annotated[Optional[int], typer.Option(help="CPU threads for torch (default: torch's own).")] = None,
+    threads: ThreadsOpt = None,
     device: DeviceOpt = "cpu",
     dtype: DtypeOpt = "fp32",
     family: FamilyOpt = None,
@@ -62,6 +52,9 @@ def bench_cmd(
 
     Exits 1 (after printing the full report) when any variant misses a --min-*/--max-* gate.
     """
+    from ditkit.ops.bench import BenchConfig
+    from ditkit.ops.runtime import resolve_device
+
     if json_ and markdown:
         raise ConfigError("--json and --markdown both print the report on stdout; choose one")
     cfg = BenchConfig(batch_sizes=parse_ints(batch_sizes, "--batch-sizes") or [], steps=steps, sampler=sampler,
@@ -70,35 +63,48 @@ def bench_cmd(
                       warmup=warmup, repeats=repeats, image_repeats=image_repeats, device=resolve_device(device),
                       dtype=dtype, min_speedup=min_speedup, max_accuracy_drop=max_accuracy_drop,
                       max_fd_ratio=max_fd_ratio, min_psnr=min_psnr)
-    if threads is not None and threads < 1:
-        raise ConfigError(f"--threads must be >= 1 (got {threads})")
-    if plot is not None and distributed.world()[0] == 0:
-        check_output(plot, force)
-    torch_dtype = resolve_dtype(dtype, cfg.device)
-    memory.check(memory.load_estimate(*(models or [None]), dtype=torch_dtype), cfg.device, force, log)
-    bundles = [load_bundle(m, family=family, config=config, device=cfg.device, dtype=torch_dtype)
-               for m in (models or [None])]
+    common = Common(family=family, config=config, dtype=dtype, force=force, json_=json_, threads=threads)
+    run_op(common, partial(op, embeddings), cfg, name="bench", sources=models or [None], outputs=[plot],
+           inputs=[prompts_file, embeddings], device=cfg.device, estimate=partial(estimate, cfg),
+           write=partial(write, plot), show=partial(show, markdown), gate=gate, distributed=True, lineage=False)
+
+
+def estimate(cfg, bundles):
+    """Weights of every model + the activations of the biggest batch bench will run."""
+    from ditkit.ops import memory
+
     biggest = max(cfg.batch_sizes + ([min(cfg.quality_batch_size, cfg.num_images)] if cfg.num_images else []))
-    memory.check(memory.inference_estimate("bench", bundles, biggest), cfg.device, force, log)
-    emb = load_embeddings(embeddings) if embeddings else None
-    threads_before = torch.get_num_threads()
-    try:
-        torch.set_num_threads(threads or threads_before)
-        with distributed.process_group(cfg.device):
-            _, report = bench(bundles, cfg, emb, log=log)
-    finally:
-        torch.set_num_threads(threads_before)
-    if report is None:
-        return  # not rank 0: rank 0 times and reports
+    return memory.inference_estimate("bench", bundles, biggest)
+
+
+def op(embeddings: Path | None, bundles: list, cfg):
+    from ditkit.formats.embeddings import load_embeddings
+    from ditkit.ops.bench import bench
+
+    return bench(bundles, cfg, load_embeddings(embeddings) if embeddings else None, log=log)
+
+
+def write(plot: Path | None, run: Run, _, report) -> dict:
     doc = report.to_dict()
-    if json_:
-        output.print_json(doc)
-    elif markdown:
+    if plot is not None:
+        from . import bench_render
+
+        bench_render.plot(doc, plot)
+        log(f"plot -> {plot}")
+    return doc
+
+
+def show(markdown: bool, doc: dict) -> None:
+    from . import bench_render
+
+    if markdown:
         print(bench_render.markdown(doc))
     else:
         bench_render.print_tables(doc)
-    if plot is not None:
-        bench_render.plot(doc, plot)
-        log(f"plot -> {plot}")
+
+
+def gate(report) -> None:
+    from ditkit.ops.bench import describe_failures
+
     if not report.passed:
         raise QualityGateError(describe_failures(report))

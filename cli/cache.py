@@ -1,19 +1,14 @@
 """ditkit cache: calibrate which blocks to reuse at which steps, and write the policy into a new bundle."""
 from __future__ import annotations
 
-import sys
+from functools import partial
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from ditkit.formats.atomic import check_output
-from ditkit.formats.layouts import load_bundle, save_bundle
-from ditkit.formats.manifest import new_manifest
-from ditkit.ops.cache import CacheConfig, cache
-
-from . import output
-from .options import ConfigOpt, FamilyOpt, ForceOpt, JsonOpt, ModelArg, OutOpt, SeedOpt
+from .options import ConfigOpt, FamilyOpt, ForceOpt, JsonOpt, ModelArg, OutOpt, SeedOpt, ThreadsOpt
+from .run import Common, Run, log, run_op
 
 
 def cache_cmd(
@@ -28,25 +23,36 @@ def cache_cmd(
     seed: SeedOpt = 1234,
     family: FamilyOpt = None,
     config: ConfigOpt = None,
+    threads: ThreadsOpt = None,
     force: ForceOpt = False,
     json_: JsonOpt = False,
 ):
     """Calibrate training-free step caching (reuse blocks' residuals from the previous full step); weights unchanged."""
+    from ditkit.ops.cache import CacheConfig
+
     cfg = CacheConfig(target_speedup=target_speedup, images=images, steps=steps, sampler=sampler, guidance=guidance,
                       seed=seed)
-    check_output(out, force, inputs=(Path(src),) if src else ())
-    bundle = load_bundle(src, family=family, config=config)
-    parent = bundle.parent_record()
-    print(f"calibrating on {cfg.images} seeded trajectories (target {cfg.target_speedup}x)", file=sys.stderr, flush=True)
-    bundle, report = cache(bundle, cfg)
-    manifest = new_manifest(family=bundle.family.name, op="cache", config=cfg.to_dict(), report=report.to_dict(),
-                            parent=parent, defaults=bundle.manifest.get("defaults"))
-    manifest["cache"] = bundle.manifest["cache"]
-    save_bundle(bundle, out, manifest, force=force)
-    doc = {"out": str(out), **report.to_dict()}
-    if json_:
-        output.print_json(doc)
-    else:
-        doc.pop("rounds")
-        doc["policy"] = " ".join("-" if r is None else f"{r[0]}:{r[1]}" for r in report.policy["skip"])
-        output.print_kv(f"cache -> {out}", doc)
+    common = Common(src, family=family, config=config, force=force, json_=json_, threads=threads)
+    run_op(common, calibrate, cfg, name="cache", outputs=[out], write=partial(write, out), rows=rows,
+           title=f"cache -> {out}")
+
+
+def calibrate(bundle, cfg):
+    from ditkit.ops.cache import cache
+
+    log(f"calibrating on {cfg.images} seeded trajectories (target {cfg.target_speedup}x)")
+    return cache(bundle, cfg)
+
+
+def write(out: Path, run: Run, bundle, report) -> dict:
+    from ditkit.formats.layouts import save_bundle
+
+    manifest = {**run.manifest(report), "cache": bundle.manifest["cache"]}
+    save_bundle(bundle, out, manifest, force=run.common.force)
+    return {"out": str(out), **report.to_dict()}
+
+
+def rows(doc: dict) -> dict:
+    rows = {k: v for k, v in doc.items() if k != "rounds"}
+    rows["policy"] = " ".join("-" if r is None else f"{r[0]}:{r[1]}" for r in doc["policy"]["skip"])
+    return rows

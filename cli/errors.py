@@ -9,6 +9,7 @@ try:  # typer >= 0.2x ships its own copy of click
 except ImportError:  # pragma: no cover - older typer uses click itself
     from click import exceptions as click_exceptions
 
+from ditkit.formats.atomic import SignalInterrupt, disk_full_error
 from ditkit.formats.errors import (ConfigError, DitkitError, FormatError, HardwareError, Interrupted,
                                    OutputExistsError, QualityGateError, UnsupportedModelError)
 
@@ -26,6 +27,7 @@ EXIT_CODES: dict[type, int] = {
     OutputExistsError: EXIT_INPUT,
     HardwareError: EXIT_INPUT,
     Interrupted: EXIT_INTERRUPTED,
+    SignalInterrupt: EXIT_INTERRUPTED,  # SIGINT/SIGTERM outside a training loop: every cleanup ran
     KeyboardInterrupt: EXIT_INTERRUPTED,  # Ctrl-C outside a handler: atomic outputs were rolled back
     click_exceptions.UsageError: EXIT_INPUT,
 }
@@ -38,8 +40,12 @@ def exit_code(err: BaseException) -> int:
     return EXIT_INTERNAL
 
 
-def one_line(text: str) -> str:
-    return " ".join(str(text).split())
+MAX_LINE = 300  # characters of an error line: a value echoed from a file (a 1 MB caption) is cut, not printed whole
+
+
+def one_line(text: str, limit: int = MAX_LINE) -> str:
+    line = " ".join(str(text).split())
+    return line if len(line) <= limit else line[:limit - 3] + "..."
 
 
 def report_error(err: BaseException) -> int:
@@ -48,10 +54,11 @@ def report_error(err: BaseException) -> int:
         import traceback
 
         traceback.print_exception(err)
+    err = disk_full_error(err) or err  # ENOSPC/EDQUOT anywhere is bad input (exit 2), not a bug
     code = exit_code(err)
     if isinstance(err, click_exceptions.UsageError):
         msg = err.format_message()
-    elif isinstance(err, DitkitError):
+    elif isinstance(err, (DitkitError, SignalInterrupt)):
         msg = str(err)
     elif isinstance(err, KeyboardInterrupt):
         msg = "interrupted (SIGINT); outputs are written atomically, so nothing half-written was left"

@@ -5,11 +5,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from ditkit.formats.layouts import load_bundle
-from ditkit.ops.info import InfoConfig, info
-
-from . import output
-from .options import ConfigOpt, FamilyOpt, JsonOpt, ModelArg
+from .options import ConfigOpt, FamilyOpt, JsonOpt, ModelArg, ThreadsOpt
+from .run import Common, run_op
 
 
 def info_cmd(
@@ -19,12 +16,12 @@ def info_cmd(
     batch: Annotated[int, typer.Option(help="Batch size for the FLOP count.")] = 1,
     family: FamilyOpt = None,
     config: ConfigOpt = None,
+    threads: ThreadsOpt = None,
     json_: JsonOpt = False,
 ):
     """Family, path, parameters, bytes on disk, FLOPs per denoising step, lineage."""
-    cfg = InfoConfig(height=height, width=width, batch=batch)
-    _, report = info(load_bundle(src, family=family, config=config), cfg)
-    if json_:
-        output.print_json(report.to_dict())
-    else:
-        output.print_kv(f"info: {report.path}", report.to_dict())
+    from ditkit.ops.info import InfoConfig, info
+
+    common = Common(src, family=family, config=config, json_=json_, threads=threads)
+    run_op(common, info, InfoConfig(height=height, width=width, batch=batch), name="info",
+           title=lambda doc: f"info: {doc['path']}")

@@ -1,31 +1,20 @@
 """ditkit prune: depth, width, magnitude and 2:4 pruning, saved as a reloadable bundle."""
 from __future__ import annotations
 
-import sys
+from functools import partial
 from pathlib import Path
 from typing import Annotated, Optional
 
-import torch
 import typer
 
-from ditkit.formats.atomic import check_output
-from ditkit.formats.layouts import load_bundle, resolve_source, save_bundle
-from ditkit.formats.embeddings import load_embeddings
 from ditkit.formats.errors import ConfigError, choice_error
-from ditkit.formats.families import get_family
-from ditkit.formats.manifest import new_manifest
-from ditkit.ops.prune import IMPORTANCE, PRUNE_METHODS, SCOPES, PruneConfig, prune
-from ditkit.ops.runtime import resolve_device, resolve_dtype
+from ditkit.ops.prune import IMPORTANCE, PRUNE_METHODS, SCOPES, PruneConfig
 
-from . import output
-from .generate import parse_ints
-from .options import (ConfigOpt, DeviceOpt, DryRunOpt, DtypeOpt, FamilyOpt, ForceOpt, JsonOpt, ModelArg, SeedOpt)
+from .options import (ConfigOpt, DeviceOpt, DryRunOpt, DtypeOpt, FamilyOpt, ForceOpt, JsonOpt, ModelArg,
+                      OptionalOutOpt, SeedOpt, ThreadsOpt, parse_ints)
+from .run import Common, Run, log, run_op
 
 METHOD_HELP = "; ".join(f"{name}: {m.help}" for name, m in PRUNE_METHODS.items())
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)  # talk; resolved at call time (works under captured stderr)
 
 
 def summary(report: dict) -> dict:
@@ -57,7 +46,7 @@ def summary(report: dict) -> dict:
 
 def prune_cmd(
     src: ModelArg = None,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output directory (written atomically).")] = None,
+    out: OptionalOutOpt = None,
     method: Annotated[Optional[str], typer.Option(help=f"Pruning method. {METHOD_HELP}.")] = None,
     ratio: Annotated[Optional[float], typer.Option(help="depth: fraction of blocks removed (0.5); width: fraction "
                                                         "of attention heads removed (0.3).")] = None,
@@ -74,8 +63,7 @@ def prune_cmd(
     timing_batch: Annotated[int, typer.Option(help="Batch of the per-step latency measurement.")] = 2,
     timing_repeats: Annotated[int, typer.Option(help="Interleaved repeats of the latency measurement.")] = 5,
     no_timing: Annotated[bool, typer.Option("--no-timing", help="Skip the latency measurement.")] = False,
-    threads: Annotated[Optional[int], typer.Option(help="CPU threads for torch (default: torch's own; with 1, the "
-                                                        "latency ratio is one of CPU times, steady on a busy machine).")] = None,
+    threads: ThreadsOpt = None,
     seed: SeedOpt = 0,
     device: DeviceOpt = "cpu",
     dtype: DtypeOpt = "fp32",
@@ -86,25 +74,43 @@ def prune_cmd(
     json_: JsonOpt = False,
 ):
     """Prune a transformer (depth, width, magnitude, 2:4) and save it as a bundle that records what was removed."""
-    if method is None:
-        raise ConfigError(f"--method is required, choose one of: {', '.join(PRUNE_METHODS)}")
-    if method not in PRUNE_METHODS:
-        raise choice_error("method", method, PRUNE_METHODS)
-    device = resolve_device(device)
+    from ditkit.ops.runtime import resolve_device
+
+    method, device = check_method(method), resolve_device(device)
     cfg = PruneConfig(method=method, ratio=ratio, keep=keep, blocks=parse_ints(blocks, "--blocks"),
                       sparsity=sparsity, scope=scope, importance=importance, calib_samples=calib_samples,
                       calib_steps=calib_steps, calib_points=calib_points, seed=seed,
                       timing=not (dry_run or no_timing), timing_batch=timing_batch, timing_repeats=timing_repeats,
                       device=device)
-    if threads is not None and threads < 1:
-        raise ConfigError(f"--threads must be >= 1 (got {threads})")
-    if family is not None:
-        get_family(family)
-    if not dry_run:
-        if out is None:
-            raise ConfigError("prune needs -o OUT (or --dry-run to print the plan only)")
-        check_output(out, force, inputs=(resolve_source(src),))
-    bundle = load_bundle(src, family=family, config=config, device=device, dtype=resolve_dtype(dtype, device))
+    common = Common(src, family=family, config=config, device=device, dtype=dtype, force=force, json_=json_,
+                    threads=threads)
+    check_plan(common, out, dry_run)
+    run_op(common, partial(op, family, embeddings), cfg, name="prune", outputs=[] if dry_run else [out],
+           inputs=[embeddings], device=device, write=partial(write, out, dry_run), rows=summary,
+           title=f"prune {'(dry run)' if dry_run else '-> ' + str(out)}")
+
+
+def check_method(method: str | None) -> str:
+    if method is None:
+        raise ConfigError(f"--method is required, choose one of: {', '.join(PRUNE_METHODS)}")
+    if method not in PRUNE_METHODS:
+        raise choice_error("method", method, PRUNE_METHODS)
+    return method
+
+
+def check_plan(common: Common, out: Path | None, dry_run: bool) -> None:
+    from ditkit.formats.families import get_family
+
+    if common.family is not None:
+        get_family(common.family)
+    if not dry_run and out is None:
+        raise ConfigError("prune needs -o OUT (or --dry-run to print the plan only)")
+
+
+def op(family: str | None, embeddings: Path | None, bundle, cfg):
+    from ditkit.formats.embeddings import load_embeddings
+    from ditkit.ops.prune import prune
+
     if family is not None and bundle.family.name != family:
         raise ConfigError(f"--family {family} does not match the checkpoint, which is {bundle.family.name}; "
                           "drop --family")
@@ -113,20 +119,14 @@ def prune_cmd(
         if bundle.family.conditioning != "text":
             raise ConfigError(f"--embeddings is for text families; {bundle.family.name} is class-conditional")
         emb = load_embeddings(embeddings)
-    threads_before = torch.get_num_threads()
-    try:
-        torch.set_num_threads(threads or threads_before)
-        pruned, report = prune(bundle, cfg, emb, log=log)
-    finally:
-        torch.set_num_threads(threads_before)
-    doc = {"out": None if dry_run else str(out), "dry_run": dry_run, **report.to_dict()}
-    if not dry_run:
-        manifest = new_manifest(family=bundle.family.name, op="prune", config=cfg.to_dict(), report=report.to_dict(),
-                                parent=bundle.parent_record(), device=device, defaults=bundle.defaults())
-        save_bundle(pruned, out, manifest, force=force)
-    else:
+    return prune(bundle, cfg, emb, log=log)
+
+
+def write(out: Path | None, dry_run: bool, run: Run, pruned, report) -> dict:
+    from ditkit.formats.layouts import save_bundle
+
+    if dry_run:
         log("dry run: nothing was written")
-    if json_:
-        output.print_json(doc)
     else:
-        output.print_kv(f"prune {'(dry run)' if dry_run else '-> ' + str(out)}", summary(doc))
+        save_bundle(pruned, out, run.manifest(report), force=run.common.force)
+    return {"out": None if dry_run else str(out), "dry_run": dry_run, **report.to_dict()}

@@ -1,19 +1,16 @@
 """ditkit quantize: int8 / 4-bit / fp8 variants that reload, with their size, kernels and measured error."""
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from ditkit.formats.layouts import save_quantized
-from ditkit.formats.atomic import check_output
-from ditkit.formats.layouts import load_bundle
-from ditkit.formats.manifest import new_manifest
 from ditkit.ops.quantize import QUANT_SCHEMES, QuantizeConfig, check_hardware, quantize
 
-from . import output
-from .options import ConfigOpt, DeviceOpt, FamilyOpt, ForceOpt, JsonOpt, ModelArg, OutOpt, SeedOpt
+from .options import ConfigOpt, DeviceOpt, FamilyOpt, ForceOpt, JsonOpt, ModelArg, OutOpt, SeedOpt, ThreadsOpt
+from .run import Common, Run, log, run_op
 
 SchemeOpt = Annotated[str, typer.Option("--scheme", help="One of: " + ", ".join(
     f"{n} ({s.doc})" for n, s in QUANT_SCHEMES.items()) + ".")]
@@ -38,6 +35,7 @@ def quantize_cmd(
     device: DeviceOpt = "cpu",
     family: FamilyOpt = None,
     config: ConfigOpt = None,
+    threads: ThreadsOpt = None,
     force: ForceOpt = False,
     json_: JsonOpt = False,
 ):
@@ -46,22 +44,21 @@ def quantize_cmd(
                          compute_dtype=compute_dtype, device=device, calib_batches=calib_batches,
                          calib_batch_size=calib_batch_size, seed=seed)
     cfg.device = check_hardware(cfg)  # fp8 on CPU etc. fails here, before any loading
-    check_output(out, force, inputs=(Path(src),) if src else ())
-    bundle = load_bundle(src, family=family, config=config, device=cfg.device)
-    parent = bundle.parent_record()
-    # typer.echo finds the current stderr (output.log's console keeps the one from import time)
-    variant, report = quantize(bundle, cfg, progress=lambda msg: typer.echo(msg, err=True))
+    common = Common(src, family=family, config=config, force=force, json_=json_, threads=threads)
+    run_op(common, partial(quantize, progress=log), cfg, name="quantize", outputs=[out], device=cfg.device,
+           write=partial(write, out), rows=rows, title=f"quantize ({cfg.scheme}) -> {out}")
 
-    def manifest(disk_bytes: int) -> dict:
+
+def write(out: Path, run: Run, variant, report) -> dict:
+    from ditkit.formats.layouts import save_quantized
+
+    def manifest(disk_bytes: int) -> dict:  # the transformer's bytes on disk are known once it is written
         report.set_disk_after(disk_bytes)
-        return new_manifest(family=bundle.family.name, op="quantize", config=cfg.to_dict(), report=report.to_dict(),
-                            parent=parent, device=cfg.device, defaults=bundle.manifest.get("defaults"))
+        return run.manifest(report)
 
-    save_quantized(variant, out, manifest, force=force)
-    doc = {"out": str(out), **report.to_dict()}
-    if json_:
-        output.print_json(doc)
-    else:
-        for k in ("layers", "full_precision", "calibration"):
-            doc.pop(k)
-        output.print_kv(f"quantize ({cfg.scheme}) -> {out}", doc)
+    save_quantized(variant, out, manifest, force=run.common.force)
+    return {"out": str(out), **report.to_dict()}
+
+
+def rows(doc: dict) -> dict:
+    return {k: v for k, v in doc.items() if k not in ("layers", "full_precision", "calibration")}

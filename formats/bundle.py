@@ -11,7 +11,7 @@ from typing import Any
 from torch import nn
 
 from .families import Family
-from .manifest import weights_sha256
+from .manifest import verified_sha256
 
 
 @dataclass
@@ -26,6 +26,7 @@ class Bundle:
     kind: str = "pipeline"
     judge: Any = None
     feedback: Any = None  # ditkit.nn.feedback.Feedback (distill --mode feedback): module + schedule, in feedback/
+    _digest: dict | None = field(default=None, init=False, repr=False, compare=False)  # parent_record's verified sha256
 
     @property
     def vae(self):
@@ -49,10 +50,9 @@ class Bundle:
     def parent_record(self) -> dict:
         """What a child's manifest records about this bundle (location, weight digest, lineage)."""
         m = self.manifest
-        sha = m.get("sha256")
-        if sha is None and self.path is not None:
-            sha = weights_sha256(self.path)
-        return {"path": str(self.path) if self.path else None, "sha256": sha, "op": m.get("op", "import"),
+        if self._digest is None:  # hashed once, when a record is first copied (large checkpoints cost seconds)
+            self._digest = verified_sha256(self.path, m.get("sha256"), onnx=self.kind == "onnx")
+        return {"path": str(self.path) if self.path else None, **self._digest, "op": m.get("op", "import"),
                 "lineage": m.get("lineage", [])}
 
     def transformer_bytes_on_disk(self) -> int:

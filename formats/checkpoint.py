@@ -3,6 +3,12 @@
 A checkpoint directory holds `trainable.safetensors` (the trained tensors), `ema.safetensors`,
 `optimizer.safetensors` + `state.json` (optimizer scalars and param groups, LR scheduler, step, RNG
 states, the training config), and the JSONL log beside it. No pickles: resuming executes no code.
+
+The directory's root holds a marker (`ditkit-checkpoint.json`): only a directory with the marker (or,
+from before markers, a `checkpoint/state.json`) is ever cleared, and only the names ditkit writes there.
+Starting over (`--force`) is deferred to the run's first write, so a run refused or failing before it
+trains deletes nothing. A checkpoint is written into `.checkpoint.tmp` and renamed over `checkpoint/`;
+a SIGKILL between the two renames leaves the previous one in `.checkpoint.old`, which loading takes.
 """
 from __future__ import annotations
 
@@ -11,16 +17,21 @@ import os
 import random
 import shutil
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from .atomic import CHECKPOINT_MARKER, check_disjoint, disk_full, full_disk_cause, interrupts_raise, is_ditkit_dir
 from .errors import ConfigError, FormatError
 from .safetensors_check import read_header, read_json
 
 CKPT = "checkpoint"
 LOG = "log.jsonl"
+TMP, OLD = f".{CKPT}.tmp", f".{CKPT}.old"
+# what a training run writes into its checkpoint directory (the only names starting over removes)
+RUN_FILES = (CKPT, TMP, OLD, LOG, "samples", "validation", "data.safetensors")
 
 
 def _flatten_optimizer(state: dict) -> tuple[dict, dict]:
@@ -58,54 +69,121 @@ class CheckpointStore:
 
     def __init__(self, root: Path):
         self.root = Path(root)
+        self._start_over: tuple[str, ...] | None = None  # names to remove at this run's first write
 
     @property
     def ckpt(self) -> Path:
+        """The committed checkpoint: checkpoint/, or .checkpoint.old when a save was killed between renames."""
+        if not (self.root / CKPT / "state.json").is_file() and (self.root / OLD / "state.json").is_file():
+            return self.root / OLD
         return self.root / CKPT
 
     def exists(self) -> bool:
         return (self.ckpt / "state.json").is_file()
 
+    def has_run(self) -> bool:
+        """A previous run left its checkpoint or its log here."""
+        return self.exists() or (self.root / LOG).is_file()
+
+    # -- the output policy for the checkpoint directory --------------------------------------------------
+
+    def check(self, inputs: Iterable = (), what: str = "--checkpoint-dir") -> None:
+        """Before any work: the directory must not overlap an input, must be a directory (or absent), and
+        when it holds anything it must be ditkit's (the marker): it is never cleared otherwise."""
+        check_disjoint(self.root, inputs, what)
+        if os.path.lexists(self.root) and not self.root.is_dir():
+            raise ConfigError(f"{what} {self.root} is not a directory; choose a new or empty directory")
+        if self.root.is_dir() and any(self.root.iterdir()) and not self.owned():
+            raise ConfigError(f"{what} {self.root} holds files ditkit did not write (no {CHECKPOINT_MARKER}); "
+                              "choose a new or empty directory (it is never cleared, even with --force)")
+
+    def owned(self) -> bool:
+        return is_ditkit_dir(self.root) or (self.root / CKPT / "state.json").is_file()
+
+    def start_over(self, keep: Iterable[str] = ()) -> None:
+        """--force: the previous run's files go, but only at this run's first write (a run refused before
+        it trains, or failing while it loads, deletes nothing). `keep`: names that stay (a keyed data cache)."""
+        self._start_over = tuple(n for n in RUN_FILES if n not in set(keep))
+
+    def mark(self) -> None:
+        """Create the directory with its marker (and carry out a pending start_over) before the first write."""
+        created = not self.root.exists()
+        self.root.mkdir(parents=True, exist_ok=True)
+        if self._start_over is not None and not created:
+            if not self.owned():  # checked again: only ditkit's own directory is ever cleared
+                raise ConfigError(f"{self.root} is not a ditkit checkpoint directory; it was not cleared")
+            for name in self._start_over:
+                p = self.root / name
+                if p.is_dir() and not p.is_symlink():
+                    shutil.rmtree(p, ignore_errors=True)
+                elif os.path.lexists(p):
+                    p.unlink()
+        self._start_over = None
+        marker = self.root / CHECKPOINT_MARKER
+        if not marker.is_file():
+            marker.write_text(json.dumps({"format": "ditkit-checkpoint", "format_version": 1}) + "\n")
+
     def save(self, *, step: int, trainable: dict, ema: dict | None, optimizer: dict, scheduler: dict,
              config: dict) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
-        tmp = self.root / f".{CKPT}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        save_file({k: v.detach().cpu().contiguous() for k, v in trainable.items()}, str(tmp / "trainable.safetensors"))
-        if ema is not None:
-            save_file({k: v.detach().cpu().contiguous() for k, v in ema.items()}, str(tmp / "ema.safetensors"))
-        opt_tensors, opt_meta = _flatten_optimizer(optimizer)
-        save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
-        state = {"step": step, "optimizer": opt_meta, "scheduler": scheduler, "rng": rng_state(), "config": config}
-        (tmp / "state.json").write_text(json.dumps(state, default=float))
-        old = self.root / f".{CKPT}.old"
-        shutil.rmtree(old, ignore_errors=True)
-        if self.ckpt.exists():
-            os.replace(self.ckpt, old)
-        os.replace(tmp, self.ckpt)
+        tmp, old = self.root / TMP, self.root / OLD
+        try:
+            with interrupts_raise(str(self.root / CKPT)):
+                self.mark()
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir()
+                save_file({k: v.detach().cpu().contiguous() for k, v in trainable.items()},
+                          str(tmp / "trainable.safetensors"))
+                if ema is not None:
+                    save_file({k: v.detach().cpu().contiguous() for k, v in ema.items()}, str(tmp / "ema.safetensors"))
+                opt_tensors, opt_meta = _flatten_optimizer(optimizer)
+                save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+                state = {"step": step, "optimizer": opt_meta, "scheduler": scheduler, "rng": rng_state(),
+                         "config": config}
+                (tmp / "state.json").write_text(json.dumps(state, default=float))  # last: marks tmp complete
+        except BaseException as e:
+            written = sum(p.stat().st_size for p in tmp.glob("*") if p.is_file()) if tmp.is_dir() else 0
+            shutil.rmtree(tmp, ignore_errors=True)
+            cause = full_disk_cause(e) if isinstance(e, Exception) else None
+            if cause is not None:
+                raise disk_full(cause, self.root / CKPT, written, written) from None
+            raise
+        # commit: checkpoint/ -> .checkpoint.old, .checkpoint.tmp -> checkpoint/ (a kill in between: load
+        # takes .checkpoint.old)
+        if (self.root / CKPT / "state.json").is_file():
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(self.root / CKPT, old)
+        else:
+            shutil.rmtree(self.root / CKPT, ignore_errors=True)  # a half-made one (never committed)
+        os.replace(tmp, self.root / CKPT)
         shutil.rmtree(old, ignore_errors=True)
 
     def load(self) -> dict:
         if not self.exists():
             raise ConfigError(f"--resume: no checkpoint in {self.root}; start without --resume")
+        ckpt = self.ckpt
         for f in ("trainable.safetensors", "optimizer.safetensors"):
-            read_header(self.ckpt / f)
-        state = read_json(self.ckpt / "state.json", "checkpoint state")
+            read_header(ckpt / f)
+        state = read_json(ckpt / "state.json", "checkpoint state")
         try:
-            state["trainable"] = load_file(str(self.ckpt / "trainable.safetensors"))
-            ema = self.ckpt / "ema.safetensors"
+            state["trainable"] = load_file(str(ckpt / "trainable.safetensors"))
+            ema = ckpt / "ema.safetensors"
             state["ema"] = load_file(str(ema)) if ema.is_file() else None
-            state["optimizer"] = _unflatten_optimizer(load_file(str(self.ckpt / "optimizer.safetensors")),
+            state["optimizer"] = _unflatten_optimizer(load_file(str(ckpt / "optimizer.safetensors")),
                                                       state["optimizer"])
-        except (KeyError, ValueError) as e:
-            raise FormatError(f"checkpoint in {self.ckpt} is damaged ({e}); start again without --resume")
+        except (KeyError, ValueError, TypeError, AttributeError) as e:
+            raise FormatError(f"checkpoint in {ckpt} is damaged ({e}); start again without --resume")
         return state
 
     def log(self, row: dict) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
-        with open(self.root / LOG, "a") as f:
-            f.write(json.dumps(row, default=float) + "\n")
+        try:
+            self.mark()
+            with open(self.root / LOG, "a") as f:
+                f.write(json.dumps(row, default=float) + "\n")
+        except OSError as e:
+            cause = full_disk_cause(e)
+            if cause is not None:
+                raise disk_full(cause, self.root / LOG) from None
+            raise
 
     def logged_plan(self) -> dict | None:
         """The plan the run logged before its step 1 (what a --resume must keep, e.g. a timed schedule)."""
@@ -125,5 +203,13 @@ class CheckpointStore:
         """On resume, drop log rows written after the checkpoint's step (they will be written again)."""
         p = self.root / LOG
         if p.is_file():
-            rows = [l for l in p.read_text().splitlines() if l.strip() and json.loads(l).get("step", 0) <= step]
-            p.write_text("".join(r + "\n" for r in rows))
+            rows = [l for l in p.read_text().splitlines() if _step(l) is not None and _step(l) <= step]
+            p.write_text("".join(r + "\n" for r in rows))  # a line cut by a kill (not JSON) is dropped
+
+
+def _step(line: str) -> int | None:
+    try:
+        row = json.loads(line)
+    except ValueError:
+        return None
+    return row.get("step", 0) if isinstance(row, dict) and isinstance(row.get("step", 0), int) else None

@@ -9,6 +9,8 @@
                 DiT's sample.py loads. A plain dict of tensors, so ditkit reads it with weights_only=True.
                 It is the only pickle-format file ditkit writes, because it is that project's own format;
                 it has no room for a manifest (ditkit keeps none beside it).
+  gguf          save_gguf: one .gguf file (formats/gguf.py): the transformer quantized with --quant, in the
+                key layout its readers expect, the config and manifest in its metadata.
 """
 from __future__ import annotations
 
@@ -70,9 +72,16 @@ def save_onnx(bundle, out: os.PathLike, manifest: dict, force: bool = False) -> 
     return save_onnx_bundle(bundle, out, manifest, force=force)
 
 
+def save_gguf(bundle, out: os.PathLike, manifest: dict, force: bool = False) -> Path:
+    from .gguf import save_gguf_file
+
+    return save_gguf_file(bundle, out, manifest, force=force)
+
+
 WRITERS = {
     "onnx": save_onnx,
     "diffusers": save_diffusers,
     "safetensors": save_single_file,
     "dit-original": save_dit_original,
+    "gguf": save_gguf,
 }

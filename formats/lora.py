@@ -24,6 +24,7 @@ module of the model, or a shape that does not fit, is a FormatError listing the 
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +34,7 @@ import torch
 from .atomic import atomic_file
 from .errors import ConfigError, FormatError
 from .manifest import version
+from .reading import loads, regular_file
 from .safetensors_check import read_header
 
 ADAPTER_FORMATS = ("peft", "kohya")
@@ -166,8 +168,9 @@ def load_adapter(path: Path) -> Adapter:
     from safetensors.torch import load_file
 
     path = Path(path)
-    if not path.is_file():
+    if not (path.exists() or path.is_symlink()):
         raise FormatError(f"adapter {path} does not exist; give a .safetensors file written by lora-train")
+    regular_file(path, "adapter")  # a FIFO or device is refused before it is opened
     header = read_header(path)
     meta = header.get("__metadata__") or {}
     try:
@@ -179,9 +182,11 @@ def load_adapter(path: Path) -> Adapter:
     doc = {}
     if DITKIT_META_KEY in meta:
         try:
-            doc = json.loads(meta[DITKIT_META_KEY])
-        except json.JSONDecodeError:
-            raise FormatError(f"adapter {path}: its {DITKIT_META_KEY} metadata is not JSON; re-export it")
+            doc = loads(meta[DITKIT_META_KEY], path)
+        except FormatError:
+            raise FormatError(f"adapter {path}: its {DITKIT_META_KEY} metadata is not JSON; re-export it") from None
+        if not isinstance(doc, dict):
+            raise FormatError(f"adapter {path}: its {DITKIT_META_KEY} metadata must be a JSON object; re-export it")
     keys = list(tensors)
     if any(k.endswith(".lora_down.weight") for k in keys):
         A, B, alphas, fmt = _read_kohya(tensors, path)
@@ -195,8 +200,16 @@ def load_adapter(path: Path) -> Adapter:
     if len(ranks) != 1:
         raise FormatError(f"adapter {path} mixes ranks {sorted(ranks)}; ditkit reads single-rank adapters")
     rank = ranks.pop()
-    alpha, alpha_source = _alpha(meta, doc, alphas, rank)
+    if rank < 1:
+        raise FormatError(f"adapter {path} has rank 0 (empty lora_A matrices); it adapts nothing: re-train it")
+    _check_values(A, B, path)
+    alpha, alpha_source = _alpha(meta, doc, alphas, rank, path)
+    if not math.isfinite(alpha):
+        raise FormatError(f"adapter {path}: alpha ({alpha_source}) is {alpha}; it must be a finite number")
     if alphas and len(set(alphas.values())) > 1:  # per-module kohya alphas: fold each into its B
+        if alpha == 0 or not all(math.isfinite(a) for a in alphas.values()):
+            raise FormatError(f"adapter {path}: its per-module .alpha values {sorted(set(alphas.values()))[:4]} "
+                              "must be finite, and the first nonzero; re-export it")
         for m, a in alphas.items():
             B[m] = B[m] * (a / alpha)
     info = {k: v for k, v in doc.items()
@@ -208,10 +221,31 @@ def load_adapter(path: Path) -> Adapter:
                    info=info, path=path)
 
 
+def _check_values(A: dict, B: dict, path) -> None:
+    """LoRA matrices are floating point and finite (a NaN in one turns every image blank)."""
+    for kind, mats in (("lora_A", A), ("lora_B", B)):
+        for m, t in mats.items():
+            if not t.is_floating_point():
+                raise FormatError(f"adapter {path}: {m} {kind} is {str(t.dtype).removeprefix('torch.')}, not floating "
+                                  "point; re-save it as float tensors")
+            if not bool(torch.isfinite(t).all()):
+                raise FormatError(f"adapter {path}: {m} {kind} holds NaN or inf values; re-train or re-copy it")
+
+
+def _number(value, what: str, path) -> float:
+    """A metadata alpha: a JSON number or a numeric string (safetensors metadata values are strings)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise FormatError(f"adapter {path}: {what} must be a number (got {str(value)[:40]!r})")
+    try:
+        return float(value)
+    except (ValueError, OverflowError):
+        raise FormatError(f"adapter {path}: {what} must be a number (got {str(value)[:40]!r})") from None
+
+
 def _json_list(text):
     try:
-        v = json.loads(text) if text else None
-    except json.JSONDecodeError:
+        v = loads(text, "metadata") if text else None
+    except FormatError:
         return None
     return v if isinstance(v, list) else None
 
@@ -236,27 +270,30 @@ def _read_kohya(tensors: dict, path: Path):
                               "lora_down.weight / lora_up.weight / alpha); text-encoder LoRAs are not loaded")
         flat = m.group(2)
         if m.group(3) == "alpha":
-            alphas[flat] = float(v.float().item())
+            if v.numel() != 1 or not (v.is_floating_point() or v.dtype in (torch.int32, torch.int64, torch.int16)):
+                raise FormatError(f"adapter {path}: {k} must be one number (got a {v.dtype} tensor of shape "
+                                  f"{list(v.shape)}); re-export it")
+            alphas[flat] = float(v.float().reshape(()).item())
         else:
             (A if m.group(3) == "lora_down.weight" else B)[flat] = v
     return A, B, alphas, "kohya"
 
 
-def _alpha(meta: dict, doc: dict, alphas: dict, rank: int) -> tuple[float, str]:
+def _alpha(meta: dict, doc: dict, alphas: dict, rank: int, path=None) -> tuple[float, str]:
     if "alpha" in doc:
-        return float(doc["alpha"]), "ditkit metadata"
+        return _number(doc["alpha"], "alpha (ditkit metadata)", path), "ditkit metadata"
     if alphas:
         return float(next(iter(alphas.values()))), "kohya .alpha tensors"
     if DIFFUSERS_META_KEY in meta:
         try:
-            d = json.loads(meta[DIFFUSERS_META_KEY])
+            d = loads(meta[DIFFUSERS_META_KEY], path)
             a = d.get("transformer.lora_alpha", d.get("lora_alpha"))
-            if a is not None:
-                return float(a), "diffusers lora_adapter_metadata"
-        except (json.JSONDecodeError, AttributeError):
-            pass
+        except (FormatError, AttributeError):
+            a = None
+        if a is not None:
+            return _number(a, "lora_alpha (diffusers metadata)", path), "diffusers lora_adapter_metadata"
     if meta.get("ss_network_alpha"):
-        return float(meta["ss_network_alpha"]), "ss_network_alpha metadata"
+        return _number(meta["ss_network_alpha"], "ss_network_alpha", path), "ss_network_alpha metadata"
     return float(rank), "none in the file: alpha = rank (diffusers' default)"
 
 

@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import platform
 from importlib import metadata
 from pathlib import Path
 
 from .errors import FormatError
+from .reading import MAX_JSON, loads, read_bytes
 
 MANIFEST = "ditkit.json"
 FORMAT_VERSION = 1
@@ -54,27 +56,41 @@ def weights_sha256(root: Path) -> str:
     return sha256_files(files)
 
 
+def bundle_sha256(root: Path, onnx: bool = False) -> str:
+    """The digest a manifest's `sha256` records: the safetensors weights (write_manifest), or for an ONNX bundle
+    its graphs, external data and safetensors (formats/onnx_bundle.py)."""
+    root = Path(root)
+    if not onnx or root.is_file():
+        return weights_sha256(root)
+    return sha256_files(sorted([*root.glob("*.onnx"), *root.glob("*.onnx.data"), *root.rglob("*.safetensors")]))
+
+
+def verified_sha256(root: Path | None, claimed: str | None, onnx: bool = False) -> dict:
+    """{"sha256": ...} for a record copied into a child's manifest or a sidecar: the digest of the weights as they
+    are (computed, never copied), plus `sha256_verified: false` and the `claimed_sha256` when the manifest claims
+    another (a forged or stale ditkit.json); a note goes to stderr then. Without a path the claim is all there is."""
+    if root is None:
+        return {"sha256": claimed}
+    actual = bundle_sha256(root, onnx)
+    if claimed is None or claimed == actual:
+        return {"sha256": actual}
+    import sys
+
+    print(f"note: {root}: its ditkit.json claims sha256 {str(claimed)[:16]}, the weights hash to {actual[:16]}; "
+          "recording the computed digest (sha256_verified: false)", file=sys.stderr, flush=True)
+    return {"sha256": actual, "sha256_verified": False, "claimed_sha256": claimed}
+
+
 def read_manifest(root: Path) -> dict | None:
     p = Path(root) / MANIFEST
     if not p.is_file():
         return None
-    try:
-        text = p.read_bytes()
-    except OSError as e:
-        raise FormatError(f"cannot read {p} ({e.strerror}); restore it or delete it to load the weights alone")
-    return parse_manifest(text, p)
+    return parse_manifest(read_bytes(p, "manifest", MAX_JSON), p)
 
 
 def parse_manifest(text: bytes | str, where) -> dict:
     """A manifest from its JSON text (a ditkit.json file, or a single .safetensors file's "ditkit" metadata)."""
-    try:
-        data = json.loads(text)
-    except RecursionError:
-        raise FormatError(f"{where} is not valid JSON (nested too deeply); restore it or delete it")
-    except (UnicodeDecodeError, ValueError) as e:
-        raise FormatError(f"{where} is not valid JSON ({getattr(e, 'msg', e)}); restore it or delete it to load "
-                          "the weights alone")
-    return check_manifest(data, where)
+    return check_manifest(loads(text, where, "manifest (or delete it to load the weights alone)"), where)
 
 
 def _is_number(v) -> bool:
@@ -96,11 +112,15 @@ _FIELDS = {
     "lineage": (lambda v: isinstance(v, list) and all(isinstance(e, dict) and all(
         e.get(k) is None or isinstance(e.get(k), str) for k in ("path", "sha256", "op")) for e in v),
                 "a list of objects with string op, path and sha256"),
-    "defaults": (lambda v: isinstance(v, dict) and all(
-        k not in v or ok(v[k]) for k, ok in (("sampler", lambda x: isinstance(x, str)),
-                                            ("steps", lambda x: type(x) is int and 1 <= x <= 10_000),
-                                            ("guidance", lambda x: _is_number(x) and x == x and abs(x) < 1e6))),
-                 "an object with a string sampler, integer steps and numeric guidance"),
+    "defaults": (lambda v: isinstance(v, dict), "an object"),
+}
+
+# sampling defaults a manifest stores, checked by the rules the CLI applies to --sampler, --steps and --guidance
+# (ops/generate.py GenerateConfig): a stored guidance of -999999 or NaN must not be used where the option is refused
+DEFAULTS_RULES = {
+    "sampler": (lambda x: isinstance(x, str) and 0 < len(x) <= 64, "a sampler name"),
+    "steps": (lambda x: type(x) is int and 1 <= x <= 1000, "an integer in 1..1000"),
+    "guidance": (lambda x: _is_number(x) and math.isfinite(x) and x >= 0, "a finite number >= 0"),
 }
 
 
@@ -112,6 +132,11 @@ def check_manifest(data, where) -> dict:
     for name, (ok, what) in _FIELDS.items():
         if name in data and not ok(data[name]):
             raise FormatError(f"{where}: field {name!r} must be {what}; restore the file or delete it")
+    defaults = data.get("defaults") or {}
+    for name, (ok, what) in DEFAULTS_RULES.items():
+        if name in defaults and not ok(defaults[name]):
+            raise FormatError(f"{where}: defaults.{name} is {str(defaults[name])[:40]}, it must be {what} (as the "
+                              f"--{name} option); fix or delete the stored default")
     if data.get("format_version", FORMAT_VERSION) > FORMAT_VERSION:
         raise FormatError(f"{where} has format_version {data['format_version']}, newer than this ditkit reads "
                           f"({FORMAT_VERSION}); upgrade ditkit")
@@ -121,10 +146,11 @@ def check_manifest(data, where) -> dict:
 def new_manifest(*, family: str, op: str, config: dict, report: dict, parent: dict | None,
                  device: str = "cpu", defaults: dict | None = None) -> dict:
     """A manifest for a directory produced by `op` from `parent` (the parent's manifest + location)."""
-    lineage = []
+    lineage, checked = [], {}
     if parent is not None:
+        checked = {k: parent[k] for k in ("sha256_verified", "claimed_sha256") if k in parent}
         lineage = list(parent.get("lineage", [])) + [
-            {"op": parent.get("op"), "path": parent.get("path"), "sha256": parent.get("sha256")}
+            {"op": parent.get("op"), "path": parent.get("path"), "sha256": parent.get("sha256"), **checked}
         ]
     return {
         "format_version": FORMAT_VERSION,
@@ -132,7 +158,7 @@ def new_manifest(*, family: str, op: str, config: dict, report: dict, parent: di
         "op": op,
         "config": config,
         "report": report,
-        "parent": None if parent is None else {"path": parent.get("path"), "sha256": parent.get("sha256")},
+        "parent": None if parent is None else {"path": parent.get("path"), "sha256": parent.get("sha256"), **checked},
         "lineage": lineage,
         "defaults": defaults or {},
         "environment": environment(device),

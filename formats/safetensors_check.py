@@ -5,12 +5,13 @@ them random and mutated bytes with hypothesis.
 """
 from __future__ import annotations
 
-import json
 import math
 import struct
 from pathlib import Path
 
 from .errors import FormatError
+from .reading import loads as _json_loads
+from .reading import read_json, regular_file  # noqa: F401 - read_json's home is formats/reading.py
 
 MAX_HEADER = 100 * 1024 * 1024  # the safetensors spec's own bound on the JSON header
 DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E4M3FNUZ": 1, "F8_E5M2": 1, "F8_E5M2FNUZ": 1,
@@ -19,19 +20,11 @@ DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E4M3FNUZ": 1, "F8_
 MAX_DIM = 1 << 16  # bound on an architecture field of a config (widths, heads, layers, sizes): no DiT comes close
 
 
-def _loads(data: bytes | str):
-    """json.loads that fails only with ValueError (bad JSON, an integer too long to convert, too deep)."""
-    try:
-        return json.loads(data)
-    except RecursionError:
-        raise ValueError("nested too deeply")
-
-
 def read_header(path: Path) -> dict:
     """Parse and validate a safetensors header; raise FormatError naming the file if it is damaged."""
     path = Path(path)
+    size = regular_file(path, "weights file")  # a FIFO would block the open below forever
     try:
-        size = path.stat().st_size
         with open(path, "rb") as f:
             head = f.read(8)
             if len(head) < 8:
@@ -39,11 +32,15 @@ def read_header(path: Path) -> dict:
             (n,) = struct.unpack("<Q", head)
             if n > MAX_HEADER or 8 + n > size:
                 raise FormatError(f"{path} is truncated or not a safetensors file (header says {n} bytes, file has {size}): re-copy it")
-            header = _loads(f.read(n))
+            raw = f.read(n)
     except OSError as e:
         raise FormatError(f"cannot read {path} ({e.strerror or type(e).__name__}); check the path and permissions")
-    except (UnicodeDecodeError, ValueError):
-        raise FormatError(f"{path} has a corrupt safetensors header: re-copy it")
+    try:
+        header = _json_loads(raw, path, "file")
+    except FormatError as e:
+        if "appears twice" in str(e):
+            raise FormatError(f"{path} lists a tensor twice in its safetensors header; re-save it") from None
+        raise FormatError(f"{path} has a corrupt safetensors header: re-copy it") from None
     if not isinstance(header, dict):
         raise FormatError(f"{path} has a corrupt safetensors header: re-copy it")
     spans = []
@@ -75,23 +72,6 @@ def read_header(path: Path) -> dict:
     return header
 
 
-def read_json(path: Path, what: str = "config") -> dict:
-    path = Path(path)
-    try:
-        data = _loads(path.read_bytes())
-    except FileNotFoundError:
-        raise FormatError(f"{path} is missing: the {what} must sit beside the weights")
-    except IsADirectoryError:
-        raise FormatError(f"{path} is a directory, not a JSON file: restore the {what}")
-    except OSError as e:
-        raise FormatError(f"cannot read {path} ({e.strerror or type(e).__name__}): restore the {what}")
-    except (UnicodeDecodeError, ValueError) as e:
-        raise FormatError(f"{path} is not valid JSON ({getattr(e, 'msg', e)}): restore the {what}")
-    if not isinstance(data, dict):
-        raise FormatError(f"{path} must hold a JSON object: restore the {what}")
-    return data
-
-
 ARCH_FIELDS = ("sample_size", "patch_size", "num_layers", "num_single_layers", "num_attention_heads",
                "attention_head_dim", "in_channels", "out_channels", "num_embeds_ada_norm", "caption_channels",
                "cross_attention_dim", "joint_attention_dim", "caption_projection_dim", "pooled_projection_dim",
@@ -104,6 +84,9 @@ def check_config(config: dict, where: str = "config") -> dict:
     floats, negatives or absurd sizes): a wrong field is named here instead of failing deep in diffusers."""
     if not isinstance(config, dict):
         raise FormatError(f"{where} must hold a JSON object")
+    from .sanity import finite_floats
+
+    finite_floats(config, where)  # norm_eps: NaN builds a model that makes blank images
     cls = config.get("_class_name")
     if cls is not None and not isinstance(cls, str):
         raise FormatError(f"{where}: _class_name must be a string (got {str(cls)[:40]!r})")

@@ -8,7 +8,7 @@ from typing import Callable
 
 import numpy as np
 
-from ditkit.formats.errors import ConfigError, choice_error
+from ditkit.formats.errors import ConfigError, check_options, choice_error
 from ditkit.formats.onnx_bundle import BACKENDS, resolve_backend
 
 from . import distributed
@@ -37,6 +37,7 @@ class GenerateConfig:
     feedback: bool = True  # apply the bundle's feedback module (distill --mode feedback) where it fits the run
 
     def __post_init__(self):
+        check_options(self)  # floats finite, seeds and counts in range (formats/errors.py)
         if self.num_images is not None and self.num_images < 1:
             raise ConfigError(f"--num-images must be >= 1 (got {self.num_images})")
         if self.steps is not None and not 1 <= self.steps <= 1000:

@@ -34,8 +34,9 @@ def conditions(bundle, cfg, device, embeddings=None):
     """(condition values, their cond rows, their uncond rows or None): labels or prompts, one row each."""
     fam, tr = bundle.family, bundle.transformer
     if fam.conditioning == "class":
-        if cfg.prompts:
-            raise ConfigError(f"the {fam.name} family is class-conditional: use --labels, not --prompt")
+        if cfg.prompts or embeddings is not None:
+            what = "--prompt" if cfg.prompts else "--embeddings"
+            raise ConfigError(f"the {fam.name} family is class-conditional: use --labels, not {what}")
         n_classes = tr.config.num_embeds_ada_norm
         labels = cfg.labels if cfg.labels else bundle.defaults().get("labels", list(range(min(10, n_classes))))
         bad = [l for l in labels if l >= n_classes]
@@ -50,7 +51,8 @@ def conditions(bundle, cfg, device, embeddings=None):
         if cfg.prompts:
             missing = [p for p in cfg.prompts if p not in prompts]
             if missing:
-                raise ConfigError(f"prompt {missing[0]!r} is not in the embeddings file; its prompts: {prompts[:5]}")
+                raise ConfigError(f"prompt {missing[0][:80]!r} is not in the embeddings file; its prompts: "
+                                  f"{[p[:40] for p in prompts[:5]]}")
             rows = [prompts.index(p) for p in cfg.prompts]
             cond = {k: v[rows] for k, v in cond.items()}
             uncond = None if uncond is None else {k: v[rows] for k, v in uncond.items()}

@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from ditkit.formats import quantized
-from ditkit.formats.errors import ConfigError
+from ditkit.formats.errors import ConfigError, check_options
 
 from .flops import count_flops
 from .geometry import latent_hw, vae_scale
@@ -19,8 +19,11 @@ class InfoConfig:
     batch: int = 1  # FLOPs are counted for one transformer call at this batch
 
     def __post_init__(self):
+        check_options(self)  # floats finite, seeds and counts in range (formats/errors.py)
         if self.batch < 1:
             raise ConfigError(f"--batch must be >= 1 (got {self.batch})")
+        if self.batch > 4096:  # the count runs one real forward at this batch
+            raise ConfigError(f"--batch must be at most 4096 (got {self.batch})")
 
 
 @dataclass

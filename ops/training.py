@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 
 from ditkit.formats.checkpoint import set_rng_state
-from ditkit.formats.errors import ConfigError, Interrupted
+from ditkit.formats.errors import ConfigError, Interrupted, check_options
 
 from .sample import image_seed
 
@@ -48,6 +48,7 @@ class TrainConfig:
         return cls(**{f.name: getattr(op_config, f.name) for f in dataclasses.fields(cls)})
 
     def __post_init__(self):
+        check_options(self)  # floats finite, seeds and counts in range (formats/errors.py)
         for name in ("steps", "batch_size", "grad_accum"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(self, name)})")

@@ -63,7 +63,8 @@ def test_pickled_object_pt_is_refused(cli, tmp_path):
     (["--prompt", "a cat"], "use --labels, not --prompt"),
     (["--height", "30"], "multiple of 8"),
     (["--dtype", "bf16"], "for CUDA devices"),
-    (["--device", "cuda"], "no CUDA device"),
+    pytest.param(["--device", "cuda"], "no CUDA device",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is there")),
     (["--bogus"], "No such option"),
 ])
 def test_bad_options(args, needle, cli, tiny_dir, tmp_path):
@@ -80,16 +81,32 @@ def test_existing_output_needs_force(cli, tiny_dir, tmp_path):
     assert_bad_input(r, "--force")
     assert [p.name for p in out.iterdir()] == ["mine.txt"]
     r = cli("generate", tiny_dir("dit"), "-o", out, "--steps", "2", "--labels", "1", "--force")
-    assert r.code == 0 and not (out / "mine.txt").exists() and (out / "00000.png").is_file()
+    assert_bad_input(r, "ditkit did not write")  # --force replaces only ditkit's own outputs
+    assert [p.name for p in out.iterdir()] == ["mine.txt"]
+    (out / "mine.txt").unlink()
+    (out / "generate.json").write_text("{}")  # an earlier generate output
+    r = cli("generate", tiny_dir("dit"), "-o", out, "--steps", "2", "--labels", "1", "--force")
+    assert r.code == 0 and (out / "00000.png").is_file()
 
 
 def test_help_lists_only_real_commands(cli):
+    import typer
+
     r = cli("--help")
     assert r.code == 0
-    listed = {c.name for c in app.registered_commands}
-    assert {"info", "generate"} <= listed <= set(COMMANDS)
+    group = typer.main.get_command(app)
+    listed = group.list_commands(typer.Context(group))
+    assert {"info", "generate"} <= set(listed) and listed == list(COMMANDS)
     for name in listed:
-        assert name in r.out
+        assert f"  {name}  " in r.out
+        assert group.get_command(typer.Context(group), name).name == name  # each one builds from its module
+
+
+def test_version(cli):
+    from importlib.metadata import version
+
+    r = cli("--version")
+    assert (r.code, r.out) == (0, f"ditkit {version('ditkit')}\n")
 
 
 def test_every_error_type_has_a_code():

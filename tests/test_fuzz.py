@@ -288,3 +288,53 @@ def test_fuzz_feedback_config_mutated(edits):
             "schedule": {"sampler": "ddim", "steps": 4, "num_blocks": 2, "block": 1,
                          "partial": [False, True, True, False]}}
     check_feedback_config(mutate(json.dumps(real).encode(), edits).decode("utf-8", "replace"))
+
+
+# -- LoRA metadata and training-data metadata.jsonl -----------------------------------------------------------------
+
+SMALL = settings(max_examples=60, deadline=None, derandomize=True, database=None,
+                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+
+@SMALL
+@given(json_values, st.sampled_from(["ditkit_lora", "lora_adapter_metadata", "ss_network_alpha"]))
+def test_fuzz_lora_alpha(alpha, where):
+    """Any alpha a file may carry (NaN, 1e309, strings, objects) gives an adapter with a finite alpha or a
+    FormatError; never another exception."""
+    import math
+
+    from safetensors.torch import save_file
+
+    from ditkit.formats.lora import load_adapter
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {"transformer.a.lora_A.weight": torch.randn(2, 4, generator=g),
+               "transformer.a.lora_B.weight": torch.randn(4, 2, generator=g)}
+    text = json.dumps(alpha)
+    meta = {"ditkit_lora": json.dumps({"alpha": alpha})} if where == "ditkit_lora" else \
+        {where: json.dumps({"transformer.lora_alpha": alpha}) if where == "lora_adapter_metadata" else text}
+    path = _file(b"", "a.safetensors")
+    save_file(tensors, str(path), metadata=meta)
+    a, _ = only_typed_errors(load_adapter, path)
+    if a is not None:
+        assert math.isfinite(a.alpha) and math.isfinite(a.scale)
+
+
+@SMALL
+@given(st.lists(json_values | st.fixed_dictionaries({"file_name": json_values | st.sampled_from(
+    ["0.png", "../0.png", "/etc/hostname", "sub/../0.png", ".", ""])}, optional={"label": json_values,
+                                                                                "text": json_values}), max_size=3))
+def test_fuzz_image_folder_metadata(rows):
+    """metadata.jsonl rows of any shape: an ImageFolder of files inside the folder, or a FormatError."""
+    import numpy as np
+    from PIL import Image
+
+    from ditkit.formats.image_folder import read_image_folder
+
+    root = Path(tempfile.mkdtemp(prefix="ditkit-fuzz-")) / "data"
+    root.mkdir()
+    Image.fromarray(np.zeros((4, 4, 3), dtype=np.uint8)).save(root / "0.png")
+    (root / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    f, _ = only_typed_errors(read_image_folder, root)
+    if f is not None:
+        assert all((root / n).resolve().is_relative_to(root.resolve()) for n in f.files)

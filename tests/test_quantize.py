@@ -1,5 +1,6 @@
-"""ditkit quantize: every CPU scheme on every family's tiny model (SQNR, size, skipped layers, reload equality),
-hardware refusals, the CLI contract, the on-disk format, and chains (a depth-pruned model; generate)."""
+"""ditkit quantize: every CPU scheme on every family's tiny model (SQNR, size, skipped layers, reload equality) and
+on the trained tiny-digits (output SQNR and judge accuracy floors), hardware refusals, the CLI contract, the on-disk
+format, and chains (a depth-pruned model; generate)."""
 from __future__ import annotations
 
 import json
@@ -28,6 +29,16 @@ MIN_LAYER_SQNR = {"int8-dynamic": 28.0, "int8-weight-only": 38.0, "bnb-int8": 38
 # 4-bit blocks carry fixed per-layer statistics, so the bounds sit well above the 0.25x / 0.14x of big models.
 MAX_DISK_RATIO = {"int8-dynamic": 0.6, "int8-weight-only": 0.6, "bnb-int8": 0.6, "bnb-nf4": 0.66, "bnb-fp4": 0.66}
 FAST = dict(calib_batches=1, calib_batch_size=2)
+
+# The trained default, every scheme: output SQNR on the calibration set and judge accuracy. The random tiny models
+# above cannot catch a kernel that misplaces per-block scales (their rows all share one scale); tiny-digits can
+# (bitsandbytes' AVX512 4-bit dequantization gave it 17.0 dB and accuracy 0.79). Floors: the figures measured by
+# this test (docs/quantize.md) less about 3 dB; fp8 (CUDA, compute capability >= 8.9) is not measured yet.
+TD_SCHEMES = CPU_SCHEMES + [pytest.param("fp8", marks=pytest.mark.gpu)]
+TD_MIN_SQNR = {"int8-dynamic": 38.0, "int8-weight-only": 47.0, "bnb-int8": 42.0, "bnb-nf4": 26.0, "bnb-fp4": 24.0,
+               "fp8": 25.0}
+TD_IMAGES = 50  # 5 per digit, seeds 0.., the model's own sampler, steps and guidance
+TD_MIN_ACCURACY_RATIO = 0.95  # of the float model's accuracy on the same seeds (the issue's bar)
 
 
 def _save(variant, report, out):
@@ -85,6 +96,94 @@ def test_scheme_on_family(tiny_dir, tmp_path, family, scheme):
     assert quantized.is_quantized(again.transformer)
     assert again.transformer_bytes_on_disk() == report.disk_bytes_after
     assert torch.equal(_out(again), got)
+
+
+def _judge_accuracy(bundle) -> float:
+    from ditkit.ops.generate import GenerateConfig, generate
+    from ditkit.ops.judge import score
+
+    images, _ = generate(bundle, GenerateConfig(labels=list(range(10)), num_images=TD_IMAGES, batch_size=TD_IMAGES))
+    return score(bundle.judge, images, [i % 10 for i in range(TD_IMAGES)]).accuracy
+
+
+@pytest.fixture(scope="module")
+def tiny_digits_accuracy():
+    torch.manual_seed(0)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield _judge_accuracy(load_bundle("tiny-digits"))
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("scheme", TD_SCHEMES)
+def test_scheme_on_tiny_digits(tiny_digits_accuracy, one_thread, scheme):
+    cfg = QuantizeConfig(scheme=scheme, device="cuda" if scheme == "fp8" else "cpu", calib_batches=2)
+    try:
+        check_hardware(cfg)
+    except HardwareError as e:
+        pytest.skip(str(e))
+    variant, report = quantize(load_bundle("tiny-digits"), cfg)
+    assert report.sqnr_db >= TD_MIN_SQNR[scheme], (report.sqnr_db, report.worst_layer, report.sqnr_db_min_layer)
+    accuracy = _judge_accuracy(variant)
+    assert tiny_digits_accuracy >= 0.95
+    assert accuracy >= TD_MIN_ACCURACY_RATIO * tiny_digits_accuracy, (scheme, accuracy, tiny_digits_accuracy)
+
+
+def _dequantize_reference(param, kernel_rows: bool = False) -> torch.Tensor:
+    """A bnb 4-bit weight dequantized in plain torch: bitsandbytes' flat blocks; with kernel_rows, the scale of
+    (r, c) read at absmax[r * (K // blocksize) + c // blocksize], as bitsandbytes 0.50's AVX512 kernel reads it."""
+    from bitsandbytes.functional import dequantize_blockwise, get_4bit_type
+
+    qs = param.quant_state
+    absmax = dequantize_blockwise(qs.absmax, qs.state2) + qs.offset if qs.nested else qs.absmax
+    n_out, k = qs.shape
+    packed = param.data.reshape(-1)
+    codes = torch.stack([packed >> 4, packed & 0xF], dim=1).reshape(-1)[: n_out * k].long()
+    values = get_4bit_type(qs.quant_type, device="cpu")[codes].reshape(n_out, k)
+    rows, cols = torch.arange(n_out)[:, None], torch.arange(k)[None, :]
+    block = rows * (k // qs.blocksize) + cols // qs.blocksize if kernel_rows else (rows * k + cols) // qs.blocksize
+    return values * absmax.float()[block]
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_bnb_4bit_cpu_blocks_keep_their_scales_on_every_kernel(quant_type):
+    """Where K is not a multiple of the block size (64), a block spans two rows. Emulated here on any CPU:
+    bitsandbytes' AVX512 dequantize_4bit kernel, which indexes scales by row, must not change the output."""
+    import warnings
+
+    from torch.library import Library, register_kernel
+
+    from ditkit.ops.quantize import bnb
+
+    torch.manual_seed(0)
+    lin = nn.Linear(96, 80)
+    with torch.no_grad():
+        lin.weight.mul_(torch.logspace(-1, 1, 80)[:, None])  # rows of different scales, as trained layers have
+    x = torch.randn(3, 5, 96)
+    ref = lin(x).detach()
+    m = bnb.make_linear4(lin, "cpu", {"quant_type": quant_type, "compute_dtype": None}).eval()
+    flat = _dequantize_reference(m.weight)
+    assert not torch.equal(flat, _dequantize_reference(m.weight, kernel_rows=True))  # the case that matters
+    native = m(x)
+    assert torch.allclose(native, torch.nn.functional.linear(x, flat, lin.bias.detach()), atol=1e-5)
+    assert sqnr_db(ref.pow(2).sum().item(), (native - ref).pow(2).sum().item()) >= 18
+
+    def avx512_rows(A, absmax, blocksize, qtype, shape, dtype):  # the kernel's indexing, for K % 16 == 0
+        class P:
+            data = A
+            quant_state = type("S", (), {"absmax": absmax, "nested": False, "shape": tuple(shape),
+                                          "blocksize": blocksize, "quant_type": qtype})()
+        return _dequantize_reference(P, kernel_rows=shape[-1] % 16 == 0).to(dtype)
+
+    lib = Library("bitsandbytes", "IMPL")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "overriding a previously registered kernel"
+            register_kernel("bitsandbytes::dequantize_4bit", "cpu", avx512_rows, lib=lib)
+        assert torch.allclose(m(x), native, atol=1e-6)
+    finally:
+        lib._destroy()
+    assert torch.equal(m(x), native)  # bitsandbytes' own kernel is back
 
 
 def test_keep_modulation_skip_and_sensitive_fp32(tiny_dir):

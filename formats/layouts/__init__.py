@@ -8,6 +8,7 @@ Sources (load_bundle):
   - a bare transformer directory (config.json + safetensors; transformer.py);
   - a single .safetensors file (--family, plus --config when the keys don't determine it; single_file.py);
   - a facebookresearch/DiT .pt checkpoint (read with weights_only=True, converted to diffusers keys; dit_pt.py).
+  - a .gguf file (dequantized to float tensors on load; gguf.py).
 The first layout in LAYOUTS whose `detect(path)` holds loads the path. save_bundle writes with the first layout
 whose `writes(bundle)` holds (quantized, then pipeline, then transformer). A new layout is one module with a
 LAYOUT and one line here.
@@ -26,11 +27,11 @@ from ..bundle import Bundle
 from ..errors import FormatError
 from ..manifest import write_manifest
 from ..quantized import transformer_bytes
-from . import dit_pt, onnx, pipeline, quantized, single_file, transformer
+from . import dit_pt, gguf, onnx, pipeline, quantized, single_file, transformer
 from .base import Layout
 
 LAYOUTS: dict[str, Layout] = {m.LAYOUT.name: m.LAYOUT for m in (
-    onnx, quantized, pipeline, transformer, single_file, dit_pt)}  # detection order: first match wins
+    onnx, quantized, pipeline, transformer, single_file, dit_pt, gguf)}  # detection order: first match wins
 
 ASSETS = Path(__file__).parent.parent / "assets"
 DEFAULT_MODELS = {"tiny-digits": ASSETS / "tiny-digits", "tiny-digits-text": ASSETS / "tiny-digits-text"}
@@ -61,7 +62,7 @@ def layout_of(path: Path) -> Layout:
     if path.is_dir():
         raise FormatError(f"{path} is not a checkpoint: expected model_index.json (diffusers pipeline) "
                           "or config.json + safetensors (transformer)")
-    raise FormatError(f"{path}: unknown checkpoint file type {path.suffix!r}; use .safetensors or a DiT .pt")
+    raise FormatError(f"{path}: unknown checkpoint file type {path.suffix!r}; use .safetensors, .gguf or a DiT .pt")
 
 
 def load_bundle(src: str | os.PathLike | None = None, *, family: str | None = None, config: str | None = None,

@@ -7,6 +7,7 @@ from typing import Callable
 
 from ..bundle import Bundle
 from ..errors import UnsupportedModelError
+from .. import sanity
 from ..families import detect_family
 from ..manifest import read_manifest
 from ..safetensors_check import check_tree, read_json
@@ -14,7 +15,8 @@ from .base import Layout, wrap_load_error, write_parts
 
 
 def detect(path: Path) -> bool:
-    return path.is_dir() and (path / "model_index.json").is_file()
+    p = path / "model_index.json"  # a FIFO or device there is refused by its reader (formats/reading.py), not skipped
+    return path.is_dir() and (p.exists() or p.is_symlink())
 
 
 def load(path: Path, *, family: str | None = None, config: str | None = None, device: str = "cpu") -> Bundle:
@@ -29,6 +31,7 @@ def read(path: Path, rebuild: Callable | None = None) -> Bundle:
     index = read_json(path / "model_index.json", "pipeline index")
     tconf = read_json(path / "transformer" / "config.json", "transformer config")
     fam = detect_family(tconf, str(path / "transformer" / "config.json"))
+    sanity.check_weights_dir(fam.transformer_cls(), tconf, path / "transformer", rebuild is not None)  # before building
     cls = getattr(diffusers, index.get("_class_name", ""), None)
     if cls is None:
         raise UnsupportedModelError(f"{path}: pipeline class {index.get('_class_name')!r} is not in diffusers")

@@ -2,13 +2,13 @@
 the metadata ditkit writes (config, family, ditkit), else (DiT only) from the keys."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from ..bundle import Bundle
 from ..errors import ConfigError, FormatError
 from ..families import FAMILIES, detect_family, get_family
 from ..manifest import parse_manifest
+from ..reading import loads
 from ..safetensors_check import read_header, read_json
 from .base import Layout, from_state_dict
 
@@ -27,9 +27,9 @@ def load(path: Path, *, family: str | None = None, config: str | None = None, de
         conf = read_json(Path(config), "--config")
     elif "config" in meta:  # files ditkit writes carry their config
         try:
-            conf = json.loads(meta["config"])
-        except json.JSONDecodeError:
-            raise FormatError(f"{path}: the config in its metadata is not JSON; pass --config")
+            conf = loads(meta["config"], f"{path} metadata")
+        except FormatError:
+            raise FormatError(f"{path}: the config in its metadata is not JSON; pass --config") from None
     if family is None:
         family = meta.get("family") or (detect_family(conf).name if conf else None)
     if family is None:

@@ -6,6 +6,7 @@ from typing import Callable
 
 from ..bundle import Bundle
 from ..errors import FormatError
+from .. import sanity
 from ..families import detect_family
 from ..manifest import read_manifest
 from ..safetensors_check import check_tree, read_json
@@ -13,7 +14,8 @@ from .base import Layout, wrap_load_error, write_parts
 
 
 def detect(path: Path) -> bool:
-    return path.is_dir() and (path / "config.json").is_file()
+    p = path / "config.json"  # a FIFO or device there is refused by its reader (formats/reading.py), not skipped
+    return path.is_dir() and (p.exists() or p.is_symlink())
 
 
 def load(path: Path, *, family: str | None = None, config: str | None = None, device: str = "cpu") -> Bundle:
@@ -27,6 +29,7 @@ def read(path: Path, rebuild: Callable | None = None) -> Bundle:
     fam = detect_family(conf, str(path / "config.json"))
     if not list(path.glob("*.safetensors")):
         raise FormatError(f"{path} has a config.json but no .safetensors weights (pickled .bin weights are not loaded)")
+    sanity.check_weights_dir(fam.transformer_cls(), conf, path, rebuild is not None)  # before anything is built
     if rebuild is not None:
         model = rebuild(path, fam)
     else:

@@ -7,9 +7,11 @@ quant state (`QuantState.as_dict(packed=True)`), rebuilt with `Params4bit.from_p
 from __future__ import annotations
 
 import logging
+import types
 import warnings
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ditkit.nn.dtypes import DTYPES
@@ -52,10 +54,9 @@ def _on_cuda(device: str) -> bool:
 
 
 def _dense4(device: str) -> bool:
-    """CPU without AVX512-BF16: every call dequantizes the whole weight and multiplies in float."""
-    from bitsandbytes.functional import has_avx512bf16
-
-    return not _on_cuda(device) and not has_avx512bf16()
+    """CPU: every call dequantizes the whole weight and multiplies in float (on every CPU: ditkit keeps the
+    portable layout, so bitsandbytes' fused AVX512-BF16 kernel, which needs its repacked layout, never runs)."""
+    return not _on_cuda(device)
 
 
 def _dense8(device: str) -> bool:
@@ -66,8 +67,6 @@ def _dense8(device: str) -> bool:
 def _kernel4(device: str, compute: str | None) -> str:
     if _on_cuda(device):
         return "bitsandbytes 4-bit CUDA: gemv_4bit for single rows, else dequantize_4bit + cuBLAS matmul"
-    if not _dense4(device):
-        return "bitsandbytes 4-bit CPU: fused gemv_4bit (AVX512-BF16, bf16 compute)"
     return f"bitsandbytes 4-bit CPU: dequantize_4bit (C++ kernel) + F.linear in {compute or 'the input dtype'}"
 
 
@@ -128,6 +127,36 @@ def _prequantized(bnb, t: dict, device: str, module):
                                                 requires_grad=False, device=device, module=module)
 
 
+def dequantize_flat(param, dtype: torch.dtype) -> torch.Tensor:
+    """A 4-bit parameter's (N, K) weight in `dtype`, each scale applied to the block it belongs to.
+
+    bitsandbytes' portable layout quantizes the flattened weight in blocks of `blocksize` consecutive values,
+    so a block spans two rows wherever K is not a multiple of the block size (tiny-digits: K = 96, blocks of
+    64). bitsandbytes 0.50's AVX512 dequantize_4bit kernel (any AVX512F CPU, K a multiple of 16) reads the
+    scale of element (r, c) at absmax[r * (K // blocksize) + c // blocksize], which is that block's only
+    when K is a multiple of the block size: elsewhere rows got their neighbours' scales (tiny-digits nf4:
+    17.0 dB output SQNR instead of 29.3). Dequantized as rows of one block each (or as one row), the row
+    index is the block index on every kernel; the values are those of bitsandbytes' own gemm_4bit path.
+    """
+    ops, qs = torch.ops.bitsandbytes, param.quant_state
+    absmax = qs.absmax
+    if qs.nested:  # double-quantized absmax: 8-bit codes, fp32 scales per state2 block, and an offset
+        absmax = ops.dequantize_blockwise.default(absmax, qs.state2.absmax, qs.state2.code, qs.state2.blocksize,
+                                                  torch.float32) + qs.offset
+    n, block = qs.shape.numel(), qs.blocksize
+    rows = [n // block, block] if n % block == 0 else [1, n]
+    return ops.dequantize_4bit.default(param.data, absmax, block, qs.quant_type, rows, dtype).reshape(qs.shape)
+
+
+def _forward_cpu(self, x: torch.Tensor) -> torch.Tensor:
+    """Linear4bit.forward on CPU, its weight dequantized by dequantize_flat (bound to each CPU Linear4bit)."""
+    if x.device.type != "cpu":
+        return type(self).forward(self, x)
+    dtype = self.compute_dtype or x.dtype  # as Linear4bit: --compute-dtype, else the input's
+    bias = None if self.bias is None else self.bias.to(dtype)
+    return F.linear(x.to(dtype), dequantize_flat(self.weight, dtype), bias).to(x.dtype)
+
+
 def _linear4(spec: dict, device: str, weight=None, t=None, bias=None) -> nn.Module:
     bnb = _bnb()
     cd = spec.get("compute_dtype")
@@ -145,6 +174,8 @@ def _linear4(spec: dict, device: str, weight=None, t=None, bias=None) -> nn.Modu
     # invalid"), and the repacked tensors are not the format ditkit writes. Keep the portable layout.
     m.support_avx512bf16_for_cpu = False
     m = m.to(device)
+    if not _on_cuda(device):
+        m.forward = types.MethodType(_forward_cpu, m)
     return tag(m, LINEAR4, _kernel4(device, cd), spec, fallback=_dense4(device))
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 
-from ditkit.formats.errors import ConfigError, choice_error
+from ditkit.formats.errors import ConfigError, check_options, choice_error
 
 from ..runtime import resolve_device, resolve_dtype
 from ..sample import SAMPLERS
@@ -39,6 +39,7 @@ class BenchConfig:
     min_psnr: float | None = None
 
     def __post_init__(self):
+        check_options(self)  # floats finite, seeds and counts in range (formats/errors.py)
         if not self.batch_sizes:
             raise ConfigError("--batch-sizes needs at least one batch size, e.g. 1,8")
         if any(b < 1 for b in self.batch_sizes) or len(set(self.batch_sizes)) != len(self.batch_sizes):

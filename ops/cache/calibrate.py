@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
-from ditkit.formats.errors import ConfigError
+from ditkit.formats.errors import ConfigError, check_options
 from ditkit.formats.families import FAMILIES
 
 from ..flops import call_flops
@@ -57,6 +57,7 @@ class CacheConfig:
     timing_repeats: int = 7  # interleaved timing rounds of the cost model (medians)
 
     def __post_init__(self):
+        check_options(self)  # floats finite, seeds and counts in range (formats/errors.py)
         if not (isinstance(self.target_speedup, (int, float)) and math.isfinite(self.target_speedup)
                 and self.target_speedup > 1.0):
             raise ConfigError(f"--target-speedup must be a number > 1 (got {self.target_speedup})")

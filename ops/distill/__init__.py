@@ -18,7 +18,7 @@ from typing import Callable
 
 from torch import nn
 
-from ditkit.formats.errors import ConfigError, choice_error
+from ditkit.formats.errors import ConfigError, check_options, choice_error
 from ditkit.ops.training import MIXED_PRECISION, TrainConfig, train
 
 from . import common, feedback, recover, steps
@@ -96,6 +96,7 @@ class DistillConfig:
     device: str = "cpu"
 
     def __post_init__(self):
+        check_options(self)  # floats finite, seeds and counts in range (formats/errors.py)
         if self.mode not in DISTILL_MODES:
             raise choice_error("distill mode", self.mode, DISTILL_MODES)
         m = DISTILL_MODES[self.mode]

@@ -6,7 +6,8 @@ Formats (EXPORT_FORMATS):
                 checked in onnxruntime against PyTorch at two batch sizes and two resolutions;
   diffusers     a plain diffusers directory (LoRA fused, pruned configs kept) that from_pretrained loads;
   safetensors   one .safetensors file: the transformer, its config and family in the header metadata;
-  dit-original  a facebookresearch/DiT .pt state dict (dit family only).
+  dit-original  a facebookresearch/DiT .pt state dict (dit family only);
+  gguf          one .gguf file (formats/gguf.py), checked by the output SQNR of its dequantized model (gguf.py).
 
 The op builds everything in memory or in a staging directory (ONNX: onnxruntime needs files) and checks
 it; formats/ writes it (formats.export_files.WRITERS). A failed check is reported (passed = False) and the
@@ -16,14 +17,14 @@ from __future__ import annotations
 
 from typing import Callable
 
-from .config import (EXPORT_FORMATS, OPSETS, PARITY_BATCHES, PRECISIONS, TOLERANCE, VAE_CHOICES, ExportConfig,
+from .config import (EXPORT_FORMATS, GGUF_QUANTS, OPSETS, PARITY_BATCHES, PRECISIONS, TOLERANCE, VAE_CHOICES, ExportConfig,
                      ExportFormat, ExportReport, check_gate)
 from .layouts import _export_layout
 from .onnx_graph import _export_onnx
 from .parity import _summarize, transformer_parity
 from .trace import capture_call, check_exportable, export_graph, fuse_lora_, infer_axes
 
-__all__ = ["EXPORT_FORMATS", "OPSETS", "PARITY_BATCHES", "PRECISIONS", "TOLERANCE", "VAE_CHOICES", "ExportConfig",
+__all__ = ["EXPORT_FORMATS", "GGUF_QUANTS", "OPSETS", "PARITY_BATCHES", "PRECISIONS", "TOLERANCE", "VAE_CHOICES", "ExportConfig",
            "ExportFormat", "ExportReport", "_summarize", "capture_call", "check_exportable", "check_gate", "export",
            "export_graph", "fuse_lora_", "infer_axes", "transformer_parity"]
 
@@ -50,5 +51,10 @@ def export(bundle, cfg: ExportConfig, log: Callable[[str], None] | None = None):
     if fmt.name == "onnx":
         report.opset = cfg.opset
         return _export_onnx(bundle, cfg, report, log)
+    if fmt.name == "gguf":
+        from .gguf import check_gguf
+
+        log(f"quantizing to {cfg.quant} and checking the dequantized model's output against the source")
+        return check_gguf(bundle, cfg, report)
     log(f"checking that the {fmt.name} layout reloads bit-exact")
     return _export_layout(bundle, cfg, report)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 
-from ditkit.formats.errors import ConfigError, QualityGateError, choice_error
+from ditkit.formats.errors import ConfigError, QualityGateError, check_options, choice_error
 
 
 PRECISIONS = ("fp32", "fp16")
@@ -42,7 +42,10 @@ EXPORT_FORMATS: dict[str, ExportFormat] = {f.name: f for f in (
                  "one file: the transformer with its config and family in the header metadata"),
     ExportFormat("dit-original", "file", ".pt", ("dit",), False,
                  "the facebookresearch/DiT key layout as a .pt state dict of tensors"),
+    ExportFormat("gguf", "file", ".gguf", None, False,
+                 "one .gguf file quantized with --quant, in the layout ComfyUI-GGUF and diffusers read"),
 )}
+GGUF_QUANTS = ("Q8_0", "Q5_K", "Q4_K", "Q4_0", "BF16")  # formats.gguf.QUANTS (not imported: keeps gguf lazy)
 
 
 @dataclass
@@ -57,10 +60,21 @@ class ExportConfig:
     rtol: float | None = None  # max |onnx - torch| / max |torch|
     workdir: str | None = None  # where graphs are staged (the CLI passes the output's parent: moving is a rename)
     device: str = "cpu"  # onnxruntime's execution provider for the parity check (cuda: CUDA EP)
+    quant: str | None = None  # gguf only: Q8_0 when not given (the near-lossless GGUF type)
+    min_sqnr: float | None = None  # gguf only: fail (write nothing) under this output SQNR in dB
 
     def __post_init__(self):
+        check_options(self)  # floats finite, seeds and counts in range (formats/errors.py)
         if self.format not in EXPORT_FORMATS:
             raise choice_error("format", self.format, EXPORT_FORMATS)
+        if self.format == "gguf":
+            self.quant = self.quant or "Q8_0"
+            if self.quant not in GGUF_QUANTS:
+                raise choice_error("--quant", self.quant, GGUF_QUANTS)
+        elif self.quant is not None or self.min_sqnr is not None:
+            raise ConfigError(f"--quant and --min-sqnr apply to --format gguf; drop them for {self.format}")
+        if self.min_sqnr is not None and not math.isfinite(self.min_sqnr):
+            raise ConfigError(f"--min-sqnr must be a finite number of dB (got {self.min_sqnr})")
         if self.precision not in PRECISIONS:
             raise choice_error("precision", self.precision, PRECISIONS)
         if self.vae not in VAE_CHOICES:
@@ -116,6 +130,11 @@ class ExportReport:
     atol: float = 0.0
     rtol: float = 0.0
     bit_exact: bool | None = None  # non-onnx formats: the reloaded model's outputs are identical
+    # gguf: the quant type, the GGML type of each tensor written (counts), the key layout, output SQNR (dB)
+    quant: str | None = None
+    tensor_types: dict = field(default_factory=dict)
+    layout: str | None = None
+    sqnr_db: float | None = None
     passed: bool = True
     failures: list[str] = field(default_factory=list)
     seconds_export: float = 0.0

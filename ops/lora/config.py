@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 
-from ditkit.formats.errors import ConfigError, choice_error
+from ditkit.formats.errors import ConfigError, check_options, choice_error
 from ditkit.formats.lora import effective_scale
 
 from ..training import MIXED_PRECISION, TrainConfig
@@ -38,6 +38,7 @@ class LoraConfig:
     device: str = "cpu"
 
     def __post_init__(self):
+        check_options(self)  # floats finite, seeds and counts in range (formats/errors.py)
         self.targets = tuple(self.targets)
         if self.rank < 1:
             raise ConfigError(f"--rank must be >= 1 (got {self.rank})")

@@ -17,7 +17,7 @@ from typing import Callable
 
 import torch
 
-from ditkit.formats.errors import ConfigError, UnsupportedModelError, choice_error
+from ditkit.formats.errors import ConfigError, UnsupportedModelError, check_options, choice_error
 from ditkit.ops.flops import count_flops
 from ditkit.ops.geometry import latent_hw
 from ditkit.ops.info import count_params
@@ -79,6 +79,7 @@ class PruneConfig:
     device: str = "cpu"
 
     def __post_init__(self):
+        check_options(self)  # floats finite, seeds and counts in range (formats/errors.py)
         if self.method not in PRUNE_METHODS:
             raise choice_error("method", self.method, PRUNE_METHODS)
         m = PRUNE_METHODS[self.method]

@@ -27,7 +27,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ditkit.formats.errors import ConfigError, HardwareError, UnsupportedModelError, choice_error
+from ditkit.formats.errors import ConfigError, HardwareError, UnsupportedModelError, check_options, choice_error
 from ditkit.formats.quantized import SCHEME_ATTR, is_quantized
 
 from ditkit.nn.quantized import KERNEL_ATTR, KINDS, bnb, fp8, torch_dynamic, weight_only
@@ -91,6 +91,7 @@ class QuantizeConfig:
     seed: int = 0
 
     def __post_init__(self):
+        check_options(self)  # floats finite, seeds and counts in range (formats/errors.py)
         if self.scheme not in QUANT_SCHEMES:
             raise choice_error("scheme", self.scheme, QUANT_SCHEMES)
         for p in self.skip:
