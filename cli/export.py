@@ -33,7 +33,7 @@ def export_cmd(
     format_: Annotated[str, typer.Option("--format", help=FORMAT_HELP)] = "onnx",
     precision: Annotated[str, typer.Option(help=f"onnx: {', '.join(PRECISIONS)} (fp16 is converted from the "
                                            "checked fp32 graph).")] = "fp32",
-    opset: Annotated[int, typer.Option(help="ONNX opset, 17..23.")] = 18,
+    opset: Annotated[int, typer.Option(help="ONNX opset, 18..21.")] = 18,
     height: Annotated[Optional[int], typer.Option(help="Pixels to trace at (default: native); the only size of "
                                                   "fixed-resolution graphs.")] = None,
     width: Annotated[Optional[int], typer.Option(help="Pixels to trace at (default: native).")] = None,

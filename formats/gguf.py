@@ -54,7 +54,7 @@ def _gguf():
 
 
 def layout(family: str) -> str:
-    return original_keys.LAYOUTS.get(family, "diffusers")
+    return original_keys.layout_name(family)
 
 
 # -- K-quant encoders (numpy ports of ggml's reference rows; QK_K = 256 values per super-block) -------

@@ -19,103 +19,32 @@ import torch
 
 from .errors import FormatError
 
-SWAP = "swap"  # stored (shift, scale) in the original layout
+from .families import FAMILIES
+from .families.keys import SWAP
 
-_BLOCK = r"transformer_blocks\.(\d+)\."
-_SINGLE = r"single_transformer_blocks\.(\d+)\."
-_WB = r"(weight|bias)$"
 
-# (diffusers regex, original template, part): part = index in a dim-0 concatenation, or SWAP, or None
-FLUX: list[tuple[str, str, object]] = [
-    (r"^time_text_embed\.timestep_embedder\.linear_1\." + _WB, r"time_in.in_layer.\1", None),
-    (r"^time_text_embed\.timestep_embedder\.linear_2\." + _WB, r"time_in.out_layer.\1", None),
-    (r"^time_text_embed\.text_embedder\.linear_1\." + _WB, r"vector_in.in_layer.\1", None),
-    (r"^time_text_embed\.text_embedder\.linear_2\." + _WB, r"vector_in.out_layer.\1", None),
-    (r"^time_text_embed\.guidance_embedder\.linear_1\." + _WB, r"guidance_in.in_layer.\1", None),
-    (r"^time_text_embed\.guidance_embedder\.linear_2\." + _WB, r"guidance_in.out_layer.\1", None),
-    (r"^context_embedder\." + _WB, r"txt_in.\1", None),
-    (r"^x_embedder\." + _WB, r"img_in.\1", None),
-    (r"^" + _BLOCK + r"norm1\.linear\." + _WB, r"double_blocks.\1.img_mod.lin.\2", None),
-    (r"^" + _BLOCK + r"norm1_context\.linear\." + _WB, r"double_blocks.\1.txt_mod.lin.\2", None),
-    (r"^" + _BLOCK + r"attn\.to_q\." + _WB, r"double_blocks.\1.img_attn.qkv.\2", 0),
-    (r"^" + _BLOCK + r"attn\.to_k\." + _WB, r"double_blocks.\1.img_attn.qkv.\2", 1),
-    (r"^" + _BLOCK + r"attn\.to_v\." + _WB, r"double_blocks.\1.img_attn.qkv.\2", 2),
-    (r"^" + _BLOCK + r"attn\.add_q_proj\." + _WB, r"double_blocks.\1.txt_attn.qkv.\2", 0),
-    (r"^" + _BLOCK + r"attn\.add_k_proj\." + _WB, r"double_blocks.\1.txt_attn.qkv.\2", 1),
-    (r"^" + _BLOCK + r"attn\.add_v_proj\." + _WB, r"double_blocks.\1.txt_attn.qkv.\2", 2),
-    (r"^" + _BLOCK + r"attn\.norm_q\.weight$", r"double_blocks.\1.img_attn.norm.query_norm.scale", None),
-    (r"^" + _BLOCK + r"attn\.norm_k\.weight$", r"double_blocks.\1.img_attn.norm.key_norm.scale", None),
-    (r"^" + _BLOCK + r"attn\.norm_added_q\.weight$", r"double_blocks.\1.txt_attn.norm.query_norm.scale", None),
-    (r"^" + _BLOCK + r"attn\.norm_added_k\.weight$", r"double_blocks.\1.txt_attn.norm.key_norm.scale", None),
-    (r"^" + _BLOCK + r"ff\.net\.0\.proj\." + _WB, r"double_blocks.\1.img_mlp.0.\2", None),
-    (r"^" + _BLOCK + r"ff\.net\.2\." + _WB, r"double_blocks.\1.img_mlp.2.\2", None),
-    (r"^" + _BLOCK + r"ff_context\.net\.0\.proj\." + _WB, r"double_blocks.\1.txt_mlp.0.\2", None),
-    (r"^" + _BLOCK + r"ff_context\.net\.2\." + _WB, r"double_blocks.\1.txt_mlp.2.\2", None),
-    (r"^" + _BLOCK + r"attn\.to_out\.0\." + _WB, r"double_blocks.\1.img_attn.proj.\2", None),
-    (r"^" + _BLOCK + r"attn\.to_add_out\." + _WB, r"double_blocks.\1.txt_attn.proj.\2", None),
-    (r"^" + _SINGLE + r"norm\.linear\." + _WB, r"single_blocks.\1.modulation.lin.\2", None),
-    (r"^" + _SINGLE + r"attn\.to_q\." + _WB, r"single_blocks.\1.linear1.\2", 0),
-    (r"^" + _SINGLE + r"attn\.to_k\." + _WB, r"single_blocks.\1.linear1.\2", 1),
-    (r"^" + _SINGLE + r"attn\.to_v\." + _WB, r"single_blocks.\1.linear1.\2", 2),
-    (r"^" + _SINGLE + r"proj_mlp\." + _WB, r"single_blocks.\1.linear1.\2", 3),
-    (r"^" + _SINGLE + r"attn\.norm_q\.weight$", r"single_blocks.\1.norm.query_norm.scale", None),
-    (r"^" + _SINGLE + r"attn\.norm_k\.weight$", r"single_blocks.\1.norm.key_norm.scale", None),
-    (r"^" + _SINGLE + r"proj_out\." + _WB, r"single_blocks.\1.linear2.\2", None),
-    (r"^proj_out\." + _WB, r"final_layer.linear.\1", None),
-    (r"^norm_out\.linear\." + _WB, r"final_layer.adaLN_modulation.1.\1", SWAP),
-]
-
-SD3: list[tuple[str, str, object]] = [
-    (r"^pos_embed\.pos_embed$", "pos_embed", None),
-    (r"^pos_embed\.proj\." + _WB, r"x_embedder.proj.\1", None),
-    (r"^time_text_embed\.timestep_embedder\.linear_1\." + _WB, r"t_embedder.mlp.0.\1", None),
-    (r"^time_text_embed\.timestep_embedder\.linear_2\." + _WB, r"t_embedder.mlp.2.\1", None),
-    (r"^time_text_embed\.text_embedder\.linear_1\." + _WB, r"y_embedder.mlp.0.\1", None),
-    (r"^time_text_embed\.text_embedder\.linear_2\." + _WB, r"y_embedder.mlp.2.\1", None),
-    (r"^context_embedder\." + _WB, r"context_embedder.\1", None),
-    (r"^" + _BLOCK + r"attn\.to_q\." + _WB, r"joint_blocks.\1.x_block.attn.qkv.\2", 0),
-    (r"^" + _BLOCK + r"attn\.to_k\." + _WB, r"joint_blocks.\1.x_block.attn.qkv.\2", 1),
-    (r"^" + _BLOCK + r"attn\.to_v\." + _WB, r"joint_blocks.\1.x_block.attn.qkv.\2", 2),
-    (r"^" + _BLOCK + r"attn\.add_q_proj\." + _WB, r"joint_blocks.\1.context_block.attn.qkv.\2", 0),
-    (r"^" + _BLOCK + r"attn\.add_k_proj\." + _WB, r"joint_blocks.\1.context_block.attn.qkv.\2", 1),
-    (r"^" + _BLOCK + r"attn\.add_v_proj\." + _WB, r"joint_blocks.\1.context_block.attn.qkv.\2", 2),
-    (r"^" + _BLOCK + r"attn\.norm_q\.weight$", r"joint_blocks.\1.x_block.attn.ln_q.weight", None),
-    (r"^" + _BLOCK + r"attn\.norm_k\.weight$", r"joint_blocks.\1.x_block.attn.ln_k.weight", None),
-    (r"^" + _BLOCK + r"attn\.norm_added_q\.weight$", r"joint_blocks.\1.context_block.attn.ln_q.weight", None),
-    (r"^" + _BLOCK + r"attn\.norm_added_k\.weight$", r"joint_blocks.\1.context_block.attn.ln_k.weight", None),
-    (r"^" + _BLOCK + r"attn\.to_out\.0\." + _WB, r"joint_blocks.\1.x_block.attn.proj.\2", None),
-    (r"^" + _BLOCK + r"attn\.to_add_out\." + _WB, r"joint_blocks.\1.context_block.attn.proj.\2", None),
-    (r"^" + _BLOCK + r"attn2\.to_q\." + _WB, r"joint_blocks.\1.x_block.attn2.qkv.\2", 0),
-    (r"^" + _BLOCK + r"attn2\.to_k\." + _WB, r"joint_blocks.\1.x_block.attn2.qkv.\2", 1),
-    (r"^" + _BLOCK + r"attn2\.to_v\." + _WB, r"joint_blocks.\1.x_block.attn2.qkv.\2", 2),
-    (r"^" + _BLOCK + r"attn2\.norm_q\.weight$", r"joint_blocks.\1.x_block.attn2.ln_q.weight", None),
-    (r"^" + _BLOCK + r"attn2\.norm_k\.weight$", r"joint_blocks.\1.x_block.attn2.ln_k.weight", None),
-    (r"^" + _BLOCK + r"attn2\.to_out\.0\." + _WB, r"joint_blocks.\1.x_block.attn2.proj.\2", None),
-    (r"^" + _BLOCK + r"norm1\.linear\." + _WB, r"joint_blocks.\1.x_block.adaLN_modulation.1.\2", None),
-    # the last block's context stream ends in a continuous adaLN (diffusers: scale, shift); the others do not
-    (r"^" + _BLOCK + r"norm1_context\.linear\." + _WB, r"joint_blocks.\1.context_block.adaLN_modulation.1.\2",
-     "swap-if-last"),
-    (r"^" + _BLOCK + r"ff\.net\.0\.proj\." + _WB, r"joint_blocks.\1.x_block.mlp.fc1.\2", None),
-    (r"^" + _BLOCK + r"ff\.net\.2\." + _WB, r"joint_blocks.\1.x_block.mlp.fc2.\2", None),
-    (r"^" + _BLOCK + r"ff_context\.net\.0\.proj\." + _WB, r"joint_blocks.\1.context_block.mlp.fc1.\2", None),
-    (r"^" + _BLOCK + r"ff_context\.net\.2\." + _WB, r"joint_blocks.\1.context_block.mlp.fc2.\2", None),
-    (r"^proj_out\." + _WB, r"final_layer.linear.\1", None),
-    (r"^norm_out\.linear\." + _WB, r"final_layer.adaLN_modulation.1.\1", SWAP),
-]
-
-TABLES = {"flux": FLUX, "sd3": SD3}
-LAYOUTS = {"flux": "bfl-flux", "sd3": "stability-sd3"}  # the names ditkit gives these layouts
 PREFIX = "model.diffusion_model."
 
 
+def _layout(family: str) -> tuple[str, list] | None:
+    """(layout name, key table) of a family with an original single-file layout (its adapter says), else None."""
+    fam = FAMILIES.get(family)
+    return fam.original_layout if fam is not None else None
+
+
 def has_original_layout(family: str) -> bool:
-    return family in TABLES
+    return _layout(family) is not None
+
+
+def layout_name(family: str, default: str = "diffusers") -> str:
+    lay = _layout(family)
+    return lay[0] if lay else default
 
 
 def _plan(family: str, keys) -> dict[str, list[tuple[object, str]]]:
     """original key -> [(part, diffusers key)] in concatenation order."""
     keys = set(keys)
-    table = [(re.compile(rx), tmpl, part) for rx, tmpl, part in TABLES[family]]
+    table = [(re.compile(rx), tmpl, part) for rx, tmpl, part in _layout(family)[1]]
     plan: dict[str, list[tuple[object, str]]] = {}
     for k in sorted(keys):
         for rx, tmpl, part in table:
@@ -127,7 +56,7 @@ def _plan(family: str, keys) -> dict[str, list[tuple[object, str]]]:
             plan.setdefault(m.expand(tmpl), []).append((part, k))
             break
         else:
-            raise FormatError(f"the {family} key {k!r} has no place in the {LAYOUTS[family]} layout; "
+            raise FormatError(f"the {family} key {k!r} has no place in the {layout_name(family)} layout; "
                               "export it with --format safetensors or diffusers")
     for group in plan.values():
         group.sort(key=lambda pk: pk[0] if isinstance(pk[0], int) else -1)
@@ -158,7 +87,7 @@ def from_original(family: str, state: dict[str, torch.Tensor], shapes: dict[str,
     missing = [k for k in plan if k not in state]
     unexpected = [k for k in state if k not in plan]
     if missing or unexpected:
-        raise FormatError(f"weights do not match the {family} config in the {LAYOUTS[family]} layout "
+        raise FormatError(f"weights do not match the {family} config in the {layout_name(family)} layout "
                           f"({len(missing)} missing, {len(unexpected)} unexpected, e.g. {(missing or unexpected)[0]})")
     out = {}
     for okey, group in plan.items():

@@ -79,13 +79,24 @@ ARCH_FIELDS = ("sample_size", "patch_size", "num_layers", "num_single_layers", "
 COUNT_FIELDS = ("num_layers", "num_single_layers")  # block counts: depth pruning may remove a whole stack
 
 
+def finite_floats(value, where) -> None:
+    """Every float inside a JSON value is finite (NaN or inf in a config gives blank images, not an error)."""
+    stack = [("", value)]
+    while stack:
+        path, v = stack.pop()
+        if isinstance(v, float) and not math.isfinite(v):
+            raise FormatError(f"{where}: {path or 'a value'} is {v}; it must be a finite number")
+        if isinstance(v, dict):
+            stack.extend((f"{path}.{k}" if path else str(k), x) for k, x in v.items())
+        elif isinstance(v, list):
+            stack.extend((f"{path}[{i}]", x) for i, x in enumerate(v))
+
+
 def check_config(config: dict, where: str = "config") -> dict:
     """The architecture fields a transformer config.json sets must be positive integers (not strings,
     floats, negatives or absurd sizes): a wrong field is named here instead of failing deep in diffusers."""
     if not isinstance(config, dict):
         raise FormatError(f"{where} must hold a JSON object")
-    from .sanity import finite_floats
-
     finite_floats(config, where)  # norm_eps: NaN builds a model that makes blank images
     cls = config.get("_class_name")
     if cls is not None and not isinstance(cls, str):

@@ -113,14 +113,3 @@ def check_weights_dir(cls, config: dict, root: Path, quantized: bool = False) ->
         check_against_weights(cls, config, table, where)
 
 
-def finite_floats(value, where) -> None:
-    """Every float inside a JSON value is finite (NaN or inf in a config gives blank images, not an error)."""
-    stack = [("", value)]
-    while stack:
-        path, v = stack.pop()
-        if isinstance(v, float) and not math.isfinite(v):
-            raise FormatError(f"{where}: {path or 'a value'} is {v}; it must be a finite number")
-        if isinstance(v, dict):
-            stack.extend((f"{path}.{k}" if path else str(k), x) for k, x in v.items())
-        elif isinstance(v, list):
-            stack.extend((f"{path}[{i}]", x) for i, x in enumerate(v))

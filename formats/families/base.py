@@ -61,6 +61,8 @@ class Family:
     stacks: tuple[Stack, ...] | None = None
     width: WidthSpec | None = None  # what width pruning cuts together; None refuses width pruning
     two_stream: bool = False  # blocks take and return (text, image) streams (MMDiT), not hidden states alone
+    # the authors' single-file key layout: (its name, the key table of formats/original_keys.py), or None
+    original_layout: tuple | None = None
 
     def __post_init__(self):
         if self.stacks is None:

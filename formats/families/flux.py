@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from .base import Family, Stack
+from .keys import _BLOCK, _SINGLE, _WB, SWAP  # noqa: F401 - used by the key table
 from .coupling import SB, TB, WB, WidthSpec, attn, ff, linear, mlp2
 
 # Flux's single-stream blocks run text and image tokens as one sequence: the context stream is the residual.
@@ -96,6 +97,48 @@ class FluxFamily(Family):
                     guidance_embeds=True, axes_dims_rope=(4, 6, 6))
 
 
+# The authors' single-file layout, mapped by formats/original_keys.py.
+# (diffusers regex, original template, part): part = index in a dim-0 concatenation, or SWAP, or None
+FLUX: list[tuple[str, str, object]] = [
+    (r"^time_text_embed\.timestep_embedder\.linear_1\." + _WB, r"time_in.in_layer.\1", None),
+    (r"^time_text_embed\.timestep_embedder\.linear_2\." + _WB, r"time_in.out_layer.\1", None),
+    (r"^time_text_embed\.text_embedder\.linear_1\." + _WB, r"vector_in.in_layer.\1", None),
+    (r"^time_text_embed\.text_embedder\.linear_2\." + _WB, r"vector_in.out_layer.\1", None),
+    (r"^time_text_embed\.guidance_embedder\.linear_1\." + _WB, r"guidance_in.in_layer.\1", None),
+    (r"^time_text_embed\.guidance_embedder\.linear_2\." + _WB, r"guidance_in.out_layer.\1", None),
+    (r"^context_embedder\." + _WB, r"txt_in.\1", None),
+    (r"^x_embedder\." + _WB, r"img_in.\1", None),
+    (r"^" + _BLOCK + r"norm1\.linear\." + _WB, r"double_blocks.\1.img_mod.lin.\2", None),
+    (r"^" + _BLOCK + r"norm1_context\.linear\." + _WB, r"double_blocks.\1.txt_mod.lin.\2", None),
+    (r"^" + _BLOCK + r"attn\.to_q\." + _WB, r"double_blocks.\1.img_attn.qkv.\2", 0),
+    (r"^" + _BLOCK + r"attn\.to_k\." + _WB, r"double_blocks.\1.img_attn.qkv.\2", 1),
+    (r"^" + _BLOCK + r"attn\.to_v\." + _WB, r"double_blocks.\1.img_attn.qkv.\2", 2),
+    (r"^" + _BLOCK + r"attn\.add_q_proj\." + _WB, r"double_blocks.\1.txt_attn.qkv.\2", 0),
+    (r"^" + _BLOCK + r"attn\.add_k_proj\." + _WB, r"double_blocks.\1.txt_attn.qkv.\2", 1),
+    (r"^" + _BLOCK + r"attn\.add_v_proj\." + _WB, r"double_blocks.\1.txt_attn.qkv.\2", 2),
+    (r"^" + _BLOCK + r"attn\.norm_q\.weight$", r"double_blocks.\1.img_attn.norm.query_norm.scale", None),
+    (r"^" + _BLOCK + r"attn\.norm_k\.weight$", r"double_blocks.\1.img_attn.norm.key_norm.scale", None),
+    (r"^" + _BLOCK + r"attn\.norm_added_q\.weight$", r"double_blocks.\1.txt_attn.norm.query_norm.scale", None),
+    (r"^" + _BLOCK + r"attn\.norm_added_k\.weight$", r"double_blocks.\1.txt_attn.norm.key_norm.scale", None),
+    (r"^" + _BLOCK + r"ff\.net\.0\.proj\." + _WB, r"double_blocks.\1.img_mlp.0.\2", None),
+    (r"^" + _BLOCK + r"ff\.net\.2\." + _WB, r"double_blocks.\1.img_mlp.2.\2", None),
+    (r"^" + _BLOCK + r"ff_context\.net\.0\.proj\." + _WB, r"double_blocks.\1.txt_mlp.0.\2", None),
+    (r"^" + _BLOCK + r"ff_context\.net\.2\." + _WB, r"double_blocks.\1.txt_mlp.2.\2", None),
+    (r"^" + _BLOCK + r"attn\.to_out\.0\." + _WB, r"double_blocks.\1.img_attn.proj.\2", None),
+    (r"^" + _BLOCK + r"attn\.to_add_out\." + _WB, r"double_blocks.\1.txt_attn.proj.\2", None),
+    (r"^" + _SINGLE + r"norm\.linear\." + _WB, r"single_blocks.\1.modulation.lin.\2", None),
+    (r"^" + _SINGLE + r"attn\.to_q\." + _WB, r"single_blocks.\1.linear1.\2", 0),
+    (r"^" + _SINGLE + r"attn\.to_k\." + _WB, r"single_blocks.\1.linear1.\2", 1),
+    (r"^" + _SINGLE + r"attn\.to_v\." + _WB, r"single_blocks.\1.linear1.\2", 2),
+    (r"^" + _SINGLE + r"proj_mlp\." + _WB, r"single_blocks.\1.linear1.\2", 3),
+    (r"^" + _SINGLE + r"attn\.norm_q\.weight$", r"single_blocks.\1.norm.query_norm.scale", None),
+    (r"^" + _SINGLE + r"attn\.norm_k\.weight$", r"single_blocks.\1.norm.key_norm.scale", None),
+    (r"^" + _SINGLE + r"proj_out\." + _WB, r"single_blocks.\1.linear2.\2", None),
+    (r"^proj_out\." + _WB, r"final_layer.linear.\1", None),
+    (r"^norm_out\.linear\." + _WB, r"final_layer.adaLN_modulation.1.\1", SWAP),
+]
+
+
 FAMILY = FluxFamily(
     name="flux",
     transformer_class="FluxTransformer2DModel",
@@ -112,4 +155,5 @@ FAMILY = FluxFamily(
     stacks=(Stack("transformer_blocks", "num_layers"), Stack("single_transformer_blocks", "num_single_layers")),
     width=WIDTH,
     two_stream=True,
+    original_layout=("bfl-flux", FLUX),  # Black Forest Labs' keys (flux1-dev.safetensors)
 )

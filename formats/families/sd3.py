@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from .base import Family, Stack
+from .keys import _BLOCK, _SINGLE, _WB, SWAP  # noqa: F401 - used by the key table
 from .coupling import TB, WidthSpec, attn, ff, linear, mlp2
 
 WIDTH = WidthSpec(rules=(
@@ -63,6 +64,46 @@ class SD3Family(Family):
                     pooled_projection_dim=16, pos_embed_max_size=16)
 
 
+# The authors' single-file layout, mapped by formats/original_keys.py.
+SD3: list[tuple[str, str, object]] = [
+    (r"^pos_embed\.pos_embed$", "pos_embed", None),
+    (r"^pos_embed\.proj\." + _WB, r"x_embedder.proj.\1", None),
+    (r"^time_text_embed\.timestep_embedder\.linear_1\." + _WB, r"t_embedder.mlp.0.\1", None),
+    (r"^time_text_embed\.timestep_embedder\.linear_2\." + _WB, r"t_embedder.mlp.2.\1", None),
+    (r"^time_text_embed\.text_embedder\.linear_1\." + _WB, r"y_embedder.mlp.0.\1", None),
+    (r"^time_text_embed\.text_embedder\.linear_2\." + _WB, r"y_embedder.mlp.2.\1", None),
+    (r"^context_embedder\." + _WB, r"context_embedder.\1", None),
+    (r"^" + _BLOCK + r"attn\.to_q\." + _WB, r"joint_blocks.\1.x_block.attn.qkv.\2", 0),
+    (r"^" + _BLOCK + r"attn\.to_k\." + _WB, r"joint_blocks.\1.x_block.attn.qkv.\2", 1),
+    (r"^" + _BLOCK + r"attn\.to_v\." + _WB, r"joint_blocks.\1.x_block.attn.qkv.\2", 2),
+    (r"^" + _BLOCK + r"attn\.add_q_proj\." + _WB, r"joint_blocks.\1.context_block.attn.qkv.\2", 0),
+    (r"^" + _BLOCK + r"attn\.add_k_proj\." + _WB, r"joint_blocks.\1.context_block.attn.qkv.\2", 1),
+    (r"^" + _BLOCK + r"attn\.add_v_proj\." + _WB, r"joint_blocks.\1.context_block.attn.qkv.\2", 2),
+    (r"^" + _BLOCK + r"attn\.norm_q\.weight$", r"joint_blocks.\1.x_block.attn.ln_q.weight", None),
+    (r"^" + _BLOCK + r"attn\.norm_k\.weight$", r"joint_blocks.\1.x_block.attn.ln_k.weight", None),
+    (r"^" + _BLOCK + r"attn\.norm_added_q\.weight$", r"joint_blocks.\1.context_block.attn.ln_q.weight", None),
+    (r"^" + _BLOCK + r"attn\.norm_added_k\.weight$", r"joint_blocks.\1.context_block.attn.ln_k.weight", None),
+    (r"^" + _BLOCK + r"attn\.to_out\.0\." + _WB, r"joint_blocks.\1.x_block.attn.proj.\2", None),
+    (r"^" + _BLOCK + r"attn\.to_add_out\." + _WB, r"joint_blocks.\1.context_block.attn.proj.\2", None),
+    (r"^" + _BLOCK + r"attn2\.to_q\." + _WB, r"joint_blocks.\1.x_block.attn2.qkv.\2", 0),
+    (r"^" + _BLOCK + r"attn2\.to_k\." + _WB, r"joint_blocks.\1.x_block.attn2.qkv.\2", 1),
+    (r"^" + _BLOCK + r"attn2\.to_v\." + _WB, r"joint_blocks.\1.x_block.attn2.qkv.\2", 2),
+    (r"^" + _BLOCK + r"attn2\.norm_q\.weight$", r"joint_blocks.\1.x_block.attn2.ln_q.weight", None),
+    (r"^" + _BLOCK + r"attn2\.norm_k\.weight$", r"joint_blocks.\1.x_block.attn2.ln_k.weight", None),
+    (r"^" + _BLOCK + r"attn2\.to_out\.0\." + _WB, r"joint_blocks.\1.x_block.attn2.proj.\2", None),
+    (r"^" + _BLOCK + r"norm1\.linear\." + _WB, r"joint_blocks.\1.x_block.adaLN_modulation.1.\2", None),
+    # the last block's context stream ends in a continuous adaLN (diffusers: scale, shift); the others do not
+    (r"^" + _BLOCK + r"norm1_context\.linear\." + _WB, r"joint_blocks.\1.context_block.adaLN_modulation.1.\2",
+     "swap-if-last"),
+    (r"^" + _BLOCK + r"ff\.net\.0\.proj\." + _WB, r"joint_blocks.\1.x_block.mlp.fc1.\2", None),
+    (r"^" + _BLOCK + r"ff\.net\.2\." + _WB, r"joint_blocks.\1.x_block.mlp.fc2.\2", None),
+    (r"^" + _BLOCK + r"ff_context\.net\.0\.proj\." + _WB, r"joint_blocks.\1.context_block.mlp.fc1.\2", None),
+    (r"^" + _BLOCK + r"ff_context\.net\.2\." + _WB, r"joint_blocks.\1.context_block.mlp.fc2.\2", None),
+    (r"^proj_out\." + _WB, r"final_layer.linear.\1", None),
+    (r"^norm_out\.linear\." + _WB, r"final_layer.adaLN_modulation.1.\1", SWAP),
+]
+
+
 FAMILY = SD3Family(
     name="sd3",
     transformer_class="SD3Transformer2DModel",
@@ -80,4 +121,5 @@ FAMILY = SD3Family(
     stacks=(Stack("transformer_blocks", "num_layers", keep_last=True),),
     width=WIDTH,
     two_stream=True,
+    original_layout=("stability-sd3", SD3),  # Stability's keys (sd3_medium.safetensors, SD3.5)
 )
