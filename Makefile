@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 OUT    ?= out
 
-.PHONY: setup demo test test-all bench clean tiny-digits tiny-digits-text cli-docs
+.PHONY: setup demo test test-all bench bench-cuda wheels-cuda clean tiny-digits tiny-digits-text cli-docs
 
 setup: $(VENV)/.installed
 
@@ -45,6 +45,18 @@ tiny-digits-text: setup
 # $(OUT)/bench-archs (about 12 GB), then runs each `ditkit bench` the page quotes (about 30 minutes on 2 cores).
 bench: setup
 	$(BIN)/python docs/benchmarks.py --cache $(OUT)/bench-archs
+
+# The one-shot CUDA run (docs/cuda.md), on a GPU machine with torch: installs ditkit and what the machine lacks
+# from the wheels in .whl/ (fill it first, here, with `make wheels-cuda`), runs `pytest -m gpu`, benches DiT-XL/2
+# and PixArt-alpha 1024px in bf16 and their variants, and writes tables into $(OUT); 8 minutes at most.
+# `make bench-cuda ARGS=--dry-run` prints the steps and their time budgets (any machine).
+bench-cuda:
+	$(PYTHON) tools/bench_cuda.py --out $(OUT) $(ARGS)
+
+# The wheels bench-cuda installs (diffusers, bitsandbytes with only its CUDA 13 libraries, torch-pruning, gguf,
+# ditkit's own), downloaded into .whl/ (git-ignored); prints their sizes against the 64 MiB that travels.
+wheels-cuda: setup
+	$(BIN)/python tools/bench_cuda.py --make-wheels .whl
 
 # Regenerate docs/cli-reference.md from --help (CI checks it is current).
 cli-docs: setup

@@ -29,6 +29,13 @@ ARCHS: dict[str, tuple[str, dict, str]] = {
         activation_fn="gelu-approximate", use_additional_conditions=False, interpolation_scale=1),
         "PixArt-alpha 512px (PixArt-XL-2-512x512): 28 blocks, 16 heads x 72, 64x64x4 latents, 1024 tokens, "
         "T5 4096-d captions"),
+    "pixart-alpha-1024": ("PixArtTransformer2DModel", dict(
+        num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8, num_layers=28,
+        sample_size=128, patch_size=2, cross_attention_dim=1152, caption_channels=4096, norm_type="ada_norm_single",
+        num_embeds_ada_norm=1000, norm_elementwise_affine=False, norm_eps=1e-6, attention_bias=True,
+        activation_fn="gelu-approximate", use_additional_conditions=True, interpolation_scale=2),
+        "PixArt-alpha 1024px (PixArt-XL-2-1024-MS): 28 blocks, 16 heads x 72, 128x128x4 latents, 4096 tokens, "
+        "T5 4096-d captions, resolution and aspect-ratio conditions"),
 }
 
 
