@@ -57,7 +57,7 @@ def test_registry_and_defaults():
     assert PruneConfig(method="width").importance == "magnitude"
     c = PruneConfig(method="magnitude")
     assert (c.sparsity, c.scope) == (0.4, "per-layer")
-    assert PruneConfig(**c.to_dict()) == c  # round-trips through its dict (the manifest's config)
+    assert PruneConfig.from_dict(c.to_dict()) == c  # round-trips through its dict (the manifest's config)
 
 
 @pytest.mark.parametrize("kw,needle", [
