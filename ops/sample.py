@@ -8,7 +8,11 @@ counts (MKL's GEMM for fewer than 12 rows that are not a multiple of 4; oneDNN's
 size), which moves results by an ulp that 25 steps can carry into a pixel. So the transformer always
 sees a multiple of BATCH_QUANTUM images (the last batch padded with a repeat, then dropped) and the VAE
 always decodes exactly BATCH_QUANTUM latents per call; per-row results are then bit-identical for any
---batch-size (tests/test_generate.py checks 1, 7 and 8 against each other). oneDNN's convolutions also
+--batch-size (tests/test_generate.py checks 1, 7 and 8 against each other). The per-image conditioning
+layers (timestep, class and pooled-text embeddings, adaLN modulation) multiply only one row per image, and
+MKL takes another code path for few rows (measured: fewer than 16 rows on an AVX512 Xeon, fewer than 12 on
+an AVX2 EPYC), so on CPU every linear layer sees at least MIN_ROWS rows (`row_floor`: its input padded with
+a repeated row, the output cut back). oneDNN's convolutions also
 change with the thread count (a launcher gives each process one thread), so on CPU the VAE runs
 PyTorch's own convolution (about 1.3x slower for tiny-digits' VAE, which runs once per image, not per
 step): one process and `torchrun --nproc_per_node 2` then write the same pixels.
@@ -60,6 +64,7 @@ def make_scheduler(family: Family, base_scheduler, sampler: str):
 
 
 BATCH_QUANTUM = 4
+MIN_ROWS = 16  # rows below which MKL's GEMM changes code path (see the module note)
 
 
 def padded(n: int) -> int:
@@ -70,6 +75,49 @@ def padded(n: int) -> int:
 def pad_rows(x: torch.Tensor, n: int) -> torch.Tensor:
     """`x` with its last row repeated up to `n` rows."""
     return x if x.shape[0] >= n else torch.cat([x, x[-1:].expand(n - x.shape[0], *x.shape[1:])])
+
+
+class row_floor:
+    """On CPU, every nn.Linear of `model` multiplies at least MIN_ROWS rows while the context is open, so a
+    row's result never depends on how many other images share its batch (see the module note). A layer that
+    sees enough rows at its first call drops its hooks (its row count is fixed within one sampling loop), so
+    only the per-image layers pay the padding."""
+
+    def __init__(self, model):
+        self.model, self.handles = model, {}
+
+    def _pad(self, module, args):
+        x = args[0]
+        rows = x.numel() // max(x.shape[-1], 1)
+        if rows >= MIN_ROWS or rows == 0:
+            for h in self.handles.pop(module, ()):
+                h.remove()
+            return None
+        module._ditkit_rows = (rows, x.shape[:-1])
+        return (pad_rows(x.reshape(rows, x.shape[-1]), MIN_ROWS),) + tuple(args[1:])
+
+    @staticmethod
+    def _cut(module, args, out):
+        kept = module.__dict__.pop("_ditkit_rows", None)
+        if kept is None:
+            return None
+        rows, lead = kept
+        return out[:rows].reshape(*lead, out.shape[-1])
+
+    def __enter__(self):
+        p = next(self.model.parameters(), None) if isinstance(self.model, torch.nn.Module) else None
+        if p is not None and p.device.type == "cpu":
+            for m in self.model.modules():
+                if type(m) is torch.nn.Linear:
+                    self.handles[m] = (m.register_forward_pre_hook(self._pad), m.register_forward_hook(self._cut))
+        return self
+
+    def __exit__(self, *exc):
+        for hs in self.handles.values():
+            for h in hs:
+                h.remove()
+        self.handles = {}
+        return False
 
 
 def image_seed(seed: int, index: int) -> int:
@@ -115,17 +163,18 @@ def denoise(family: Family, transformer, sched, noise: torch.Tensor, cond: dict,
     scale = getattr(sched, "scale_model_input", lambda x, t: x)
     cfg = uncond is not None
     both = _cat(cond, uncond) if cfg else cond
-    for t in sched.timesteps:
-        x = scale(latents, t)
-        x = torch.cat([x, x]) if cfg else x
-        tt = t.expand(x.shape[0]).to(device)
-        out = predict(x.to(dtype), tt, both).float()
-        if cfg:
-            c, u = out.chunk(2)
-            out = u + guidance * (c - u)
-        latents = sched.step(out, t, latents, return_dict=False)[0]
-        if on_step is not None:
-            on_step()
+    with row_floor(transformer):
+        for t in sched.timesteps:
+            x = scale(latents, t)
+            x = torch.cat([x, x]) if cfg else x
+            tt = t.expand(x.shape[0]).to(device)
+            out = predict(x.to(dtype), tt, both).float()
+            if cfg:
+                c, u = out.chunk(2)
+                out = u + guidance * (c - u)
+            latents = sched.step(out, t, latents, return_dict=False)[0]
+            if on_step is not None:
+                on_step()
     return latents
 
 
