@@ -9,7 +9,8 @@ import typer
 
 from ditkit.formats.errors import ConfigError, choice_error
 from ditkit.ops.distill import DISTILL_MODES, DistillConfig
-from ditkit.ops.distill.job import check_checkpoint_dir, checkpoint_root
+from ditkit.formats.checkpoint import CheckpointStore
+from ditkit.ops.distill.job import checkpoint_root
 from ditkit.ops.runtime import resolve_device
 
 from . import output
@@ -115,7 +116,7 @@ def distill_cmd(
     root = checkpoint_root(out, checkpoint_dir)
     job = dict(root=root, teacher=teacher, resume=resume, force=force, embeddings=embeddings, images=images)
     run_op(common, partial(op, job), cfg, name="distill", outputs=[out], work_dirs=[root],
-           inputs=[teacher, embeddings, images], prepare=partial(check_checkpoint_dir, root, resume, force),
+           inputs=[teacher, embeddings, images], prepare=partial(CheckpointStore(root).check_run, resume, force),
            device=device, write=partial(write, out, root), rows=summary, distributed=True,
            title=f"distill {cfg.mode} -> {out}")
 

@@ -9,7 +9,8 @@ import typer
 
 from ditkit.formats.errors import ConfigError
 from ditkit.formats.lora import ADAPTER_FORMATS, load_adapter
-from ditkit.ops.lora_train import TARGETS, LoraConfig, check_train, checkpoint_dir, fresh_start
+from ditkit.formats.checkpoint import CheckpointStore
+from ditkit.ops.lora_train import TARGETS, LoraConfig, check_train, checkpoint_dir
 from ditkit.ops.runtime import resolve_device
 
 from . import output
@@ -87,7 +88,7 @@ def lora_train_cmd(
     ckpt = checkpoint_dir(out, checkpoint_dir_)
     job = dict(data=data, ckpt=ckpt, resume=resume, force=force, embeddings=embeddings, fuse=fuse_into is not None)
     run_op(common, partial(train, job), cfg, name="lora-train", outputs=[out, fuse_into], work_dirs=[ckpt],
-           inputs=[data, embeddings], prepare=partial(fresh_start, ckpt, resume, force), device=device,
+           inputs=[data, embeddings], prepare=partial(CheckpointStore(ckpt).check_run, resume, force), device=device,
            write=partial(write, out, fuse_into, format_, {"out": str(out), "format": format_, "checkpoint_dir": str(ckpt)}),
            rows=rows,
            distributed=True, title=f"lora-train -> {out}")

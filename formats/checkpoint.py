@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .atomic import CHECKPOINT_MARKER, check_disjoint, disk_full, full_disk_cause, interrupts_raise, is_ditkit_dir
-from .errors import ConfigError, FormatError
+from .errors import ConfigError, FormatError, OutputExistsError
 from .safetensors_check import read_header, read_json
 
 CKPT = "checkpoint"
@@ -96,6 +96,17 @@ class CheckpointStore:
         if self.root.is_dir() and any(self.root.iterdir()) and not self.owned():
             raise ConfigError(f"{what} {self.root} holds files ditkit did not write (no {CHECKPOINT_MARKER}); "
                               "choose a new or empty directory (it is never cleared, even with --force)")
+
+    def check_run(self, resume: bool, force: bool) -> None:
+        """Before loading (rank 0): --resume needs this directory's checkpoint; without --resume an earlier run
+        here is an error, or with --force replaced at this run's first write (`start_over`, then `mark`)."""
+        if resume:
+            if not self.exists():
+                raise ConfigError(f"--resume: no checkpoint in {self.root}; start without --resume (add --force if "
+                                  f"{self.root} holds an older run)")
+        elif self.has_run() and not force:
+            raise OutputExistsError(f"checkpoint directory {self.root} holds an earlier run; pass --resume to "
+                                    "continue it or --force to start over")
 
     def owned(self) -> bool:
         return is_ditkit_dir(self.root) or (self.root / CKPT / "state.json").is_file()

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Callable
 
 from ditkit.formats.checkpoint import CheckpointStore
-from ditkit.formats.errors import ConfigError, HardwareError, OutputExistsError
+from ditkit.formats.errors import ConfigError, HardwareError
 
 from .lora import (TARGETS, LoraConfig, adapter_scales, cache_key, encode_data, extract_adapter, fuse_lora,
                    linear_modules, lora_train, native_size)
@@ -34,17 +34,6 @@ class LoraJob:
 def checkpoint_dir(out: Path, given: Path | None) -> Path:
     """Resumable state lives beside the adapter (OUT.ckpt/), never inside the atomic output."""
     return Path(given) if given is not None else Path(out).with_suffix(".ckpt")
-
-
-def fresh_start(ckpt: Path, resume: bool, force: bool) -> None:
-    """Without --resume, an old run's checkpoint is an error (or, with --force, cleared; the data cache stays)."""
-    store = CheckpointStore(ckpt)
-    if resume or not (store.exists() or (ckpt / "log.jsonl").exists()):
-        return
-    if not force:
-        raise OutputExistsError(f"{ckpt} holds a previous run's checkpoint; pass --resume to continue it or "
-                                "--force to start over")
-    # --force: the previous run's files go at this run's first write (lora_train_job: store.start_over)
 
 
 def _data(bundle, folder, cfg: LoraConfig, store: CheckpointStore, emb, rank0: bool, log) -> tuple[dict, dict]:
@@ -148,5 +137,5 @@ def check_train(out: Path | None, lora_scale) -> None:
         raise ConfigError("--lora-scale goes with --lora; a trained adapter is fused at scale 1")
 
 
-__all__ = ["TARGETS", "LoraConfig", "LoraJob", "AdaptReport", "checkpoint_dir", "fresh_start", "lora_train_job", "lora_adapt_job",
+__all__ = ["TARGETS", "LoraConfig", "LoraJob", "AdaptReport", "checkpoint_dir", "lora_train_job", "lora_adapt_job",
            "needs_model"]

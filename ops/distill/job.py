@@ -6,12 +6,11 @@ images, and the plan's memory check before step 1. No printing: talk goes to `lo
 """
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Callable
 
 from ditkit.formats.checkpoint import CheckpointStore
-from ditkit.formats.errors import ConfigError, OutputExistsError
+from ditkit.formats.errors import ConfigError
 
 from . import DISTILL_MODES, DistillConfig, distill
 
@@ -22,21 +21,6 @@ PLAN_KEYS = ("trains", "params_trained", "data", "student", "steps", "batch_size
 def checkpoint_root(out: Path, checkpoint_dir: Path | None) -> Path:
     """OUT.ckpt beside OUT, or --checkpoint-dir."""
     return Path(checkpoint_dir) if checkpoint_dir is not None else Path(out).with_name(Path(out).name + ".ckpt")
-
-
-def check_checkpoint_dir(root: Path, resume: bool, force: bool) -> None:
-    """Refuse to overwrite an unfinished run by accident (rank 0, before loading): --resume needs a checkpoint;
-    without it an earlier run's directory is an error, or with --force discarded (checkpoint and log)."""
-    store = CheckpointStore(root)
-    if resume:
-        if not store.exists():
-            raise ConfigError(f"--resume: no checkpoint in {root}; start without --resume (add --force if {root} "
-                              "holds an older run)")
-    elif root.exists() and any(root.iterdir()):
-        if not force:
-            raise OutputExistsError(f"checkpoint directory {root} holds an earlier run; pass --resume to continue it "
-                                    "or --force to start over")
-        pass  # --force: the earlier run's files go at this run's first write (distill_job: store.start_over)
 
 
 def teacher_source(student, mode: str) -> str | None:
@@ -112,7 +96,7 @@ def distill_job(student, cfg: DistillConfig, *, root: Path, teacher: str | None 
         check_plan_memory(plan, cfg.device, force, log)
 
     store = CheckpointStore(root)
-    if force and not resume and root.is_dir() and any(root.iterdir()):
+    if force and not resume and store.has_run():
         store.start_over()  # nothing is deleted unless this run gets as far as writing its own checkpoint
     return distill(student, cfg, teacher_bundle, store=store, resume=resume, progress=progress,
                    embeddings=emb, images=data, log=log, on_plan=on_plan, on_validation=on_validation,
