@@ -18,6 +18,8 @@ import types
 import torch
 from torch import nn
 
+from .errors import ConfigError
+
 INCEPTION_FEATURES = "2048"  # pool3: the features FID and KID are defined on
 ALEXNET_TAPS = (1, 4, 7, 9, 11)  # LPIPS reads the trunk after these ReLUs (relu1..relu5)
 ALEXNET_CHANNELS = (64, 192, 384, 256, 256)
@@ -29,7 +31,7 @@ def _bare_torch_fidelity() -> None:
         return
     spec = importlib.util.find_spec("torch_fidelity")
     if spec is None or not spec.submodule_search_locations:
-        raise ImportError("torch-fidelity is not installed: pip install torch-fidelity")
+        return  # not installed: torchmetrics imports without it (fid/kid then say what to install)
     pkg = types.ModuleType("torch_fidelity")
     pkg.__path__ = list(spec.submodule_search_locations)
     pkg.__spec__ = spec
@@ -50,6 +52,9 @@ def inception(weights_file: str, features: str = INCEPTION_FEATURES) -> nn.Modul
     (N, 3, H, W) batch to 299 px itself) on the given weights; (N, 2048) features out. The caller has checked
     the file (formats/metric_models.py): given a path, torch-fidelity never downloads."""
     torchmetrics()
+    if importlib.util.find_spec("torch_fidelity") is None:
+        raise ConfigError("--metric fid/kid need torch-fidelity's Inception-v3: pip install --no-deps "
+                          "'torch-fidelity>=0.3,<0.5' (--no-deps: it would pull torchvision)")
     from torchmetrics.image.fid import NoTrainInceptionV3
 
     return NoTrainInceptionV3(name="inception-v3-compat", features_list=[features],
