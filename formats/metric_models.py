@@ -37,7 +37,7 @@ def weights_file(metric: str, given: str | None, filename: str, url: str) -> Pat
     """The weights file of `metric`: the path given (a file, or a directory holding `filename` or its .safetensors
     twin), else `filename` in torch hub's checkpoints folder."""
     where = Path(given).expanduser() if given else hub_checkpoints()
-    if where.is_dir():
+    if where.is_dir() or not given:
         names = (filename, Path(filename).with_suffix(".safetensors").name)
         found = [where / n for n in names if (where / n).is_file()]
         if not found:

@@ -71,9 +71,9 @@ def _kid_independent(a: np.ndarray, b: np.ndarray) -> float:
 
 def test_fid_and_kid_match_independent_formulas(models):
     net = metric_models.load_inception(str(models["inception"]))
-    a = im.inception_features(net, _images(6, 32, 1))
-    b = im.inception_features(net, _images(6, 48, 2, hi=128))  # darker, another size: torch-fidelity resizes
-    assert a.shape == (6, 2048) and torch.isfinite(a).all() and a.std() > 0
+    a = im.inception_features(net, _images(4, 32, 1))
+    b = im.inception_features(net, _images(4, 40, 2, hi=128))  # darker, another size: the network resizes
+    assert a.shape == (4, 2048) and torch.isfinite(a).all() and a.std() > 0
     fa, fb = a.numpy(), b.numpy()
     value = im.fid(a, b)
     assert value > 0 and value == pytest.approx(_fid_independent(fa, fb), rel=1e-4)
