@@ -12,6 +12,7 @@ indices, so torchvision's state-dict keys load unchanged); its linear heads and 
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 import types
 
@@ -42,6 +43,8 @@ def _bare_torch_fidelity() -> None:
 def torchmetrics():
     """The torchmetrics package, imported after the torch-fidelity fix above."""
     _bare_torch_fidelity()
+    if "torchmetrics" not in sys.modules:
+        os.environ.pop("SKIP_SLOW_DOCTEST", None)  # set, it makes torchmetrics' import download doctest weights
     import torchmetrics as tm
 
     return tm

@@ -24,6 +24,15 @@ from ditkit.ops import image_metrics as im
 ASSET = "tiny-digits-text"
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread: on a busy 2-core machine, OpenMP threads of the Inception forward wait for each other."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     return mm.write_all(tmp_path_factory.mktemp("metric-models"))
