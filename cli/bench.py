@@ -38,6 +38,22 @@ def bench_cmd(
     max_fd_ratio: Annotated[Optional[float], typer.Option(
         help="Gate: variant judge FD / base judge FD <= R (needs a judge).")] = None,
     min_psnr: Annotated[Optional[float], typer.Option(help="Gate: PSNR of each variant's images vs the base's >= P dB.")] = None,
+    metric: Annotated[Optional[list[str]], typer.Option(
+        "--metric", help="A quality metric, NAME or NAME=PATH (repeatable): clip=DIR (a local CLIP model), fid, kid, "
+                         "lpips (PATH: their weights file or its folder; default: torch hub's checkpoints folder). "
+                         "See docs/bench.md.", show_default=False)] = None,
+    fid_reference: Annotated[Optional[Path], typer.Option(
+        help="A folder of reference images for --metric fid/kid (default: the base's own images, 'FID to base').",
+        show_default=False)] = None,
+    min_clip: Annotated[Optional[float], typer.Option(help="Gate: each variant's CLIP score >= S.")] = None,
+    min_clip_ratio: Annotated[Optional[float], typer.Option(help="Gate: variant CLIP score / base CLIP score >= R.")] = None,
+    max_fid: Annotated[Optional[float], typer.Option(help="Gate: each variant's FID (to base, or --fid-reference) <= F.")] = None,
+    max_fid_ratio: Annotated[Optional[float], typer.Option(
+        help="Gate: variant FID / base FID to --fid-reference <= R.")] = None,
+    max_kid: Annotated[Optional[float], typer.Option(help="Gate: each variant's KID (to base, or --fid-reference) <= K.")] = None,
+    max_kid_ratio: Annotated[Optional[float], typer.Option(
+        help="Gate: variant KID / base KID to --fid-reference <= R.")] = None,
+    max_lpips: Annotated[Optional[float], typer.Option(help="Gate: each variant's LPIPS vs the base's images <= L.")] = None,
     threads: ThreadsOpt = None,
     device: DeviceOpt = "cpu",
     dtype: DtypeOpt = "fp32",
@@ -53,6 +69,7 @@ def bench_cmd(
     Exits 1 (after printing the full report) when any variant misses a --min-*/--max-* gate.
     """
     from ditkit.ops.bench import BenchConfig
+    from ditkit.ops.image_metrics import parse_metrics
     from ditkit.ops.runtime import resolve_device
 
     if json_ and markdown:
@@ -62,10 +79,13 @@ def bench_cmd(
                       prompts=read_prompts(prompt or [], prompts_file), seed=seed, quality_batch_size=quality_batch_size,
                       warmup=warmup, repeats=repeats, image_repeats=image_repeats, device=resolve_device(device),
                       dtype=dtype, min_speedup=min_speedup, max_accuracy_drop=max_accuracy_drop,
-                      max_fd_ratio=max_fd_ratio, min_psnr=min_psnr)
+                      max_fd_ratio=max_fd_ratio, min_psnr=min_psnr, metrics=parse_metrics(metric or []),
+                      fid_reference=str(fid_reference) if fid_reference else None, min_clip=min_clip,
+                      min_clip_ratio=min_clip_ratio, max_fid=max_fid, max_fid_ratio=max_fid_ratio, max_kid=max_kid,
+                      max_kid_ratio=max_kid_ratio, max_lpips=max_lpips)
     common = Common(family=family, config=config, dtype=dtype, force=force, json_=json_, threads=threads)
     run_op(common, partial(op, embeddings), cfg, name="bench", sources=models or [None], outputs=[plot],
-           inputs=[prompts_file, embeddings], device=cfg.device, estimate=partial(estimate, cfg),
+           inputs=[prompts_file, embeddings, fid_reference], device=cfg.device, estimate=partial(estimate, cfg),
            write=partial(write, plot), show=partial(show, markdown), gate=gate, distributed=True, lineage=False)
 
 

@@ -8,6 +8,10 @@ from rich.table import Table
 from ditkit.formats.atomic import atomic_file
 
 
+METRIC_LABELS = {"clip": "CLIP score (higher is better)", "fid": "FID (lower is better)",
+                 "kid": "KID (lower is better)", "lpips": "LPIPS vs base (lower is better)"}
+
+
 def _f(v, fmt: str = "{:.3g}", none: str = "-") -> str:
     return none if v is None else fmt.format(v)
 
@@ -73,12 +77,31 @@ def sections(r: dict) -> list[tuple[str, list[str], list[list[str]]]]:
                                      _f(q["psnr"], "{:.2f}"), _f(q["ssim"], "{:.4f}"), _f(q["judge_accuracy"], "{:.3f}"),
                                      _f(q["judge_fd"], "{:.3f}")] if (q := m["quality"]) else ["-"] * 6)
                      for m in models]))
+    names = _metric_names(models)
+    if names:
+        out.append(("quality metrics (--metric; ratio = model / base)", ["model"] + names,
+                    [[m["name"]] + [_metric_cell(m["quality"], n) for n in names] for m in models]))
     if r["gates"]:
         out.append(("gates", ["gate", "model", "metric", "value", "threshold", "result"],
                     [[g["name"], g["model"], g["metric"], _f(g["value"], "{:g}", "n/a"), f"{g['threshold']:g}",
                       "pass" if g["passed"] else "FAIL" + (f" ({g['note']})" if g["note"] else "")]
                      for g in r["gates"]]))
     return out
+
+
+def _metric_names(models: list[dict]) -> list[str]:
+    names: list[str] = []
+    for m in models:
+        for n in ((m["quality"] or {}).get("metrics") or {}):
+            if n not in names:
+                names.append(n)
+    return names
+
+
+def _metric_cell(q: dict | None, name: str) -> str:
+    v = ((q or {}).get("metrics") or {}).get(name)
+    ratio = ((q or {}).get("metric_ratios") or {}).get(name)
+    return _f(v, "{:.4g}") + ("" if ratio is None else f" ({ratio:.3f}x)")
 
 
 def print_tables(r: dict) -> None:
@@ -123,7 +146,8 @@ def plot(r: dict, path: Path) -> list[str]:
 
     models = r["models"]
     judged = any(m["quality"] and m["quality"]["judge_accuracy"] is not None for m in models)
-    panels = ["ssim"] + (["judge"] if judged else []) + ["latency"]
+    metric_panels = _metric_names(models)
+    panels = ["ssim"] + (["judge"] if judged else []) + metric_panels + ["latency"]
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.5), squeeze=False)
     drawn = []
 
@@ -137,6 +161,8 @@ def plot(r: dict, path: Path) -> list[str]:
                 x, y = m["params"] / 1e6, m["latency_ms_per_step"]
             elif panel == "ssim":
                 x, y = speed(m), 1.0 if q.get("reference") else q.get("ssim")
+            elif panel in metric_panels:
+                x, y = speed(m), (q.get("metrics") or {}).get(panel)
             else:
                 x, y = speed(m), q.get("judge_accuracy")
             if y is None:
@@ -153,9 +179,10 @@ def plot(r: dict, path: Path) -> list[str]:
                 ax.set_yscale("log")
         else:
             ax.axvline(1.0, color="grey", lw=0.8, ls="--")
-            ax.set(xlabel="speedup vs base (per image; per step for bare transformers)",
-                   ylabel="SSIM vs base" if panel == "ssim" else "judge class accuracy",
-                   title="quality vs speed" if panel == "ssim" else "judge accuracy vs speed")
+            ylabel, title = {"ssim": ("SSIM vs base", "quality vs speed"),
+                             "judge": ("judge class accuracy", "judge accuracy vs speed")}.get(
+                panel, (METRIC_LABELS.get(panel, panel), f"{panel} vs speed"))
+            ax.set(xlabel="speedup vs base (per image; per step for bare transformers)", ylabel=ylabel, title=title)
         ax.grid(alpha=0.3)
         ax.margins(0.25)
     fig.suptitle(f"ditkit bench: {r['device_name']}, {r['dtype']}, batch {models[0]['batch_size']}", fontsize=10)

@@ -58,7 +58,8 @@ def conditions(bundle, cfg, device, embeddings=None):
             uncond = None if uncond is None else {k: v[rows] for k, v in uncond.items()}
             prompts = list(cfg.prompts)
         return prompts, cond, uncond
-    if not cfg.prompts:
+    prompts = list(cfg.prompts or bundle.defaults().get("prompts") or [])  # default: the bundle's own prompt set
+    if not prompts:
         raise ConfigError(f"the {fam.name} family needs --prompt (or --prompts-file / --embeddings)")
     if not any(k.startswith("text_encoder") for k in bundle.components):
         raise ConfigError(f"{bundle.name} has no text encoder; pass precomputed --embeddings FILE")
@@ -66,5 +67,5 @@ def conditions(bundle, cfg, device, embeddings=None):
 
     pipe = getattr(diffusers, bundle.pipeline_class)(transformer=tr, **bundle.components)
     with torch.no_grad():
-        cond, uncond = fam.encode_prompts(pipe, list(cfg.prompts), device)
-    return list(cfg.prompts), cond, uncond
+        cond, uncond = fam.encode_prompts(pipe, prompts, device)
+    return prompts, cond, uncond

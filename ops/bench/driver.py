@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 import platform
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Callable
 
 import numpy as np
@@ -15,6 +15,7 @@ from ditkit.formats.errors import ConfigError
 from .. import distributed
 from ..flops import call_flops
 from ..generate import generate
+from ..image_metrics import load_metrics, ratios, score_all
 from ..info import count_params
 from ..metrics import MatmulProbe, memory_method, module_bytes, peak_growth, psnr, ssim
 from ..runtime import resolve_device, resolve_dtype
@@ -37,11 +38,21 @@ def bench(bundles: list, cfg: BenchConfig, embeddings=None,
         raise ConfigError("bench needs at least one model")
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
+    base_defaults = bundles[0].defaults()
+    if cfg.prompts is None and embeddings is None and bundles[0].family.conditioning != "class" \
+            and base_defaults.get("prompts"):
+        cfg = replace(cfg, prompts=list(base_defaults["prompts"]))  # the base's own prompt set, for every model
     subjects = [_Subject(n, b, cfg, device, dtype, embeddings) for n, b in zip(_names(bundles), bundles)]
     judge = next((b.judge for b in bundles if b.judge is not None), None)
     if judge is not None and bundles[0].family.conditioning != "class":
         judge = None
     _check_gates(cfg, subjects, judge)
+    metric_models = load_metrics(cfg.metrics)  # local weights only; a missing file fails here, before any work
+    reference = None
+    if cfg.fid_reference is not None:
+        from ditkit.formats.image_folder import read_image_folder
+
+        reference = read_image_folder(cfg.fid_reference, size=(299, 299), flag="--fid-reference").images
     if device == "cpu":
         for b in bundles:
             _resident_(b)
@@ -58,6 +69,12 @@ def bench(bundles: list, cfg: BenchConfig, embeddings=None,
     if rank != 0:
         return bundles, None
     quality = _quality(subjects, images, judge)
+    if metric_models:
+        made = {s.name: images[s.name] for s in subjects if images.get(s.name) is not None}
+        values = score_all(metric_models, made, {s.name: getattr(s, "conditions", None) for s in subjects},
+                           subjects[0].name, reference, cfg.seed, log)
+        for name, v in values.items():
+            quality[name]["metrics"], quality[name]["metric_ratios"] = v, ratios(v, values.get(subjects[0].name, {}))
 
     # 2. The device's dense matmul peak, measured now, on this machine.
     load_before = _load()

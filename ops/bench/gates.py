@@ -5,6 +5,7 @@ import math
 
 from ditkit.formats.errors import ConfigError
 
+from ..image_metrics import METRIC_GATES
 from .report import GATES, BenchConfig, BenchReport, Gate
 from .subjects import _Subject
 
@@ -12,12 +13,22 @@ from .subjects import _Subject
 def _check_gates(cfg: BenchConfig, subjects: list[_Subject], judge) -> None:
     """Refuse gates that cannot be evaluated before any work is done."""
     gates = cfg.gates()
+    if cfg.metrics:
+        flag = f"--metric {next(iter(cfg.metrics))}"
+        if cfg.num_images == 0:
+            raise ConfigError(f"{flag} scores quality images; drop --num-images 0")
+        if not subjects[0].makes_images:
+            raise ConfigError(f"{flag} scores images, but the base {subjects[0].name} is a bare transformer (no VAE); "
+                              "bench pipeline directories")
+        if "clip" in cfg.metrics and subjects[0].bundle.family.conditioning == "class":
+            raise ConfigError(f"--metric clip scores images against their prompts, and {subjects[0].name} is "
+                              "class-conditional; use it on text families")
     if not gates:
         return
     if len(subjects) < 2:
         raise ConfigError(f"gates ({', '.join('--' + g.replace('_', '-') for g in gates)}) compare variants with "
                           "the base: give BASE and at least one VARIANT")
-    needs_images = [g for g in gates if g in ("min_psnr", "max_accuracy_drop", "max_fd_ratio")]
+    needs_images = [g for g in gates if g in ("min_psnr", "max_accuracy_drop", "max_fd_ratio", *METRIC_GATES)]
     if needs_images:
         flag = "--" + needs_images[0].replace("_", "-")
         if cfg.num_images == 0:
@@ -48,6 +59,12 @@ def _gates(cfg: BenchConfig, results: list[dict]) -> list[Gate]:
             elif name == "min_psnr":
                 metric, value = "psnr", q.get("psnr")
                 passed = value is not None and value >= threshold
+            elif name in METRIC_GATES:
+                key, kind, op = METRIC_GATES[name]
+                metric = key if kind == "value" else f"{key} ratio"
+                value = (q.get("metrics") if kind == "value" else q.get("metric_ratios")) or {}
+                value = value.get(key)
+                passed = value is not None and (value >= threshold if op == ">=" else value <= threshold)
             elif name == "max_accuracy_drop":
                 metric = "judge_accuracy drop"
                 a, v = bq.get("judge_accuracy"), q.get("judge_accuracy")

@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, field
 from ditkit.formats.errors import ConfigError, check_options, choice_error
 from ditkit.ops.config import OpConfig
 
+from ..image_metrics import METRIC_GATES, check_metrics
 from ..runtime import resolve_device, resolve_dtype
 from ..sample import SAMPLERS
 
@@ -18,6 +19,7 @@ GATES = {  # gate name -> (metric it reads, comparison): every variant must pass
     "max_accuracy_drop": ("base judge_accuracy - variant judge_accuracy", "<="),
     "max_fd_ratio": ("variant judge_fd / base judge_fd", "<="),
     "min_psnr": ("psnr vs base (dB)", ">="),
+    **{g: (f"{m}{' / base ' + m if kind == 'ratio' else ''}", op) for g, (m, kind, op) in METRIC_GATES.items()},
 }
 
 
@@ -42,6 +44,15 @@ class BenchConfig(OpConfig):
     max_accuracy_drop: float | None = None
     max_fd_ratio: float | None = None
     min_psnr: float | None = None
+    metrics: dict = field(default_factory=dict)  # --metric NAME[=PATH]: name -> weights path (None: default place)
+    fid_reference: str | None = None  # a folder of reference images for fid/kid; default: the base's own images
+    min_clip: float | None = None
+    min_clip_ratio: float | None = None
+    max_fid: float | None = None
+    max_fid_ratio: float | None = None
+    max_kid: float | None = None
+    max_kid_ratio: float | None = None
+    max_lpips: float | None = None
 
     def __post_init__(self):
         check_options(self)  # floats finite, seeds and counts in range (formats/errors.py)
@@ -62,6 +73,18 @@ class BenchConfig(OpConfig):
             if v is not None and (not math.isfinite(v) or v < 0):
                 raise ConfigError(f"--{name.replace('_', '-')} must be a finite number >= 0 (got {v})")
         resolve_dtype(self.dtype, resolve_device(self.device))
+        check_metrics(self.metrics)
+        if self.fid_reference is not None and not {"fid", "kid"} & set(self.metrics):
+            raise ConfigError("--fid-reference is the reference set of --metric fid / kid; add --metric fid")
+        for gate, (metric, kind, _) in METRIC_GATES.items():
+            if getattr(self, gate) is None:
+                continue
+            if metric not in self.metrics:
+                raise ConfigError(f"--{gate.replace('_', '-')} gates on {metric}: add --metric {metric}")
+            if kind == "ratio" and metric in ("fid", "kid") and self.fid_reference is None:
+                raise ConfigError(f"--{gate.replace('_', '-')} divides by the base's {metric} to the reference, "
+                                  f"which is 0 for FID/KID to base: give --fid-reference DIR, or gate with "
+                                  f"--max-{metric} instead")
 
     def gates(self) -> dict[str, float]:
         return {k: getattr(self, k) for k in GATES if getattr(self, k) is not None}
@@ -96,6 +119,8 @@ class Quality:
     ssim: float | None = None
     judge_accuracy: float | None = None
     judge_fd: float | None = None
+    metrics: dict | None = None  # --metric name -> value (ops/image_metrics.py)
+    metric_ratios: dict | None = None  # name -> value / the base's (None where the base's is 0: FID to base, LPIPS)
     note: str | None = None
 
 
