@@ -123,3 +123,21 @@ def test_kohya_flux_matches_diffusers_converter(tmp_path):
         scale = ad.scale if ".lora_A." in key else 1.0  # diffusers folds alpha / rank into lora_A
         assert torch.allclose(ours * scale, v, atol=1e-6), key
     assert {k.removeprefix("transformer.").rsplit(".lora_", 1)[0] for k in theirs} == set(mine.modules)
+
+
+def test_lora_train_fuses_a_kohya_bfl_lora(tmp_path, cli):
+    make, writer, layout, modules, style, alpha = CASES["kohya-flux-bfl"]
+    model = make()
+    orig = writer(model)
+    targets = write_lora(tmp_path / "lora.safetensors", style, orig, modules, alpha)
+    ckpt = tmp_path / "model.safetensors"
+    save_file({k: v.contiguous() for k, v in orig.items()}, str(ckpt))
+    r = cli("lora-train", ckpt, "--lora", tmp_path / "lora.safetensors", "--fuse-into", tmp_path / "fused", "--json")
+    assert r.code == 0, r.err
+    fused = load_bundle(tmp_path / "fused")
+    ref = merged_reference(layout, orig, targets, alpha / RANK)
+    fam = fused.family
+    x, t, cond = fam.dummy_inputs(ref, 2, seed=1)
+    with torch.no_grad():
+        got, want = fam.predict(fused.transformer, x, t, cond, 3.5), fam.predict(ref, x, t, cond, 3.5)
+    assert float((got - want).abs().max()) < 1e-4

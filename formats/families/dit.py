@@ -28,7 +28,8 @@ TIMESTEP_SHIFTS = {"authors": 0, "diffusers": 1}
 
 
 def time_projs(transformer) -> list:
-    return [b.norm1.emb.time_proj for b in transformer.transformer_blocks]
+    blocks = getattr(transformer, "transformer_blocks", None) or []  # an ONNX graph has none: baked in at export
+    return [b.norm1.emb.time_proj for b in blocks if hasattr(getattr(b, "norm1", None), "emb")]
 
 
 class DiTFamily(Family):
