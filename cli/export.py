@@ -21,7 +21,7 @@ SHOWN = {  # the table without --json; --json prints the whole report
              "failures", "seconds_export", "seconds_check"),
     "gguf": ("format", "family", "quant", "layout", "tensor_types", "num_blocks", "params", "lora_fused", "sqnr_db",
              "max_abs_error", "passed", "failures", "seconds_check"),
-    "layout": ("format", "family", "num_blocks", "params", "lora_fused", "bit_exact", "max_abs_error", "passed",
+    "layout": ("format", "family", "num_blocks", "params", "lora_fused", "bit_exact", "max_abs_error", "note", "passed",
                "failures", "seconds_check"),
 }
 

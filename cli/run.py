@@ -73,7 +73,15 @@ class Run:
         return new_manifest(family=self.bundle.family.name, op=op or self.name,
                             config=self.cfg.to_dict() if config is None else config, report=report,
                             parent=self.parent, device=self.device,
-                            defaults=self.defaults() if defaults is None else defaults)
+                            defaults=self.defaults() if defaults is None else defaults,
+                            conventions=self.conventions())
+
+    def conventions(self) -> dict:
+        """What the model does that its config does not say (DiT's timestep shift): ops keep it, so the source's."""
+        import torch
+
+        tr = self.bundle.transformer
+        return self.bundle.family.conventions(tr) if isinstance(tr, torch.nn.Module) else {}
 
     def defaults(self) -> dict:
         return self.bundle.manifest.get("defaults") or self.bundle.defaults()

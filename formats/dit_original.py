@@ -54,15 +54,25 @@ def _depth(keys, pattern: str) -> int:
     return max(idx) + 1 if idx else 0
 
 
-def to_diffusers(sd: dict[str, torch.Tensor], path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(config, state dict) for DiTTransformer2DModel from an original DiT state dict."""
+def to_diffusers(sd: dict[str, torch.Tensor], path: Path, heads: int | None = None) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(config, state dict) for DiTTransformer2DModel from an original DiT state dict; `heads` for a width
+    that is not one of the published DiT-S/B/L/XL (the head count is not in the weights)."""
+    from .errors import ConfigError
+
+    for key in ("x_embedder.proj.weight", "final_layer.linear.weight", "y_embedder.embedding_table.weight",
+                "blocks.0.mlp.fc1.weight"):
+        if key not in sd:
+            raise FormatError(f"{path}: a dit-original checkpoint without {key}; the file is incomplete")
     w = sd["x_embedder.proj.weight"]  # (D, C, p, p)
     hidden, in_ch, patch = w.shape[0], w.shape[1], w.shape[2]
     depth = _depth(sd, r"blocks\.(\d+)\.")
-    if hidden not in HEADS_BY_HIDDEN:
-        raise FormatError(f"{path}: hidden size {hidden} is not a published DiT config (S/B/L/XL); "
-                          "convert it with a diffusers config.json instead")
-    heads = HEADS_BY_HIDDEN[hidden]
+    heads = heads or HEADS_BY_HIDDEN.get(hidden)
+    if heads is None:
+        raise ConfigError(f"{path}: a dit-original checkpoint of width {hidden}: its head count is not in the "
+                          f"weights (published DiT widths: {sorted(HEADS_BY_HIDDEN)}); pass --config config.json "
+                          "with num_attention_heads")
+    if hidden % heads:
+        raise FormatError(f"{path}: width {hidden} does not split into {heads} heads; fix num_attention_heads")
     out_ch = sd["final_layer.linear.weight"].shape[0] // (patch * patch)
     if "pos_embed" in sd:
         tokens = sd["pos_embed"].shape[1]
@@ -150,7 +160,9 @@ def from_diffusers(model) -> dict[str, torch.Tensor]:
         out[f"blocks.{i}.{orig}{rest[len(d):]}"] = v
     grid = model.config.sample_size // model.config.patch_size
     hidden = model.config.num_attention_heads * model.config.attention_head_dim
-    pos = get_2d_sincos_pos_embed(hidden, grid, output_type="pt")
+    # DiT's own table for this grid (models.py get_2d_sincos_pos_embed(hidden, grid)): diffusers' function with
+    # base_size = grid, not its default 16, which is DiT's table only for a 16x16 token grid
+    pos = get_2d_sincos_pos_embed(hidden, grid, base_size=grid, interpolation_scale=1.0, output_type="pt")
     out["pos_embed"] = pos.float().unsqueeze(0)
     return out
 

@@ -9,6 +9,10 @@
                 DiT's sample.py loads. A plain dict of tensors, so ditkit reads it with weights_only=True.
                 It is the only pickle-format file ditkit writes, because it is that project's own format;
                 it has no room for a manifest (ditkit keeps none beside it).
+  bfl-flux, stability-sd3, pixart-original
+                save_authors_file: one .safetensors file in the authors' keys (formats/authors.py), the layouts
+                ComfyUI and the authors' code read (Stability's with its model.diffusion_model. prefix); header
+                metadata "ditkit_config" (the exact diffusers config) and "ditkit" (the manifest).
   gguf          save_gguf: one .gguf file (formats/gguf.py): the transformer quantized with --quant, in the
                 key layout its readers expect, the config and manifest in its metadata.
 """
@@ -78,10 +82,25 @@ def save_gguf(bundle, out: os.PathLike, manifest: dict, force: bool = False) -> 
     return save_gguf_file(bundle, out, manifest, force=force)
 
 
+def save_authors_file(fmt: str):
+    def save(bundle, out: os.PathLike, manifest: dict, force: bool = False) -> Path:
+        from safetensors.torch import save_file
+
+        from .authors import file_metadata, file_state
+
+        state = file_state(fmt, bundle.transformer)  # FormatError before anything is written
+        out = Path(out)
+        with atomic_file(out, force=force) as tmp:
+            save_file(state, str(tmp), metadata=file_metadata(bundle, manifest))
+        return out
+    return save
+
+
 WRITERS = {
     "onnx": save_onnx,
     "diffusers": save_diffusers,
     "safetensors": save_single_file,
     "dit-original": save_dit_original,
     "gguf": save_gguf,
+    **{fmt: save_authors_file(fmt) for fmt in ("bfl-flux", "stability-sd3", "pixart-original")},
 }

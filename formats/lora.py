@@ -18,7 +18,10 @@ kohya layout (`--format kohya`):
   and sd3 files use the same scheme and load with ditkit.
 
 Reading accepts both layouts and foreign files of either (alpha defaults to the rank when a file has none,
-as diffusers does, and the Adapter says so). Matching an adapter to a model is strict: a key that names no
+as diffusers does, and the Adapter says so), with ComfyUI's `diffusion_model.` prefix too; module names in the
+authors' layouts (kohya / sd-scripts Flux LoRAs: lora_unet_double_blocks_0_img_attn_qkv, fused qkv; SD3's
+lora_unet_joint_blocks_0_x_block_attn_qkv; PixArt's blocks.N.attn.qkv) are mapped onto the diffusers modules by
+the families' key tables (`from_authors_names`). Matching an adapter to a model is strict: a key that names no
 module of the model, or a shape that does not fit, is a FormatError listing the keys.
 """
 from __future__ import annotations
@@ -253,7 +256,8 @@ def _json_list(text):
 def _read_peft(tensors: dict, path: Path):
     A, B = {}, {}
     for k, v in tensors.items():
-        m = re.match(r"^(?:base_model\.model\.|transformer\.)?(.*)\.lora_([AB])(?:\.[^.]+)?\.weight$", k)
+        m = re.match(r"^(?:base_model\.model\.|transformer\.|model\.diffusion_model\.|diffusion_model\.)?(.*)"
+                     r"\.lora_([AB])(?:\.[^.]+)?\.weight$", k)
         if m is None:
             raise FormatError(f"adapter {path}: unexpected key {k!r} (expected transformer.<module>.lora_A.weight); "
                               "it may hold text-encoder or DoRA weights, which ditkit does not load")
@@ -264,8 +268,9 @@ def _read_peft(tensors: dict, path: Path):
 def _read_kohya(tensors: dict, path: Path):
     A, B, alphas = {}, {}, {}
     for k, v in tensors.items():
-        m = re.match(r"^(lora_[a-z0-9]+_)(.*)\.(lora_down\.weight|lora_up\.weight|alpha)$", k)
-        if m is None or m.group(1) not in KOHYA_PREFIXES:
+        m = re.match(r"^(lora_[a-z0-9]+_|model\.diffusion_model\.|diffusion_model\.)(.*)"
+                     r"\.(lora_down\.weight|lora_up\.weight|alpha)$", k)
+        if m is None or m.group(1) not in KOHYA_PREFIXES + FOREIGN_PREFIXES[:2]:
             raise FormatError(f"adapter {path}: unexpected kohya key {k!r} (expected lora_transformer_<module>."
                               "lora_down.weight / lora_up.weight / alpha); text-encoder LoRAs are not loaded")
         flat = m.group(2)
@@ -297,6 +302,53 @@ def _alpha(meta: dict, doc: dict, alphas: dict, rank: int, path=None) -> tuple[f
     return float(rank), "none in the file: alpha = rank (diffusers' default)"
 
 
+FOREIGN_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "transformer.")  # ComfyUI / sd-scripts / diffusers
+
+
+def _authors_tables():
+    """(family, layout table) of every authors' key layout (BFL Flux, Stability SD3, PixArt) LoRA files may name."""
+    from .families import FAMILIES
+    from .families.pixart import AUTHORS_LAYOUT
+
+    tables = [(f.name, None) for f in FAMILIES.values() if f.original_layout is not None]
+    return tables + [("pixart", AUTHORS_LAYOUT)]
+
+
+def from_authors_names(adapter: Adapter, modules: dict[str, tuple[int, int]]) -> Adapter | None:
+    """The adapter with module names in the authors' layout (kohya's lora_unet_double_blocks_0_img_attn_qkv, ComfyUI's
+    diffusion_model.double_blocks.0.img_attn.qkv) put on the model's diffusers modules: a fused original module
+    (qkv, Flux's linear1) keeps its lora_down for every piece and splits its lora_up by the pieces' rows; a
+    (shift, scale) projection has its lora_up halves swapped. None when no authors' layout names every module."""
+    from . import original_keys
+    from .families.keys import SWAP
+
+    for family, table in _authors_tables():
+        try:
+            groups = original_keys.module_groups(family, modules, table)
+        except FormatError:
+            continue  # the model is not of this family
+        flat = {o.replace(".", "_"): o for o in groups}
+        names = {m: (m if m in groups else flat.get(m)) for m in adapter.modules}
+        if any(v is None for v in names.values()):
+            continue
+        A, B = {}, {}
+        for m, orig in names.items():
+            group, a, b = groups[orig], adapter.A[m], adapter.B[m]
+            sizes = [modules[d][0] for _, d in group]
+            if b.shape[0] != sum(sizes):
+                raise FormatError(f"{adapter.path or 'adapter'}: {m} has {b.shape[0]} output rows where this model's "
+                                  f"{orig} has {sum(sizes)}; it was trained on a different architecture")
+            if len(group) == 1 and group[0][0] == SWAP:
+                lo, hi = b.chunk(2, dim=0)
+                b = torch.cat([hi, lo], dim=0)
+            for (_, d), piece in zip(group, torch.split(b, sizes, dim=0)):
+                A[d], B[d] = a, piece.contiguous()
+        info = {**adapter.info, "key_layout": original_keys.layout_name(family, layout=table)}
+        return Adapter(A=A, B=B, rank=adapter.rank, alpha=adapter.alpha, family=adapter.family,
+                       targets=adapter.targets, base_sha256=adapter.base_sha256, info=info, path=adapter.path)
+    return None
+
+
 def match(adapter: Adapter, modules: dict[str, tuple[int, int]]) -> Adapter:
     """Resolve the adapter's module names against a model's Linear layers {name: (out, in)}.
 
@@ -304,6 +356,10 @@ def match(adapter: Adapter, modules: dict[str, tuple[int, int]]) -> Adapter:
     name a module and fit its shape; otherwise FormatError lists the keys that did not match.
     """
     flat = {name.replace(".", "_"): name for name in modules}
+    if any(m not in modules and m not in flat for m in adapter.modules):
+        foreign = from_authors_names(adapter, modules)
+        if foreign is not None:
+            adapter = foreign
     resolved_A, resolved_B, unmatched, misfit = {}, {}, [], []
     for m in adapter.modules:
         name = m if m in modules else flat.get(m)

@@ -144,7 +144,7 @@ def check_manifest(data, where) -> dict:
 
 
 def new_manifest(*, family: str, op: str, config: dict, report: dict, parent: dict | None,
-                 device: str = "cpu", defaults: dict | None = None) -> dict:
+                 device: str = "cpu", defaults: dict | None = None, conventions: dict | None = None) -> dict:
     """A manifest for a directory produced by `op` from `parent` (the parent's manifest + location)."""
     lineage, checked = [], {}
     if parent is not None:
@@ -162,6 +162,7 @@ def new_manifest(*, family: str, op: str, config: dict, report: dict, parent: di
         "lineage": lineage,
         "defaults": defaults or {},
         "environment": environment(device),
+        **({"conventions": conventions} if conventions else {}),  # Family.conventions: what the config does not hold
     }
 
 

@@ -26,8 +26,11 @@ from .families.keys import SWAP
 PREFIX = "model.diffusion_model."
 
 
-def _layout(family: str) -> tuple[str, list] | None:
-    """(layout name, key table) of a family with an original single-file layout (its adapter says), else None."""
+def _layout(family: str, layout: tuple | None = None) -> tuple[str, list] | None:
+    """(layout name, key table) of a family with an original single-file layout (its adapter says), else None;
+    `layout` given: that table (an authors' layout the family does not write into GGUF, e.g. PixArt's)."""
+    if layout is not None:
+        return layout
     fam = FAMILIES.get(family)
     return fam.original_layout if fam is not None else None
 
@@ -36,15 +39,15 @@ def has_original_layout(family: str) -> bool:
     return _layout(family) is not None
 
 
-def layout_name(family: str, default: str = "diffusers") -> str:
-    lay = _layout(family)
+def layout_name(family: str, default: str = "diffusers", layout: tuple | None = None) -> str:
+    lay = _layout(family, layout)
     return lay[0] if lay else default
 
 
-def _plan(family: str, keys) -> dict[str, list[tuple[object, str]]]:
+def _plan(family: str, keys, layout: tuple | None = None) -> dict[str, list[tuple[object, str]]]:
     """original key -> [(part, diffusers key)] in concatenation order."""
     keys = set(keys)
-    table = [(re.compile(rx), tmpl, part) for rx, tmpl, part in _layout(family)[1]]
+    table = [(re.compile(rx), tmpl, part) for rx, tmpl, part in _layout(family, layout)[1]]
     plan: dict[str, list[tuple[object, str]]] = {}
     for k in sorted(keys):
         for rx, tmpl, part in table:
@@ -56,7 +59,7 @@ def _plan(family: str, keys) -> dict[str, list[tuple[object, str]]]:
             plan.setdefault(m.expand(tmpl), []).append((part, k))
             break
         else:
-            raise FormatError(f"the {family} key {k!r} has no place in the {layout_name(family)} layout; "
+            raise FormatError(f"the {family} key {k!r} has no place in the {layout_name(family, layout=layout)} layout; "
                               "export it with --format safetensors or diffusers")
     for group in plan.values():
         group.sort(key=lambda pk: pk[0] if isinstance(pk[0], int) else -1)
@@ -68,10 +71,10 @@ def _swap(t: torch.Tensor) -> torch.Tensor:
     return torch.cat([b, a], dim=0)
 
 
-def to_original(family: str, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """diffusers keys -> the authors' keys (Flux: BFL, SD3: Stability)."""
+def to_original(family: str, state: dict[str, torch.Tensor], layout: tuple | None = None) -> dict[str, torch.Tensor]:
+    """diffusers keys -> the authors' keys (Flux: BFL, SD3: Stability; `layout`: another table)."""
     out = {}
-    for okey, group in _plan(family, state).items():
+    for okey, group in _plan(family, state, layout).items():
         if len(group) > 1:
             out[okey] = torch.cat([state[k] for _, k in group], dim=0)
         else:
@@ -80,14 +83,15 @@ def to_original(family: str, state: dict[str, torch.Tensor]) -> dict[str, torch.
     return out
 
 
-def from_original(family: str, state: dict[str, torch.Tensor], shapes: dict[str, tuple]) -> dict[str, torch.Tensor]:
+def from_original(family: str, state: dict[str, torch.Tensor], shapes: dict[str, tuple],
+                  layout: tuple | None = None) -> dict[str, torch.Tensor]:
     """The authors' keys -> diffusers keys, split by `shapes` (the diffusers model's state-dict shapes)."""
     state = {(k[len(PREFIX):] if k.startswith(PREFIX) else k): v for k, v in state.items()}
-    plan = _plan(family, shapes)
+    plan = _plan(family, shapes, layout)
     missing = [k for k in plan if k not in state]
     unexpected = [k for k in state if k not in plan]
     if missing or unexpected:
-        raise FormatError(f"weights do not match the {family} config in the {layout_name(family)} layout "
+        raise FormatError(f"weights do not match the {family} config in the {layout_name(family, layout=layout)} layout "
                           f"({len(missing)} missing, {len(unexpected)} unexpected, e.g. {(missing or unexpected)[0]})")
     out = {}
     for okey, group in plan.items():
@@ -102,3 +106,11 @@ def from_original(family: str, state: dict[str, torch.Tensor], shapes: dict[str,
             part, k = group[0]
             out[k] = _swap(t) if part == SWAP else t
     return out
+
+
+def module_groups(family: str, modules, layout: tuple | None = None) -> dict[str, list[tuple[object, str]]]:
+    """original module -> [(part, diffusers module)] for the Linear modules `modules` of a model (foreign LoRA
+    files name the authors' modules: one fused original module is several diffusers ones, split by rows)."""
+    plan = _plan(family, [f"{m}.weight" for m in modules], layout)
+    return {o[:-len(".weight")]: [(p, k[:-len(".weight")]) for p, k in g] for o, g in plan.items()
+            if o.endswith(".weight")}

@@ -95,6 +95,8 @@ def test_dit_original_pt_converts_and_round_trips(tmp_path):
         assert b.kind == "dit-original" and b.family.name == "dit"
         assert state_equal(b.transformer, tr)
         x, t, cond = b.family.dummy_inputs(tr, 2)
+        assert b.manifest["conventions"] == {"timestep_shift": 0}  # read as the authors' model runs it
+        b.family.apply_conventions(tr, {"timestep_shift": 0})
         assert torch.equal(b.family.predict(b.transformer, x, t, cond), b.family.predict(tr, x, t, cond))
         torch.save({"ema": sd, "model": sd}, tmp_path / "train.pt")  # a training checkpoint: the EMA is read
         assert state_equal(load_bundle(tmp_path / "train.pt").transformer, tr)

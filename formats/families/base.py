@@ -82,6 +82,15 @@ class Family:
         determine it (a single .safetensors file then needs --config)."""
         return None
 
+    # -- conventions the config does not hold ---------------------------------------------------
+    def conventions(self, transformer: nn.Module) -> dict:
+        """Settings of the model that its diffusers config does not hold (DiT: the timestep embedding's
+        frequency shift); the manifest records them and loading applies them (`apply_conventions`)."""
+        return {}
+
+    def apply_conventions(self, transformer: nn.Module, conventions: dict) -> None:
+        """Set what `conventions` (a manifest's record) says on a freshly built transformer."""
+
     # -- structure -----------------------------------------------------------------------------
     def blocks(self, transformer: nn.Module) -> nn.ModuleList:
         return getattr(transformer, self.blocks_attr)

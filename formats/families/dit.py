@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from ..dit_original import config_from_diffusers_state
+from ..errors import FormatError
 from .base import Family, split_learned_sigma
 from .coupling import TB, WidthSpec, attn, ff, linear, mlp2
 
@@ -19,7 +20,32 @@ WIDTH = WidthSpec(rules=(
 ), sincos_residual=True)
 
 
+# The timestep embedding's frequency shift: diffusers' DiT class embeds t with exp(-ln(1e4) * i / (half - 1))
+# (downscale_freq_shift=1), the authors' models.py with exp(-ln(1e4) * i / half) (0). Same weights, different
+# outputs (up to 1.5 on outputs of magnitude 3). A model read from the authors' layout runs as the authors'
+# model (0); a diffusers checkpoint runs as diffusers runs it (1) unless its ditkit.json records otherwise.
+TIMESTEP_SHIFTS = {"authors": 0, "diffusers": 1}
+
+
+def time_projs(transformer) -> list:
+    blocks = getattr(transformer, "transformer_blocks", None) or []  # an ONNX graph has none: baked in at export
+    return [b.norm1.emb.time_proj for b in blocks if hasattr(getattr(b, "norm1", None), "emb")]
+
+
 class DiTFamily(Family):
+    def conventions(self, transformer):
+        projs = time_projs(transformer)
+        return {"timestep_shift": int(projs[0].downscale_freq_shift)} if projs else {}
+
+    def apply_conventions(self, transformer, conventions):
+        shift = conventions.get("timestep_shift")
+        if shift is None:
+            return
+        if shift not in TIMESTEP_SHIFTS.values():
+            raise FormatError(f"timestep_shift {shift!r} in the manifest's conventions is neither the authors' DiT "
+                              f"(0) nor diffusers' (1); restore the ditkit.json saved with these weights")
+        for proj in time_projs(transformer):
+            proj.downscale_freq_shift = shift
     def num_classes(self, transformer) -> int:
         return transformer.config.num_embeds_ada_norm
 

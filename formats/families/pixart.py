@@ -5,6 +5,7 @@ import torch
 
 from .base import Family, split_learned_sigma
 from .coupling import TB, WidthSpec, attn, ff, linear, mlp2
+from .keys import _BLOCK, _WB
 
 WIDTH = WidthSpec(rules=(
     *linear(r"^pos_embed\.proj", None, "D:res"),
@@ -61,6 +62,38 @@ class PixArtFamily(Family):
         return dict(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=8, num_layers=2,
                     sample_size=8, patch_size=2, cross_attention_dim=32, caption_channels=24,
                     norm_type="ada_norm_single", num_embeds_ada_norm=1000)
+
+
+# The authors' key layout (PixArt-alpha/sigma .pth, PixArt.py / PixArtMS.py), mapped by formats/original_keys.py
+# as in diffusers' scripts/convert_pixart_alpha_to_diffusers.py. Not `original_layout`: GGUF keeps diffusers keys.
+# The authors' files also hold `pos_embed` (a fixed sin-cos buffer) and `y_embedder.y_embedding` (the learned
+# null caption); formats/authors.py reads and writes those two outside the table.
+PIXART: list[tuple[str, str, object]] = [
+    (r"^pos_embed\.proj\." + _WB, r"x_embedder.proj.\1", None),
+    (r"^caption_projection\.linear_1\." + _WB, r"y_embedder.y_proj.fc1.\1", None),
+    (r"^caption_projection\.linear_2\." + _WB, r"y_embedder.y_proj.fc2.\1", None),
+    (r"^adaln_single\.emb\.timestep_embedder\.linear_1\." + _WB, r"t_embedder.mlp.0.\1", None),
+    (r"^adaln_single\.emb\.timestep_embedder\.linear_2\." + _WB, r"t_embedder.mlp.2.\1", None),
+    (r"^adaln_single\.emb\.resolution_embedder\.linear_1\." + _WB, r"csize_embedder.mlp.0.\1", None),
+    (r"^adaln_single\.emb\.resolution_embedder\.linear_2\." + _WB, r"csize_embedder.mlp.2.\1", None),
+    (r"^adaln_single\.emb\.aspect_ratio_embedder\.linear_1\." + _WB, r"ar_embedder.mlp.0.\1", None),
+    (r"^adaln_single\.emb\.aspect_ratio_embedder\.linear_2\." + _WB, r"ar_embedder.mlp.2.\1", None),
+    (r"^adaln_single\.linear\." + _WB, r"t_block.1.\1", None),
+    (r"^" + _BLOCK + r"scale_shift_table$", r"blocks.\1.scale_shift_table", None),
+    (r"^" + _BLOCK + r"attn1\.to_q\." + _WB, r"blocks.\1.attn.qkv.\2", 0),
+    (r"^" + _BLOCK + r"attn1\.to_k\." + _WB, r"blocks.\1.attn.qkv.\2", 1),
+    (r"^" + _BLOCK + r"attn1\.to_v\." + _WB, r"blocks.\1.attn.qkv.\2", 2),
+    (r"^" + _BLOCK + r"attn1\.to_out\.0\." + _WB, r"blocks.\1.attn.proj.\2", None),
+    (r"^" + _BLOCK + r"attn2\.to_q\." + _WB, r"blocks.\1.cross_attn.q_linear.\2", None),
+    (r"^" + _BLOCK + r"attn2\.to_k\." + _WB, r"blocks.\1.cross_attn.kv_linear.\2", 0),
+    (r"^" + _BLOCK + r"attn2\.to_v\." + _WB, r"blocks.\1.cross_attn.kv_linear.\2", 1),
+    (r"^" + _BLOCK + r"attn2\.to_out\.0\." + _WB, r"blocks.\1.cross_attn.proj.\2", None),
+    (r"^" + _BLOCK + r"ff\.net\.0\.proj\." + _WB, r"blocks.\1.mlp.fc1.\2", None),
+    (r"^" + _BLOCK + r"ff\.net\.2\." + _WB, r"blocks.\1.mlp.fc2.\2", None),
+    (r"^proj_out\." + _WB, r"final_layer.linear.\1", None),
+    (r"^scale_shift_table$", r"final_layer.scale_shift_table", None),
+]
+AUTHORS_LAYOUT = ("pixart-original", PIXART)
 
 
 FAMILY = PixArtFamily(

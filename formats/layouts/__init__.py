@@ -6,8 +6,11 @@ Sources (load_bundle):
   - a quantized bundle (a pipeline or transformer directory with quantization.json; quantized.py);
   - a diffusers pipeline directory (model_index.json; pipeline.py);
   - a bare transformer directory (config.json + safetensors; transformer.py);
+  - a .safetensors file in the authors' keys (BFL Flux, Stability SD3/SD3.5, PixArt, DiT; original.py, mapped by
+    formats/authors.py): family and architecture from the keys and shapes;
   - a single .safetensors file (--family, plus --config when the keys don't determine it; single_file.py);
-  - a facebookresearch/DiT .pt checkpoint (read with weights_only=True, converted to diffusers keys; dit_pt.py).
+  - a facebookresearch/DiT or PixArt .pt/.pth checkpoint (read with weights_only=True, converted to diffusers
+    keys; original.py).
   - a .gguf file (dequantized to float tensors on load; gguf.py).
 The first layout in LAYOUTS whose `detect(path)` holds loads the path. save_bundle writes with the first layout
 whose `writes(bundle)` holds (quantized, then pipeline, then transformer). A new layout is one module with a
@@ -27,11 +30,12 @@ from ..bundle import Bundle
 from ..errors import FormatError
 from ..manifest import write_manifest
 from ..quantized import transformer_bytes
-from . import dit_pt, gguf, onnx, pipeline, quantized, single_file, transformer
+from . import gguf, onnx, original, pipeline, quantized, single_file, transformer
 from .base import Layout
 
-LAYOUTS: dict[str, Layout] = {m.LAYOUT.name: m.LAYOUT for m in (
-    onnx, quantized, pipeline, transformer, single_file, dit_pt, gguf)}  # detection order: first match wins
+LAYOUTS: dict[str, Layout] = {lay.name: lay for lay in (
+    onnx.LAYOUT, quantized.LAYOUT, pipeline.LAYOUT, transformer.LAYOUT, original.LAYOUT, single_file.LAYOUT,
+    original.PT_LAYOUT, gguf.LAYOUT)}  # detection order: first match wins
 
 ASSETS = Path(__file__).parent.parent / "assets"
 DEFAULT_MODELS = {"tiny-digits": ASSETS / "tiny-digits", "tiny-digits-text": ASSETS / "tiny-digits-text"}
@@ -62,7 +66,7 @@ def layout_of(path: Path) -> Layout:
     if path.is_dir():
         raise FormatError(f"{path} is not a checkpoint: expected model_index.json (diffusers pipeline) "
                           "or config.json + safetensors (transformer)")
-    raise FormatError(f"{path}: unknown checkpoint file type {path.suffix!r}; use .safetensors, .gguf or a DiT .pt")
+    raise FormatError(f"{path}: unknown checkpoint file type {path.suffix!r}; use .safetensors, .gguf or a DiT / PixArt .pt")
 
 
 def load_bundle(src: str | os.PathLike | None = None, *, family: str | None = None, config: str | None = None,
@@ -73,6 +77,8 @@ def load_bundle(src: str | os.PathLike | None = None, *, family: str | None = No
         if isinstance(comp, nn.Module):
             comp.eval().requires_grad_(False)
             place(comp, device, dtype if name in ("transformer", "vae") else None)
+    if isinstance(bundle.transformer, nn.Module):  # what the config does not hold (DiT's timestep shift)
+        bundle.family.apply_conventions(bundle.transformer, bundle.manifest.get("conventions") or {})
     if path.is_dir() and bundle.kind in ("pipeline", "transformer"):
         from ..feedback import load_feedback
 
@@ -96,10 +102,19 @@ def place(module: nn.Module, device: str, dtype: torch.dtype | None = None) -> N
 def save_bundle(bundle: Bundle, out: os.PathLike, manifest: dict, force: bool = False) -> Path:
     """Write the bundle atomically as a diffusers directory + judge + ditkit.json; returns the path."""
     out = Path(out)
+    manifest = with_conventions(bundle, manifest)
     with atomic_dir(out, force=force) as tmp:
         write_bundle_dir(bundle, tmp)
         write_manifest(tmp, manifest)
     return out
+
+
+def with_conventions(bundle: Bundle, manifest: dict) -> dict:
+    """The manifest with the transformer's conventions (Family.conventions: DiT's timestep shift) recorded."""
+    if "conventions" in manifest or not isinstance(bundle.transformer, nn.Module):
+        return manifest
+    conv = bundle.family.conventions(bundle.transformer)
+    return {**manifest, "conventions": conv} if conv else manifest
 
 
 def save_quantized(bundle: Bundle, out: os.PathLike, manifest: Callable[[int], dict], force: bool = False) -> Path:
@@ -107,7 +122,7 @@ def save_quantized(bundle: Bundle, out: os.PathLike, manifest: Callable[[int], d
     out = Path(out)
     with atomic_dir(out, force=force) as tmp:
         write_bundle_dir(bundle, tmp)
-        write_manifest(tmp, manifest(transformer_bytes(tmp)))
+        write_manifest(tmp, with_conventions(bundle, manifest(transformer_bytes(tmp))))
     return out
 
 

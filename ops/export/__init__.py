@@ -7,6 +7,7 @@ Formats (EXPORT_FORMATS):
   diffusers     a plain diffusers directory (LoRA fused, pruned configs kept) that from_pretrained loads;
   safetensors   one .safetensors file: the transformer, its config and family in the header metadata;
   dit-original  a facebookresearch/DiT .pt state dict (dit family only);
+  bfl-flux, stability-sd3, pixart-original  one .safetensors file in the authors' keys (formats/authors.py);
   gguf          one .gguf file (formats/gguf.py), checked by the output SQNR of its dequantized model (gguf.py).
 
 The op builds everything in memory or in a staging directory (ONNX: onnxruntime needs files) and checks

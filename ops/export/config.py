@@ -45,6 +45,12 @@ EXPORT_FORMATS: dict[str, ExportFormat] = {f.name: f for f in (
                  "one file: the transformer with its config and family in the header metadata"),
     ExportFormat("dit-original", "file", ".pt", ("dit",), False,
                  "the facebookresearch/DiT key layout as a .pt state dict of tensors"),
+    ExportFormat("bfl-flux", "file", ".safetensors", ("flux",), False,
+                 "Black Forest Labs' Flux.1 keys (flux1-dev.safetensors), as ComfyUI and BFL's code read them"),
+    ExportFormat("stability-sd3", "file", ".safetensors", ("sd3",), False,
+                 "Stability's SD3/SD3.5 keys with the model.diffusion_model. prefix (sd3_medium.safetensors)"),
+    ExportFormat("pixart-original", "file", ".safetensors", ("pixart",), False,
+                 "PixArt-alpha/sigma keys (PixArt.py / PixArtMS.py), as safetensors instead of .pth"),
     ExportFormat("gguf", "file", ".gguf", None, False,
                  "one .gguf file quantized with --quant, in the layout ComfyUI-GGUF and diffusers read"),
 )}
@@ -137,6 +143,7 @@ class ExportReport:
     tensor_types: dict = field(default_factory=dict)
     layout: str | None = None
     sqnr_db: float | None = None
+    note: str | None = None  # a difference the format cannot hold, measured (e.g. DiT's timestep shift)
     passed: bool = True
     failures: list[str] = field(default_factory=list)
     seconds_export: float = 0.0

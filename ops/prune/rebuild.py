@@ -21,6 +21,13 @@ def rebuild(transformer: nn.Module, config_updates: dict, state: dict[str, torch
     except RuntimeError as e:  # a key or shape the surgery did not cover: a ditkit bug, never user input
         raise RuntimeError(f"pruned weights do not fit the rewritten {cls.__name__} config: "
                            f"{str(e).splitlines()[0][:300]}") from e
+    # sinusoidal-embedding settings the config does not hold (DiT's timestep shift, Family.conventions) go along
+    from diffusers.models.embeddings import Timesteps
+
+    old = dict(transformer.named_modules())
+    for name, m in model.named_modules():
+        if isinstance(m, Timesteps) and isinstance(old.get(name), Timesteps):
+            m.downscale_freq_shift = old[name].downscale_freq_shift
     # buffers not in the state dict (DiT/PixArt sin-cos tables) were built by the config on the CPU in fp32
     model.to(p.device)
     for b in model.buffers():

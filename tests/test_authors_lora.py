@@ -1,0 +1,143 @@
+"""LoRA files written by other tools in the authors' module names (kohya / sd-scripts, ComfyUI): they change the
+model exactly as merging them into the authors' weights does, which is what those tools do."""
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import authors_fixtures as F
+from ditkit.formats import authors
+from ditkit.formats.layouts import load_bundle
+from ditkit.formats.lora import load_adapter
+from ditkit.ops.lora.adapters import apply_lora
+
+RANK = 4
+
+
+def lora_pair(out_f, in_f, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(RANK, in_f, generator=g) * 0.1, torch.randn(out_f, RANK, generator=g) * 0.1
+
+
+def merged_reference(layout, orig, targets, scale):
+    """The model the writing tool gives: W_orig + scale * up @ down in the authors' weights, read into diffusers."""
+    state = dict(orig)
+    for mod, (down, up) in targets.items():
+        state[f"{mod}.weight"] = state[f"{mod}.weight"] + scale * (up @ down)
+    _, conf, converted = authors.read(state, "<merged>")
+    b = authors.AUTHORS_LAYOUTS[layout]
+    from ditkit.formats.families import get_family
+
+    model = get_family(b.family).transformer_cls().from_config(conf)
+    model.load_state_dict(converted)
+    return model.eval()
+
+
+CASES = {  # name -> (model, authors' writer, layout, modules, key style, alpha)
+    "kohya-flux-bfl": (F.flux_model, F.bfl_flux, "bfl-flux",
+                       ["double_blocks.0.img_attn.qkv", "double_blocks.0.txt_mlp.0", "single_blocks.0.linear1",
+                        "single_blocks.1.linear2", "double_blocks.0.img_mod.lin"], "kohya", 2.0),
+    "kohya-sd3": (lambda: F.sd3_model(True, 16), F.stability_sd3, "stability-sd3",
+                  ["joint_blocks.0.x_block.attn.qkv", "joint_blocks.0.x_block.attn2.qkv",
+                   "joint_blocks.1.context_block.mlp.fc1", "joint_blocks.2.context_block.adaLN_modulation.1"],
+                  "kohya", 8.0),
+    "comfyui-pixart-no-alpha": (F.pixart_model, F.pixart, "pixart-original",
+                                ["blocks.0.attn.qkv", "blocks.1.cross_attn.kv_linear", "blocks.0.mlp.fc2"],
+                                "comfyui", None),
+    "comfyui-flux-peft-keys": (F.flux_model, F.bfl_flux, "bfl-flux",
+                               ["double_blocks.0.txt_attn.qkv", "single_blocks.1.linear1"], "comfyui-peft", None),
+}
+
+
+def write_lora(path, style, orig, modules, alpha):
+    tensors, targets = {}, {}
+    for i, mod in enumerate(modules):
+        w = orig[f"{mod}.weight"]
+        down, up = lora_pair(w.shape[0], w.shape[1], i)
+        targets[mod] = (down, up)
+        if style == "kohya":
+            key = "lora_unet_" + mod.replace(".", "_")
+            tensors[f"{key}.lora_down.weight"], tensors[f"{key}.lora_up.weight"] = down, up
+            if alpha is not None:
+                tensors[f"{key}.alpha"] = torch.tensor(alpha)
+        elif style == "comfyui":
+            tensors[f"diffusion_model.{mod}.lora_down.weight"], tensors[f"diffusion_model.{mod}.lora_up.weight"] = down, up
+        else:
+            tensors[f"diffusion_model.{mod}.lora_A.weight"], tensors[f"diffusion_model.{mod}.lora_B.weight"] = down, up
+    save_file(tensors, str(path))
+    return targets
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_foreign_lora_equals_merging_it_into_the_authors_weights(name, tmp_path, cli, tiny_embeddings):
+    make, writer, layout, modules, style, alpha = CASES[name]
+    model = make()
+    orig = writer(model)
+    targets = write_lora(tmp_path / "lora.safetensors", style, orig, modules, alpha)
+    ckpt = tmp_path / "model.safetensors"
+    save_file({k: v.contiguous() for k, v in orig.items()}, str(ckpt))
+    ad = load_adapter(tmp_path / "lora.safetensors")
+    scale = (alpha if alpha is not None else RANK) / RANK
+    assert ad.scale == scale
+    ref = merged_reference(layout, orig, targets, scale)
+    b = apply_lora(load_bundle(ckpt), ad)
+    fam = b.family
+    x, t, cond = fam.dummy_inputs(ref, 2, seed=1)
+    with torch.no_grad():
+        got, want = fam.predict(b.transformer, x, t, cond, 3.5), fam.predict(ref, x, t, cond, 3.5)
+        base = fam.predict(model, x, t, cond, 3.5)
+    assert float((got - want).abs().max()) < 1e-4
+    assert float((base - want).abs().max()) > 1e-3  # the LoRA changes the output
+    r = cli("generate", ckpt, "-o", tmp_path / "gen", "--lora", tmp_path / "lora.safetensors", "--steps", 2,
+            "--num-images", 1, "--embeddings", tiny_embeddings(fam.name), "--json")
+    assert r.code == 0, r.err
+
+
+def test_kohya_flux_matches_diffusers_converter(tmp_path):
+    """diffusers' kohya Flux converter (its widths 3072 / 12288 replaced by the fixture's) gives the same pieces."""
+    from diffusers.loaders import lora_conversion_utils as lcu
+
+    make, writer, layout, modules, style, alpha = CASES["kohya-flux-bfl"]
+    model = make()
+    orig = writer(model)
+    write_lora(tmp_path / "l.safetensors", style, orig, modules, alpha)
+    from safetensors.torch import load_file
+
+    theirs_src = inspect.getsource(lcu._convert_kohya_flux_lora_to_diffusers)
+    width = model.config.num_attention_heads * model.config.attention_head_dim
+    assert "3072" in theirs_src
+    ns = dict(lcu.__dict__)
+    exec(theirs_src.replace("12288", str(4 * width)).replace("3072", str(width)), ns)
+    theirs = ns["_convert_kohya_flux_lora_to_diffusers"](load_file(tmp_path / "l.safetensors"))
+    ad = load_adapter(tmp_path / "l.safetensors")
+    from ditkit.formats.lora import match
+    from ditkit.ops.lora.targets import linear_modules
+
+    mine = match(ad, linear_modules(model))
+    for key, v in theirs.items():
+        mod = key.removeprefix("transformer.").rsplit(".lora_", 1)[0]
+        ours = (mine.A if ".lora_A." in key else mine.B)[mod]
+        scale = ad.scale if ".lora_A." in key else 1.0  # diffusers folds alpha / rank into lora_A
+        assert torch.allclose(ours * scale, v, atol=1e-6), key
+    assert {k.removeprefix("transformer.").rsplit(".lora_", 1)[0] for k in theirs} == set(mine.modules)
+
+
+def test_lora_train_fuses_a_kohya_bfl_lora(tmp_path, cli):
+    make, writer, layout, modules, style, alpha = CASES["kohya-flux-bfl"]
+    model = make()
+    orig = writer(model)
+    targets = write_lora(tmp_path / "lora.safetensors", style, orig, modules, alpha)
+    ckpt = tmp_path / "model.safetensors"
+    save_file({k: v.contiguous() for k, v in orig.items()}, str(ckpt))
+    r = cli("lora-train", ckpt, "--lora", tmp_path / "lora.safetensors", "--fuse-into", tmp_path / "fused", "--json")
+    assert r.code == 0, r.err
+    fused = load_bundle(tmp_path / "fused")
+    ref = merged_reference(layout, orig, targets, alpha / RANK)
+    fam = fused.family
+    x, t, cond = fam.dummy_inputs(ref, 2, seed=1)
+    with torch.no_grad():
+        got, want = fam.predict(fused.transformer, x, t, cond, 3.5), fam.predict(ref, x, t, cond, 3.5)
+    assert float((got - want).abs().max()) < 1e-4
