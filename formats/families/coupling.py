@@ -68,6 +68,10 @@ def linear(prefix: str, inp: str | None, out: str | None) -> list[Rule]:
 class WidthSpec:
     rules: tuple[Rule, ...]
     sincos_residual: bool  # the position table is recomputed from the width on load (DiT, PixArt)
+    # what Torch-Pruning's DependencyGraph cannot infer (ops/prune/graph.py):
+    ignored: tuple[str, ...] = ("proj_out",)  # module names whose outputs keep their width (the latent channels)
+    unwrapped: tuple[tuple[str, int], ...] = ()  # name regexes of tensors outside standard modules, pruning dim
+    ignored_params: tuple[str, ...] = ()  # parameter-name regexes that act on a fixed axis (head_dim norms)
     width_fields: tuple[str, ...] = ()  # config fields besides num_attention_heads that hold the width D
     mlp_mult: int = 4  # MLP hidden units per channel of D, as diffusers builds them from the config
 

@@ -16,7 +16,9 @@ WIDTH = WidthSpec(rules=(
     *ff(rf"{TB}\.ff", "D:res", "F:ff{b}"),
     *linear(r"^proj_out_1", "D:emb0", "D:res"),  # the final adaLN reads block 0's conditioning embedding
     *linear(r"^proj_out_2", "D:res", None),
-), sincos_residual=True)
+),
+    ignored=("proj_out_2",),
+    sincos_residual=True)
 
 
 class DiTFamily(Family):

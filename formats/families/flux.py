@@ -27,7 +27,9 @@ WIDTH = WidthSpec(rules=(
     (rf"{SB}\.proj_out\.{WB}$", 0, ("D:res",)),
     *linear(r"^norm_out\.linear", "D:cond", "D:res"),
     *linear(r"^proj_out", "D:res", None),
-), sincos_residual=False)
+),
+    ignored_params=(r".*\.norm_(added_)?[qk]\.weight",),  # q / k RMSNorms act on the (fixed) head_dim
+    sincos_residual=False)
 
 
 def pack(latents: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,10 @@ WIDTH = WidthSpec(rules=(
     *attn(rf"{TB}\.attn2", "D:res", "D:cap", "H:attn2.{b}", "D:res"),
     *ff(rf"{TB}\.ff", "D:res", "F:ff{b}"),
     *linear(r"^proj_out", "D:res", None),
-), sincos_residual=True, width_fields=("cross_attention_dim",))
+),
+    # the (2, D) final and (6, D) per-block scale-shift tables are bare parameters, pruned along D
+    unwrapped=((r"(transformer_blocks\.\d+\.)?scale_shift_table", 1),),
+    sincos_residual=True, width_fields=("cross_attention_dim",))
 
 
 class PixArtFamily(Family):

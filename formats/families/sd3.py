@@ -20,7 +20,9 @@ WIDTH = WidthSpec(rules=(
     *ff(rf"{TB}\.ff_context", "D:ctx", "F:ffc{b}"),
     *linear(r"^norm_out\.linear", "D:cond", "D:res"),
     *linear(r"^proj_out", "D:res", None),
-), sincos_residual=False, width_fields=("caption_projection_dim",))  # SD3 stores its (cropped) position table
+),
+    unwrapped=((r"pos_embed\.pos_embed", 2),),  # the stored (1, tokens, D) position table (a buffer)
+    sincos_residual=False, width_fields=("caption_projection_dim",))  # SD3 stores its (cropped) position table
 
 
 class SD3Family(Family):
