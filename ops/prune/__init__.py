@@ -58,7 +58,7 @@ PRUNE_METHODS: dict[str, Method] = {m.name: m for m in (
            semi24.run, None, {}, False),
 )}
 
-IMPORTANCE = ("magnitude", "taylor")
+IMPORTANCE = ("magnitude", "taylor", "hessian", "lamp")  # width: Torch-Pruning criteria (ops/prune/width.py)
 SCOPES = ("per-layer", "global")
 METHOD_OPTIONS = ("ratio", "keep", "blocks", "sparsity", "scope", "importance")
 
@@ -73,7 +73,7 @@ class PruneConfig(OpConfig):
     blocks: list[int] | None = None  # depth: block indices to remove, by hand
     sparsity: float | None = None  # magnitude: fraction of prunable weights zeroed
     scope: str | None = None  # magnitude: per-layer or global threshold
-    importance: str | None = None  # width: magnitude or taylor
+    importance: str | None = None  # width: magnitude, taylor, hessian or lamp
     calib_samples: int = 4  # images sampled by the base model for calibration
     calib_steps: int = 10  # steps of those trajectories (fewer than sampling uses: the points span them all)
     calib_points: int = 3  # trajectory steps kept as calibration inputs (first, middle, last)

@@ -301,8 +301,16 @@ def check_cover(found: list[Space], state: dict) -> None:
     for (k, dim), parts in cover.items():
         if k not in state:
             raise UnsupportedModelError(f"width pruning: the dependency graph names {k}, which is not in the state dict")
+        for p in parts:  # channel k's tensor indices grow with k: the ascending cut keeps the spaces aligned
+            if p.numel() and not bool((p.reshape(-1) >= 0).all()):
+                raise UnsupportedModelError(f"width pruning: negative index for {k}")
         allidx = torch.cat(parts).sort().values
         n = state[k].shape[dim]
         if allidx.numel() != n or not torch.equal(allidx, torch.arange(n)):
             raise UnsupportedModelError(f"width pruning: {k} dim {dim} ({n} channels) is covered by "
                                         f"{allidx.numel()} channels of the dependency graph's groups")
+
+
+def head_channels(heads: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """Kept head indices -> their channels."""
+    return (heads[:, None] * head_dim + torch.arange(head_dim)[None, :]).reshape(-1)
