@@ -146,7 +146,6 @@ class Space:
 
 
 _OUT = (tpf.prune_linear_out_channels, tpf.prune_conv_out_channels)
-_IN = (tpf.prune_linear_in_channels, tpf.prune_conv_in_channels)
 
 
 def _params(graph, item, names: dict, pnames: dict, unwrapped_dims: dict) -> list[tuple[str, int]]:
@@ -155,6 +154,9 @@ def _params(graph, item, names: dict, pnames: dict, unwrapped_dims: dict) -> lis
     is_out, is_in = graph.is_out_channel_pruning_fn(fn), graph.is_in_channel_pruning_fn(fn)
     if isinstance(mod, nn.Parameter):
         name = pnames[mod]
+        if unwrapped_dims.get(name) is None:
+            raise UnsupportedModelError(f"width pruning: the dependency graph prunes the bare parameter {name}; "
+                                        "its family must declare it (WidthSpec.unwrapped or ignored_params)")
         return [(name, unwrapped_dims[name])]
     name = names.get(mod)
     if name is None:
@@ -301,9 +303,6 @@ def check_cover(found: list[Space], state: dict) -> None:
     for (k, dim), parts in cover.items():
         if k not in state:
             raise UnsupportedModelError(f"width pruning: the dependency graph names {k}, which is not in the state dict")
-        for p in parts:  # channel k's tensor indices grow with k: the ascending cut keeps the spaces aligned
-            if p.numel() and not bool((p.reshape(-1) >= 0).all()):
-                raise UnsupportedModelError(f"width pruning: negative index for {k}")
         allidx = torch.cat(parts).sort().values
         n = state[k].shape[dim]
         if allidx.numel() != n or not torch.equal(allidx, torch.arange(n)):
