@@ -54,7 +54,7 @@ def assert_bad_input(r, needle):
 def test_registry_and_defaults():
     assert list(PRUNE_METHODS) == ["depth", "width", "magnitude", "2:4"]
     assert PruneConfig(method="depth").ratio == 0.5
-    assert PruneConfig(method="width").importance == "magnitude"
+    assert PruneConfig(method="width").importance == "taylor"
     c = PruneConfig(method="magnitude")
     assert (c.sparsity, c.scope) == (0.4, "per-layer")
     assert PruneConfig.from_dict(c.to_dict()) == c  # round-trips through its dict (the manifest's config)
