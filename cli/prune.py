@@ -54,7 +54,9 @@ def prune_cmd(
     blocks: Annotated[Optional[str], typer.Option(help="depth: block indices to remove, e.g. 3,7.")] = None,
     sparsity: Annotated[Optional[float], typer.Option(help="magnitude: fraction of weights zeroed (0.4).")] = None,
     scope: Annotated[Optional[str], typer.Option(help=f"magnitude: {' or '.join(SCOPES)} (per-layer).")] = None,
-    importance: Annotated[Optional[str], typer.Option(help=f"width: {' or '.join(IMPORTANCE)} (magnitude).")] = None,
+    importance: Annotated[Optional[str], typer.Option(
+        help=f"width: Torch-Pruning importance criterion, {' | '.join(IMPORTANCE)} "
+             f"({PRUNE_METHODS['width'].options['importance']}).")] = None,
     embeddings: Annotated[Optional[Path], typer.Option(help="Text families: prompt embeddings (.safetensors) to "
                                                             "calibrate on (default: random embeddings).")] = None,
     calib_samples: Annotated[int, typer.Option(help="Calibration images sampled by the base model.")] = 4,

@@ -93,8 +93,10 @@ def test_adapter_provides_what_the_ops_ask(family):
     if fam.width is not None:
         assert isinstance(fam.width, WidthSpec)
         keys = list(tr.state_dict())
-        unused = [p for p, _, _ in fam.width.rules if not any(re.search(p, k) for k in keys)]
-        assert not unused, f"{family}: width rules that match no tensor: {unused}"
+        declared = [p for p, _ in fam.width.unwrapped] + list(fam.width.ignored_params)
+        unused = [p for p in declared if not any(re.fullmatch(p, k) for k in keys)]
+        assert not unused, f"{family}: width declarations that match no tensor: {unused}"
+        assert all(any(re.fullmatch(p, n) for n in names) for p in (*fam.width.ignored, fam.width.patch_embed))
         assert all(f in tr.config for f in fam.width.width_fields)
         assert fam.width_unsupported(tr) is None
     # quantize / LoRA: the regexes name real modules

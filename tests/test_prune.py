@@ -54,7 +54,7 @@ def assert_bad_input(r, needle):
 def test_registry_and_defaults():
     assert list(PRUNE_METHODS) == ["depth", "width", "magnitude", "2:4"]
     assert PruneConfig(method="depth").ratio == 0.5
-    assert PruneConfig(method="width").importance == "magnitude"
+    assert PruneConfig(method="width").importance == "taylor"
     c = PruneConfig(method="magnitude")
     assert (c.sparsity, c.scope) == (0.4, "per-layer")
     assert PruneConfig.from_dict(c.to_dict()) == c  # round-trips through its dict (the manifest's config)
@@ -208,15 +208,15 @@ def test_width_slices_the_coupled_channels(tiny_dir):
     p = out.transformer
     removed = rep.plan["removed_channels"]
     res = [i for i in range(32) if i not in removed["res"]]
-    emb = [i for i in range(32) if i not in removed["emb0"]]
+    emb = [i for i in range(32) if i not in removed["transformer_blocks.0.norm1.emb.timestep_embedder.linear_2"]]
     assert res == width.sincos_aligned(32, 16).tolist()
     w0 = tr.transformer_blocks[0].norm1.linear.weight
     rows = [k * 32 + r for k in range(6) for r in res]
     assert torch.equal(p.transformer_blocks[0].norm1.linear.weight, w0[rows][:, emb])
-    head = 1 - rep.plan["removed_heads"]["attn1.0"][0]
+    head = 1 - rep.plan["removed_heads"]["transformer_blocks.0.attn1"][0]
     q0 = tr.transformer_blocks[0].attn1.to_q.weight
     assert torch.equal(p.transformer_blocks[0].attn1.to_q.weight, q0[head * 16:(head + 1) * 16][:, res])
-    units = [i for i in range(128) if i not in rep.plan["removed_mlp_units"]["ff0"]]
+    units = [i for i in range(128) if i not in rep.plan["removed_mlp_units"]["transformer_blocks.0.ff.net.0.proj"]]
     assert torch.equal(p.transformer_blocks[0].ff.net[2].weight, tr.transformer_blocks[0].ff.net[2].weight[res][:, units])
     # the position table diffusers rebuilds for width 16 is the old one at the kept channels (D/D' = 2: exact)
     assert torch.allclose(p.pos_embed.pos_embed, tr.pos_embed.pos_embed[..., res], atol=1e-6)

@@ -9,8 +9,9 @@ instance of it, `FAMILY`, and provides:
 - `predict` (one transformer call on (B, C, h, w) latents) and `dummy_cond` (random conditions of the right
   shapes); text families also `encode_prompts`; class families `null_cond`;
 - where they differ from the defaults here: `stacks` (the block lists depth pruning removes from, with their
-  config fields), `width` (the coupling rules of width pruning, formats/families/coupling.py; None refuses
-  width pruning), `full_precision` and `modulation` (module-name regexes for quantize and LoRA),
+  config fields), `width` (what width pruning must be told beside the coupling Torch-Pruning's graph
+  finds, formats/families/coupling.py; None refuses width pruning), `full_precision` and `modulation`
+  (module-name regexes for quantize and LoRA),
   `two_stream` (blocks that carry a text stream beside the image stream), and the methods `latent_channels`,
   `latent_size`, `image_tokens`, `uses_cfg`, `width_unsupported`, `depth_config`, `config_from_state`;
 - `tiny_config()`: the constructor arguments of a tiny random model (2 blocks, hidden 32-64) that the test
@@ -59,7 +60,7 @@ class Family:
     # block lists in execution order (depth pruning, distillation's block mapping); None: blocks_attr alone,
     # its length in the config's num_layers; () refuses depth pruning
     stacks: tuple[Stack, ...] | None = None
-    width: WidthSpec | None = None  # what width pruning cuts together; None refuses width pruning
+    width: WidthSpec | None = None  # width pruning's declarations (ops/prune/graph.py); None refuses it
     two_stream: bool = False  # blocks take and return (text, image) streams (MMDiT), not hidden states alone
     # the authors' single-file key layout: (its name, the key table of formats/original_keys.py), or None
     original_layout: tuple | None = None

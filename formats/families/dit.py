@@ -6,18 +6,11 @@ import torch
 from ..dit_original import config_from_diffusers_state
 from ..errors import FormatError
 from .base import Family, split_learned_sigma
-from .coupling import TB, WidthSpec, attn, ff, linear, mlp2
+from .coupling import WidthSpec
 
-WIDTH = WidthSpec(rules=(
-    *linear(r"^pos_embed\.proj", None, "D:res"),
-    *mlp2(rf"{TB}\.norm1\.emb\.timestep_embedder", "D:thid{b}", "D:emb{b}"),
-    (rf"{TB}\.norm1\.emb\.class_embedder\.embedding_table\.weight$", 1, ("D:emb{b}",)),
-    *linear(rf"{TB}\.norm1\.linear", "D:emb{b}", "D:res"),
-    *attn(rf"{TB}\.attn1", "D:res", "D:res", "H:attn1.{b}", "D:res"),
-    *ff(rf"{TB}\.ff", "D:res", "F:ff{b}"),
-    *linear(r"^proj_out_1", "D:emb0", "D:res"),  # the final adaLN reads block 0's conditioning embedding
-    *linear(r"^proj_out_2", "D:res", None),
-), sincos_residual=True)
+WIDTH = WidthSpec(
+    ignored=("proj_out_2",),  # the final projection: its outputs are the latent channels
+    sincos_residual=True)
 
 
 # The timestep embedding's frequency shift: diffusers' DiT class embeds t with exp(-ln(1e4) * i / (half - 1))

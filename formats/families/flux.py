@@ -5,29 +5,13 @@ import torch
 
 from .base import Family, Stack
 from .keys import _BLOCK, _SINGLE, _WB, SWAP  # noqa: F401 - used by the key table
-from .coupling import SB, TB, WB, WidthSpec, attn, ff, linear, mlp2
+from .coupling import WidthSpec
 
-# Flux's single-stream blocks run text and image tokens as one sequence: the context stream is the residual.
 # Rotary embeddings act on the head dimension, so the residual channels are chosen by importance.
-WIDTH = WidthSpec(rules=(
-    *linear(r"^x_embedder", None, "D:res"),
-    *linear(r"^context_embedder", None, "D:res"),
-    *mlp2(r"^time_text_embed\.timestep_embedder", "D:thid", "D:cond"),
-    *mlp2(r"^time_text_embed\.guidance_embedder", "D:ghid", "D:cond"),
-    *mlp2(r"^time_text_embed\.text_embedder", "D:phid", "D:cond"),
-    *linear(rf"{TB}\.norm1(_context)?\.linear", "D:cond", "D:res"),
-    *attn(rf"{TB}\.attn", "D:res", "D:res", "H:attn.{b}", "D:res", added="D:res"),
-    *ff(rf"{TB}\.ff", "D:res", "F:ff{b}"),
-    *ff(rf"{TB}\.ff_context", "D:res", "F:ffc{b}"),
-    *linear(rf"{SB}\.norm\.linear", "D:cond", "D:res"),
-    *linear(rf"{SB}\.proj_mlp", "D:res", "F:sff{b}"),
-    (rf"{SB}\.attn\.to_(q|k|v)\.weight$", 1, ("D:res",)),
-    (rf"{SB}\.attn\.to_(q|k|v)\.{WB}$", 0, ("H:sattn.{b}",)),
-    (rf"{SB}\.proj_out\.weight$", 1, ("H:sattn.{b}", "F:sff{b}")),  # cat(attention, MLP) -> D
-    (rf"{SB}\.proj_out\.{WB}$", 0, ("D:res",)),
-    *linear(r"^norm_out\.linear", "D:cond", "D:res"),
-    *linear(r"^proj_out", "D:res", None),
-), sincos_residual=False)
+WIDTH = WidthSpec(
+    patch_embed="x_embedder",
+    ignored_params=(r".*\.norm_(added_)?[qk]\.weight",),  # q / k RMSNorms act on the (fixed) head_dim
+    sincos_residual=False)
 
 
 def pack(latents: torch.Tensor) -> torch.Tensor:

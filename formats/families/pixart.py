@@ -4,21 +4,13 @@ from __future__ import annotations
 import torch
 
 from .base import Family, split_learned_sigma
-from .coupling import TB, WidthSpec, attn, ff, linear, mlp2
+from .coupling import WidthSpec
 from .keys import _BLOCK, _WB
 
-WIDTH = WidthSpec(rules=(
-    *linear(r"^pos_embed\.proj", None, "D:res"),
-    # the timestep embedding is added to the final (2, D) scale-shift table: it lives in the residual space
-    *mlp2(r"^adaln_single\.emb\.timestep_embedder", "D:thid", "D:res"),
-    *linear(r"^adaln_single\.linear", "D:res", "D:res"),
-    *mlp2(r"^caption_projection", "D:caphid", "D:cap"),
-    (r"^(transformer_blocks\.\d+\.)?scale_shift_table$", 1, ("D:res",)),
-    *attn(rf"{TB}\.attn1", "D:res", "D:res", "H:attn1.{b}", "D:res"),
-    *attn(rf"{TB}\.attn2", "D:res", "D:cap", "H:attn2.{b}", "D:res"),
-    *ff(rf"{TB}\.ff", "D:res", "F:ff{b}"),
-    *linear(r"^proj_out", "D:res", None),
-), sincos_residual=True, width_fields=("cross_attention_dim",))
+WIDTH = WidthSpec(
+    # the (2, D) final and (6, D) per-block scale-shift tables are bare parameters, pruned along D
+    unwrapped=((r"(transformer_blocks\.\d+\.)?scale_shift_table", 1),),
+    sincos_residual=True, width_fields=("cross_attention_dim",))
 
 
 class PixArtFamily(Family):

@@ -5,22 +5,11 @@ import torch
 
 from .base import Family, Stack
 from .keys import _BLOCK, _SINGLE, _WB, SWAP  # noqa: F401 - used by the key table
-from .coupling import TB, WidthSpec, attn, ff, linear, mlp2
+from .coupling import WidthSpec
 
-WIDTH = WidthSpec(rules=(
-    *linear(r"^pos_embed\.proj", None, "D:res"),
-    (r"^pos_embed\.pos_embed$", 2, ("D:res",)),
-    *mlp2(r"^time_text_embed\.timestep_embedder", "D:thid", "D:cond"),
-    *mlp2(r"^time_text_embed\.text_embedder", "D:phid", "D:cond"),
-    *linear(r"^context_embedder", None, "D:ctx"),
-    *linear(rf"{TB}\.norm1\.linear", "D:cond", "D:res"),
-    *linear(rf"{TB}\.norm1_context\.linear", "D:cond", "D:ctx"),
-    *attn(rf"{TB}\.attn", "D:res", "D:res", "H:attn.{b}", "D:res", added="D:ctx"),
-    *ff(rf"{TB}\.ff", "D:res", "F:ff{b}"),
-    *ff(rf"{TB}\.ff_context", "D:ctx", "F:ffc{b}"),
-    *linear(r"^norm_out\.linear", "D:cond", "D:res"),
-    *linear(r"^proj_out", "D:res", None),
-), sincos_residual=False, width_fields=("caption_projection_dim",))  # SD3 stores its (cropped) position table
+WIDTH = WidthSpec(
+    unwrapped=((r"pos_embed\.pos_embed", 2),),  # the stored (1, tokens, D) position table (a buffer)
+    sincos_residual=False, width_fields=("caption_projection_dim",))  # SD3 stores its (cropped) position table
 
 
 class SD3Family(Family):

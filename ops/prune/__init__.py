@@ -48,8 +48,9 @@ PRUNE_METHODS: dict[str, Method] = {m.name: m for m in (
            {"ratio": 0.5, "keep": None, "blocks": None}, True),
     Method("width", "remove attention heads, MLP units and model width uniformly (--ratio of heads)",
            width.run, width.check,
-           # 0.3 of the heads: ~0.5x FLOPs, still a sensible start for distillation
-           {"ratio": 0.3, "importance": "magnitude"}, True),
+           # 0.3 of the heads: ~0.5x FLOPs, still a sensible start for distillation; taylor: the best FD after
+           # recovery of the four criteria on tiny-digits (docs/prune.md)
+           {"ratio": 0.3, "importance": "taylor"}, True),
     Method("magnitude", "zero the smallest weights (--sparsity, --scope per-layer|global)",
            magnitude.run, None,
            # 0.4: about where SD2 still held its quality (38.5%, arXiv 2411.15113); per-layer spares small layers
@@ -58,7 +59,7 @@ PRUNE_METHODS: dict[str, Method] = {m.name: m for m in (
            semi24.run, None, {}, False),
 )}
 
-IMPORTANCE = ("magnitude", "taylor")
+IMPORTANCE = ("magnitude", "taylor", "hessian", "lamp")  # width: Torch-Pruning criteria (ops/prune/width.py)
 SCOPES = ("per-layer", "global")
 METHOD_OPTIONS = ("ratio", "keep", "blocks", "sparsity", "scope", "importance")
 
@@ -73,7 +74,7 @@ class PruneConfig(OpConfig):
     blocks: list[int] | None = None  # depth: block indices to remove, by hand
     sparsity: float | None = None  # magnitude: fraction of prunable weights zeroed
     scope: str | None = None  # magnitude: per-layer or global threshold
-    importance: str | None = None  # width: magnitude or taylor
+    importance: str | None = None  # width: magnitude, taylor, hessian or lamp
     calib_samples: int = 4  # images sampled by the base model for calibration
     calib_steps: int = 10  # steps of those trajectories (fewer than sampling uses: the points span them all)
     calib_points: int = 3  # trajectory steps kept as calibration inputs (first, middle, last)
