@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import FAMILY_NAMES
+from ditkit.formats.families import FAMILIES
 from ditkit.formats.layouts import DEFAULT_MODELS, load_bundle
 from ditkit.formats.errors import QualityGateError, UnsupportedModelError
 from ditkit.formats.safetensors_check import read_header
@@ -135,7 +137,10 @@ def test_backend_mismatch_and_fixed_size_errors(onnx_dit, tiny_dir, cli, tmp_pat
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["pixart", "sd3", "flux"])
+ONNX = [f for f in FAMILY_NAMES if FAMILIES[f].onnx_unsupported is None]
+
+
+@pytest.mark.parametrize("family", [f for f in ONNX if f != "dit"])  # dit: onnx_dit above
 def test_onnx_parity_every_family(family, tiny_dir, tmp_path):
     """Dynamic batch, prompt length and resolution (two sizes) in onnxruntime vs PyTorch."""
     bundle = load_bundle(tiny_dir(family))
@@ -153,6 +158,19 @@ def test_onnx_parity_every_family(family, tiny_dir, tmp_path):
         import shutil
 
         shutil.rmtree(exported.path, ignore_errors=True)
+
+
+@pytest.mark.parametrize("family", [f for f in FAMILY_NAMES if f not in ONNX])
+def test_onnx_refused_families_say_why_and_write_nothing(family, tiny_dir, cli, tmp_path):
+    r = cli("export", tiny_dir(family), "-o", tmp_path / "x", "--format", "onnx")
+    assert r.code == 2 and r.error_line == (f"Error: --format onnx cannot trace the {family} family: "
+                                            f"{FAMILIES[family].onnx_unsupported}; export --format diffusers or "
+                                            "safetensors instead")
+    assert not (tmp_path / "x").exists()
+    r = cli("export", tiny_dir(family), "-o", tmp_path / "d", "--format", "diffusers", "--json")
+    assert r.code == 0, r.err
+    again = load_bundle(tmp_path / "d")
+    assert again.family.name == family and again.transformer.config == load_bundle(tiny_dir(family)).transformer.config
 
 
 @pytest.mark.slow

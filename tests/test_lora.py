@@ -220,7 +220,9 @@ def diffusers_pipe(family, path):
     return cls.from_pretrained(path, **{k: None for k in expected if k not in ("transformer", "vae", "scheduler")})
 
 
-@pytest.mark.parametrize("family,fmt", [("sd3", "peft"), ("flux", "peft"), ("flux", "kohya")])
+# every family whose diffusers pipeline has a LoRA loader (LuminaPipeline, PixArt and DiT have none)
+@pytest.mark.parametrize("family,fmt", [("sd3", "peft"), ("flux", "peft"), ("flux", "kohya"), ("lumina2", "peft"),
+                                        ("sana", "peft")])
 def test_diffusers_load_lora_weights_reads_ditkit_adapters(family, fmt, tiny_dir, tmp_path):
     bundle = load_bundle(tiny_dir(family))
     base = outputs(bundle)

@@ -12,7 +12,7 @@ instance of it, `FAMILY`, and provides:
   config fields), `width` (the coupling rules of width pruning, formats/families/coupling.py; None refuses
   width pruning), `full_precision` and `modulation` (module-name regexes for quantize and LoRA),
   `two_stream` (blocks that carry a text stream beside the image stream), `gguf_keep_float` (tensors a GGUF
-  file keeps in F32), and the methods `latent_channels`, `latent_size`, `image_tokens`, `hidden_size`,
+  file keeps in F32), `onnx_unsupported` (why ONNX export refuses), and the methods `latent_channels`, `latent_size`, `image_tokens`, `hidden_size`,
   `uses_cfg`, `width_unsupported`, `depth_config`, `config_from_state`;
 - `tiny_config()` (and `init_unset_` where the constructor leaves a parameter unset): the constructor arguments of a tiny random model (2 blocks, hidden 32-64) that the test
   suite builds for every registered family.
@@ -67,6 +67,8 @@ class Family:
     # GGUF: key prefixes (in the file's layout) kept in F32 whatever the quant type (city96's keep-float lists:
     # the embedders in, the final layer out); general.architecture is the family name
     gguf_keep_float: tuple[str, ...] = ()
+    # why torch.export cannot trace the transformer with a dynamic batch (ONNX export refuses), or None
+    onnx_unsupported: str | None = None
 
     def __post_init__(self):
         if self.stacks is None:

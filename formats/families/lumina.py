@@ -12,7 +12,9 @@ conditioning (Gemma hidden states + mask, precomputed), the time convention, the
 
 Time: both are flow-matching models with Lumina's convention, t = 0 the noise and t = 1 the image, and predict
 (image - noise). The sampler's timestep is sigma x 1000 (noise at 1000) and it integrates (noise - image), so
-`predict` passes 1 - t / 1000 and negates the output, as LuminaPipeline and Lumina2Pipeline do.
+`predict` passes 1 - t / 1000 and negates the output, as LuminaPipeline and Lumina2Pipeline do. Guidance is the
+sampler's plain classifier-free guidance on every channel (LuminaPipeline applies it to the first 3 channels
+only, "for exact reproducibility"; Lumina2Pipeline adds cfg truncation and renormalization: neither is copied).
 
 Width pruning is refused (one line, `width_unsupported`): both use grouped-query attention (num_kv_heads key/value
 heads, each shared by a group of query heads), so a head cut must keep whole groups and shrink num_kv_heads with
@@ -132,6 +134,8 @@ FAMILY = LuminaNextFamily(
     full_precision=(r"^patch_embedder\.", r"^time_caption_embed\.", r"^norm_out\."),  # embedders in, final adaLN out
     modulation=(r"\.norm1\.linear$",),
     gguf_keep_float=("patch_embedder.", "time_caption_embed.", "norm_out.", "pad_token"),
+    onnx_unsupported="its patch embedder builds a Python list per batch row ([(h, w)] * batch), which pins the "
+                     "batch, and its RoPE table is a complex tensor input",
 )
 
 LUMINA2 = Lumina2Family(
@@ -148,4 +152,6 @@ LUMINA2 = Lumina2Family(
     full_precision=(r"^x_embedder$", r"^time_caption_embed\.", r"^norm_out\."),
     modulation=(r"\.norm1\.linear$",),
     gguf_keep_float=("x_embedder.", "time_caption_embed.", "norm_out."),
+    onnx_unsupported="it reads the caption lengths from the mask as Python numbers (mask.sum(1).tolist()) and "
+                     "loops over the batch rows",
 )
