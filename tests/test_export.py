@@ -136,10 +136,10 @@ def test_backend_mismatch_and_fixed_size_errors(onnx_dit, tiny_dir, cli, tmp_pat
     assert not (tmp_path / "d").exists()
 
 
-@pytest.mark.slow
 ONNX = [f for f in FAMILY_NAMES if FAMILIES[f].onnx_unsupported is None]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", [f for f in ONNX if f != "dit"])  # dit: onnx_dit above
 def test_onnx_parity_every_family(family, tiny_dir, tmp_path):
     """Dynamic batch, prompt length and resolution (two sizes) in onnxruntime vs PyTorch."""
