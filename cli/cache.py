@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .options import ConfigOpt, FamilyOpt, ForceOpt, JsonOpt, ModelArg, OutOpt, SeedOpt, ThreadsOpt
+from .options import ConfigOpt, EmbeddingsOpt, FamilyOpt, ForceOpt, JsonOpt, ModelArg, OutOpt, SeedOpt, ThreadsOpt
 from .run import Common, Run, log, run_op
 
 
@@ -21,6 +21,7 @@ def cache_cmd(
     sampler: Annotated[Optional[str], typer.Option(help="Sampler the policy is for (default: the model's own).")] = None,
     guidance: Annotated[Optional[float], typer.Option(help="Guidance of the calibration runs (default: the model's).")] = None,
     seed: SeedOpt = 1234,
+    embeddings: EmbeddingsOpt = None,
     family: FamilyOpt = None,
     config: ConfigOpt = None,
     threads: ThreadsOpt = None,
@@ -33,15 +34,16 @@ def cache_cmd(
     cfg = CacheConfig(target_speedup=target_speedup, images=images, steps=steps, sampler=sampler, guidance=guidance,
                       seed=seed)
     common = Common(src, family=family, config=config, force=force, json_=json_, threads=threads)
-    run_op(common, calibrate, cfg, name="cache", outputs=[out], write=partial(write, out), rows=rows,
-           title=f"cache -> {out}")
+    run_op(common, partial(calibrate, embeddings), cfg, name="cache", outputs=[out], inputs=[embeddings],
+           write=partial(write, out), rows=rows, title=f"cache -> {out}")
 
 
-def calibrate(bundle, cfg):
+def calibrate(embeddings: Path | None, bundle, cfg):
+    from ditkit.formats.embeddings import load_embeddings
     from ditkit.ops.cache import cache
 
     log(f"calibrating on {cfg.images} seeded trajectories (target {cfg.target_speedup}x)")
-    return cache(bundle, cfg)
+    return cache(bundle, cfg, load_embeddings(embeddings) if embeddings else None)
 
 
 def write(out: Path, run: Run, bundle, report) -> dict:

@@ -35,14 +35,6 @@ from .errors import ConfigError, FormatError
 
 QUANTS = ("Q8_0", "Q5_K", "Q4_K", "Q4_0", "BF16")  # what `export --format gguf --quant` writes
 SMALL = 1024  # city96's QUANTIZATION_THRESHOLD: tensors this small stay F32
-ARCH = {"flux": "flux", "sd3": "sd3", "dit": "dit", "pixart": "pixart"}
-# keys kept in F32 whatever the quant type (city96's keep-float lists: embedders in, final layer out)
-KEEP_FLOAT = {
-    "flux": ("img_in.", "time_in.", "vector_in.", "guidance_in.", "txt_in.", "final_layer."),
-    "sd3": ("x_embedder.", "t_embedder.", "y_embedder.", "context_embedder.", "final_layer.", "pos_embed"),
-    "dit": ("pos_embed.", "transformer_blocks.0.norm1.emb.", "proj_out_2."),
-    "pixart": ("pos_embed.", "adaln_single.", "caption_projection.", "proj_out."),
-}
 
 
 def _gguf():
@@ -51,6 +43,12 @@ def _gguf():
     except ImportError as e:  # a dependency, but say what to do if an install lacks it
         raise FormatError("reading or writing .gguf needs the gguf package; pip install 'gguf>=0.10'") from e
     return gguf
+
+
+def _keep_float(family: str) -> tuple[str, ...]:
+    from .families import get_family
+
+    return get_family(family).gguf_keep_float  # the family adapter says (formats/families/)
 
 
 def layout(family: str) -> str:
@@ -167,7 +165,7 @@ class Encoded:
 def tensor_type(family: str, key: str, shape: tuple, quant: str) -> str:
     """The GGML type a tensor is written in (city96's rules: see the module docstring)."""
     n = int(np.prod(shape))
-    if len(shape) == 1 or n <= SMALL or len(shape) > 2 or any(key.startswith(p) for p in KEEP_FLOAT[family]):
+    if len(shape) == 1 or n <= SMALL or len(shape) > 2 or any(key.startswith(p) for p in _keep_float(family)):
         return "F32"
     if quant == "BF16":
         return "BF16"
@@ -203,7 +201,7 @@ def decode(enc: Encoded) -> dict[str, torch.Tensor]:
 
 def save_gguf(enc: Encoded, path: os.PathLike, manifest: dict) -> None:
     gguf = _gguf()
-    writer = gguf.GGUFWriter(str(path), arch=ARCH[enc.family])
+    writer = gguf.GGUFWriter(str(path), arch=enc.family)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     file_type = {"BF16": "MOSTLY_BF16", "Q8_0": "MOSTLY_Q8_0", "Q4_0": "MOSTLY_Q4_0", "Q4_K": "MOSTLY_Q4_K_M",
                  "Q5_K": "MOSTLY_Q5_K_M"}[enc.quant]

@@ -18,8 +18,6 @@ from pathlib import Path
 
 from .errors import FormatError
 
-# config field -> the ModuleList prefix whose indices count it (diffusers' names in every family)
-BLOCK_FIELDS = {"num_layers": "transformer_blocks", "num_single_layers": "single_transformer_blocks"}
 MAX_POSITION_TABLE = 1 << 27  # elements of a sincos position table (DiT-XL/2 at 512 px: 4.7M; SD3's 192**2 grid: 57M)
 FLOAT_DTYPES = {"F16", "BF16", "F32", "F64", "F8_E4M3", "F8_E4M3FNUZ", "F8_E5M2", "F8_E5M2FNUZ", "F8_E8M0"}
 
@@ -48,9 +46,10 @@ def blocks_in(table: dict, prefix: str) -> int:
     return max(idx) + 1 if idx else 0
 
 
-def check_counts(config: dict, table: dict, where) -> None:
-    """Block counts in the config equal the blocks the weights hold (1. above)."""
-    for field, prefix in BLOCK_FIELDS.items():
+def check_counts(fam, config: dict, table: dict, where) -> None:
+    """Block counts in the config equal the blocks the weights hold (1. above): each of the family's block lists
+    (`Family.stacks`: config field -> ModuleList)."""
+    for field, prefix in ((s.config_key, s.attr) for s in fam.stacks):
         n = config.get(field)
         if n is None:
             continue
@@ -71,12 +70,13 @@ def check_fits(config: dict, where) -> None:
                               f"{n:.3g}-entry position table, more than any DiT uses; restore the config")
 
 
-def check_against_weights(cls, config: dict, table: dict, where) -> None:
-    """1.-3. above for the model class `cls` built from `config`, and the weights' table."""
+def check_against_weights(fam, config: dict, table: dict, where) -> None:
+    """1.-3. above for the family `fam`'s model class built from `config`, and the weights' table."""
     import torch
 
-    check_counts(config, table, where)
+    check_counts(fam, config, table, where)
     check_fits(config, where)
+    cls = fam.transformer_cls()
     try:
         with torch.device("meta"):
             model = cls.from_config(config)
@@ -100,16 +100,16 @@ def check_against_weights(cls, config: dict, table: dict, where) -> None:
                           f"{wrong_dtype[0]}; re-save them as float tensors")
 
 
-def check_weights_dir(cls, config: dict, root: Path, quantized: bool = False) -> None:
+def check_weights_dir(fam, config: dict, root: Path, quantized: bool = False) -> None:
     """The checks for a transformer directory (config.json + *.safetensors); a quantized one (its own tensor
     names and integer dtypes by design) gets the count and size checks only."""
     root = Path(root)
     table = weights_table(sorted(root.glob("*.safetensors")))
     where = root / "config.json"
     if quantized:
-        check_counts(config, table, where)
+        check_counts(fam, config, table, where)
         check_fits(config, where)
     else:
-        check_against_weights(cls, config, table, where)
+        check_against_weights(fam, config, table, where)
 
 

@@ -22,7 +22,9 @@ def vae_scale(bundle) -> int:
     vae = bundle.vae
     if vae is None:
         return bundle.family.vae_scale_fallback
-    return 2 ** (len(vae.config.block_out_channels) - 1)
+    c = vae.config  # AutoencoderKL: block_out_channels; DC-AE (AutoencoderDC, Sana): encoder_block_out_channels
+    blocks = c.get("block_out_channels") or c.get("encoder_block_out_channels")
+    return 2 ** (len(blocks) - 1)
 
 
 def latent_hw(bundle, height: int | None, width: int | None) -> tuple[int, int]:

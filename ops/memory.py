@@ -129,21 +129,22 @@ def module_bytes(bundle) -> int:
 def transformer_activations(bundle, rows: int, hw: tuple[int, int]) -> int:
     """rows x tokens x hidden x bytes x ACT_FACTOR (0 when the transformer does not say its width)."""
     tr, fam = bundle.transformer, bundle.family
-    c = getattr(tr, "config", None)
-    heads, head_dim = getattr(c, "num_attention_heads", None), getattr(c, "attention_head_dim", None)
-    if not (isinstance(heads, int) and isinstance(head_dim, int)):
+    try:
+        width = fam.hidden_size(tr)  # the family adapter says where its config keeps D
+    except (AttributeError, TypeError):  # an ONNX session or a config without it
         return 0
     tokens = fam.image_tokens(tr, hw)
     param = next(tr.parameters(), None) if isinstance(tr, torch.nn.Module) else None
     size = param.element_size() if param is not None and param.is_floating_point() else 4
-    return int(rows * tokens * heads * head_dim * size * ACT_FACTOR)
+    return int(rows * tokens * width * size * ACT_FACTOR)
 
 
 def vae_activations(bundle, hw: tuple[int, int], scale: int) -> int:
     from .sample import BATCH_QUANTUM
 
     vae = bundle.vae
-    chans = list(getattr(getattr(vae, "config", None), "block_out_channels", None) or [])
+    c = getattr(vae, "config", None)  # AutoencoderKL: block_out_channels; DC-AE: decoder_block_out_channels
+    chans = list(getattr(c, "block_out_channels", None) or getattr(c, "decoder_block_out_channels", None) or [])
     if not chans:
         return 0
     size = next(vae.parameters()).element_size()

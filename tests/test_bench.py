@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import FAMILY_NAMES
+from ditkit.formats.families import FAMILIES
 from ditkit.formats.layouts import load_bundle
 from ditkit.ops.bench import BenchConfig, bench, kernels
 from ditkit.ops.judge import Judge
@@ -121,9 +122,9 @@ def test_schema_quality_and_bare(report):
     assert 0.5 < bare["speedup_per_step"] < 2.0  # the same architecture: per-step speed within noise of the base
 
 
-@pytest.mark.parametrize("family", ["dit", "pixart", "sd3", "flux"])
+@pytest.mark.parametrize("family", FAMILY_NAMES)
 def test_every_family_against_itself(family, tiny_dir, tiny_embeddings):
-    emb = [] if family == "dit" else ["--embeddings", tiny_embeddings(family)]
+    emb = [] if FAMILIES[family].conditioning == "class" else ["--embeddings", tiny_embeddings(family)]
     code, out, err = run_cli("bench", tiny_dir(family), tiny_dir(family), "--json", *emb, *FAST,
                              "--num-images", "2", "--repeats", "2")
     assert code == 0, err

@@ -4,9 +4,12 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import FAMILY_NAMES
+from ditkit.formats.families import FAMILIES
 from ditkit.formats.layouts import load_bundle
 from ditkit.formats.images import read_images
 from ditkit.ops.cache import CachePolicy, cached_predict
@@ -67,6 +70,28 @@ def test_cache_writes_policy_keeps_weights_and_generate_applies_it(tiny_dir, cli
     # another step count does not fit the policy: it is not applied, and the report says so
     other = cli("generate", out, "-o", tmp_path / "s3", "--labels", "1", "--steps", 3, "--json")
     assert other.code == 0 and other.json()["cache"]["applied"] is False
+
+
+TEXT_ONE_STREAM = [f for f in FAMILY_NAMES if FAMILIES[f].conditioning == "text" and not FAMILIES[f].two_stream]
+
+
+@pytest.mark.parametrize("family", TEXT_ONE_STREAM)
+def test_text_families_calibrate_on_embeddings(family, tiny_dir, tiny_embeddings, cli, tmp_path):
+    """Text families calibrate on a precomputed embeddings file; generate applies the policy with the same file."""
+    src, emb = tiny_dir(family), tiny_embeddings(family)
+    r = cli("cache", src, "-o", tmp_path / "c", "--target-speedup", 1.2, "--steps", STEPS, "--images", 2,
+            "--embeddings", emb, "--json")
+    assert r.code == 0, r.err
+    doc = r.json()
+    assert doc["skipped_block_steps"] > 0 and 0 < doc["latent_rel_error"] < 0.15, doc  # 0.06-0.09 here
+    args = ["--embeddings", emb, "--num-images", 2, "--steps", STEPS, "--json"]
+    base, cached = cli("generate", src, "-o", tmp_path / "b", *args), cli("generate", tmp_path / "c", "-o",
+                                                                          tmp_path / "g", *args)
+    assert base.code == cached.code == 0 and cached.json()["cache"]["applied"] is True
+    ib, ic = read_images(tmp_path / "b"), read_images(tmp_path / "g")
+    assert not np.array_equal(ib, ic) and psnr(ic, ib) > 10
+    r = cli("cache", src, "-o", tmp_path / "x")  # no embeddings: one line naming the fix, nothing written
+    assert r.code == 2 and "--embeddings" in r.error_line and not (tmp_path / "x").exists()
 
 
 def test_cache_op_applies_in_the_generate_op(tiny_dir):

@@ -36,7 +36,7 @@ def _inputs(family, tiny_dir, tiny_embeddings):
 def _pruned(bundle):
     """A depth-pruned student in memory (first removable block gone), with the manifest prune writes."""
     fam, tr = bundle.family, bundle.transformer
-    stack = "transformer_blocks"
+    stack = fam.stacks[0].attr
     n = len(getattr(tr, stack))
     if fam.name == "flux":  # one block per stack: a perturbed copy instead (mapped evenly, one to one)
         import copy
@@ -68,7 +68,8 @@ def test_recover_every_family(family, tiny_dir, tiny_embeddings):
     assert report.details["mapping"], report.details  # block features matched
     if family != "flux":
         assert report.details["mapping_source"].startswith("prune plan")
-        assert report.details["mapping"][0] == "transformer_blocks.0 <- transformer_blocks.1"
+        stack = teacher.family.stacks[0].attr
+        assert report.details["mapping"][0] == f"{stack}.0 <- {stack}.1"
     assert out.transformer is student.transformer and out.defaults() == teacher.defaults()
     assert not any(p.requires_grad for p in out.transformer.parameters())
     assert report.validation["images"] == 2 and "psnr_vs_teacher" in report.validation
@@ -86,11 +87,12 @@ def test_steps_every_family(family, tiny_dir, tiny_embeddings):
     assert any(not torch.equal(before[k], v) for k, v in out.transformer.state_dict().items())
     d = out.defaults()
     assert d["steps"] == 2 and report.validation["steps"] == 2
-    if family in ("dit", "pixart"):
+    fam = base.family
+    if fam.prediction == "epsilon":  # dit, pixart
         assert d["sampler"] == "ddim" and d["guidance"] == 1.0  # guidance folded in: no CFG doubling
         assert type(out.scheduler).__name__ == "DDIMScheduler"
         assert out.scheduler.config.timestep_spacing == "trailing"
-    elif family == "sd3":
+    elif fam.uses_cfg(base.transformer, base.defaults()["guidance"]):  # sd3, lumina, lumina2, sana
         assert d["sampler"] == "flow-euler" and d["guidance"] == 1.0
     else:  # flux embeds guidance: the student keeps the teacher's value
         assert d["sampler"] == "flow-euler" and d["guidance"] == base.defaults()["guidance"]

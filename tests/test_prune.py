@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from conftest import FAMILY_NAMES
+from ditkit.formats.families import FAMILIES
 from ditkit.cli.errors import EXIT_INPUT
 from ditkit.cli.prune import summary
 from ditkit.formats import dit_original
@@ -185,7 +186,11 @@ def test_calibration_is_seeded(tiny_dir):
 
 # -- width ----------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("family", FAMILY_NAMES)
+WIDTH = [f for f in FAMILY_NAMES if FAMILIES[f].width is not None]
+NO_WIDTH = [f for f in FAMILY_NAMES if FAMILIES[f].width is None]
+
+
+@pytest.mark.parametrize("family", WIDTH)
 def test_width_every_family_rewrites_config_and_reloads(family, tiny_dir, tmp_path):
     b = load_bundle(tiny_dir(family))
     out, rep = prune(b, cfg("width", ratio=0.5))
@@ -198,6 +203,18 @@ def test_width_every_family_rewrites_config_and_reloads(family, tiny_dir, tmp_pa
                                                                       report={}, parent=None)))
     assert again.transformer.config.num_attention_heads == 1
     assert torch.equal(outputs(again), outputs(out))
+
+
+@pytest.mark.parametrize("family", NO_WIDTH)
+def test_width_refused_families_say_why_and_write_nothing(family, tiny_dir, cli, tmp_path):
+    src = tiny_dir(family)
+    before = {p: p.read_bytes() for p in sorted(src.rglob("*")) if p.is_file()}
+    r = cli("prune", src, "-o", tmp_path / "w", "--method", "width", "--ratio", 0.5)
+    why = FAMILIES[family].width_unsupported(load_bundle(src).transformer)
+    assert r.code == EXIT_INPUT and why
+    assert r.error_line == (f"Error: width pruning does not support the {family} family: {why} are not supported; "
+                            "use --method depth")
+    assert not (tmp_path / "w").exists() and before == {p: p.read_bytes() for p in before}
 
 
 def test_width_slices_the_coupled_channels(tiny_dir):
@@ -249,7 +266,7 @@ def test_magnitude_per_layer_spares_protected_layers(family, tiny_dir):
     assert all(torch.equal(new[n].weight, base[n].weight) for n in protected)
     assert rep.params_after == rep.params_before and 0 < rep.sparsity < 0.4
     assert rep.calibration["sqnr_db"] > 5
-    assert not (b.transformer.transformer_blocks[0].ff.net[2].weight == 0).any()  # the base is untouched
+    assert not any((base[n].weight == 0).any() for n in layers)  # the base is untouched
 
 
 def test_magnitude_global_threshold(tiny_dir):

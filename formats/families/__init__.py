@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 from ..errors import UnsupportedModelError, choice_error
-from . import dit, flux, pixart, sd3
+from . import dit, flux, lumina, pixart, sana, sd3
 from .base import Family
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (dit.FAMILY, pixart.FAMILY, sd3.FAMILY, flux.FAMILY)}
+FAMILIES: dict[str, Family] = {f.name: f for f in (dit.FAMILY, pixart.FAMILY, sd3.FAMILY, flux.FAMILY,
+                                                     lumina.FAMILY, lumina.LUMINA2, sana.FAMILY)}
 
 
 def get_family(name: str) -> Family:

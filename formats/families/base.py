@@ -11,10 +11,12 @@ instance of it, `FAMILY`, and provides:
 - where they differ from the defaults here: `stacks` (the block lists depth pruning removes from, with their
   config fields), `width` (what width pruning must be told beside the coupling Torch-Pruning's graph
   finds, formats/families/coupling.py; None refuses width pruning), `full_precision` and `modulation`
-  (module-name regexes for quantize and LoRA),
-  `two_stream` (blocks that carry a text stream beside the image stream), and the methods `latent_channels`,
-  `latent_size`, `image_tokens`, `uses_cfg`, `width_unsupported`, `depth_config`, `config_from_state`;
-- `tiny_config()`: the constructor arguments of a tiny random model (2 blocks, hidden 32-64) that the test
+  (module-name regexes for quantize and LoRA), `two_stream` (blocks that carry a text stream beside the image
+  stream), `gguf_keep_float` (tensors a GGUF file keeps in F32), `onnx_unsupported` (why ONNX export refuses),
+  and the methods `latent_channels`, `latent_size`, `image_tokens`, `hidden_size`, `uses_cfg`,
+  `width_unsupported`, `depth_config`, `config_from_state`;
+- `tiny_config()` (and `init_unset_` where the constructor leaves a parameter unset): the constructor arguments
+  of a tiny random model (2 blocks, hidden 32-64) that the test
   suite builds for every registered family.
 
 tests/test_families.py checks that every registered family provides these and that every table keyed by
@@ -64,6 +66,11 @@ class Family:
     two_stream: bool = False  # blocks take and return (text, image) streams (MMDiT), not hidden states alone
     # the authors' single-file key layout: (its name, the key table of formats/original_keys.py), or None
     original_layout: tuple | None = None
+    # GGUF: key prefixes (in the file's layout) kept in F32 whatever the quant type (city96's keep-float lists:
+    # the embedders in, the final layer out); general.architecture is the family name
+    gguf_keep_float: tuple[str, ...] = ()
+    # why torch.export cannot trace the transformer with a dynamic batch (ONNX export refuses), or None
+    onnx_unsupported: str | None = None
 
     def __post_init__(self):
         if self.stacks is None:
@@ -106,6 +113,11 @@ class Family:
         """Config fields besides the stacks' lengths that change when blocks go (renumber: stack attr ->
         old index -> new index of the kept blocks)."""
         return {}
+
+    def hidden_size(self, transformer: nn.Module) -> int:
+        """The residual width D (activation estimates)."""
+        c = transformer.config
+        return int(c.num_attention_heads * c.attention_head_dim)
 
     def width_unsupported(self, transformer: nn.Module) -> str | None:
         """Why this transformer (a variant of the family) cannot be width-pruned, or None."""
@@ -158,6 +170,11 @@ class Family:
         return latents, t, cond
 
     # -- tests -----------------------------------------------------------------------------------
+    def init_unset_(self, transformer: nn.Module) -> nn.Module:
+        """Fill the parameters the diffusers constructor leaves as torch.empty (a checkpoint always sets them), so
+        that a model built from tiny_config() is deterministic and finite."""
+        return transformer
+
     def tiny_config(self) -> dict:
         """Constructor arguments of a tiny random model of this family (2 blocks, hidden 32-64) for CPU tests."""
         raise NotImplementedError(f"{self.name} has no tiny_config")

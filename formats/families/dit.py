@@ -76,4 +76,5 @@ FAMILY = DiTFamily(
     full_precision=(r"^pos_embed\.", r"timestep_embedder", r"class_embedder", r"^proj_out_"),
     modulation=(r"\.norm1\.linear$",),
     width=WIDTH,
+    gguf_keep_float=("pos_embed.", "transformer_blocks.0.norm1.emb.", "proj_out_2."),
 )

@@ -140,4 +140,5 @@ FAMILY = FluxFamily(
     width=WIDTH,
     two_stream=True,
     original_layout=("bfl-flux", FLUX),  # Black Forest Labs' keys (flux1-dev.safetensors)
+    gguf_keep_float=("img_in.", "time_in.", "vector_in.", "guidance_in.", "txt_in.", "final_layer."),
 )

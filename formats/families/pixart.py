@@ -102,4 +102,5 @@ FAMILY = PixArtFamily(
     full_precision=(r"^pos_embed\.", r"^adaln_single\.", r"^caption_projection\.", r"^proj_out$"),
     modulation=(r"^adaln_single\.linear$",),
     width=WIDTH,
+    gguf_keep_float=("pos_embed.", "adaln_single.", "caption_projection.", "proj_out."),
 )

@@ -111,4 +111,5 @@ FAMILY = SD3Family(
     width=WIDTH,
     two_stream=True,
     original_layout=("stability-sd3", SD3),  # Stability's keys (sd3_medium.safetensors, SD3.5)
+    gguf_keep_float=("x_embedder.", "t_embedder.", "y_embedder.", "context_embedder.", "final_layer.", "pos_embed"),
 )

@@ -32,7 +32,7 @@ def from_state_dict(fam: Family, config: dict, state: dict, where: Path) -> nn.M
     from ..safetensors_check import check_config
 
     cls = fam.transformer_cls()
-    sanity.check_against_weights(cls, check_config(config, str(where)), sanity.state_table(state), where)
+    sanity.check_against_weights(fam, check_config(config, str(where)), sanity.state_table(state), where)
     try:
         model = cls.from_config(config)
     except Exception as e:

@@ -31,7 +31,7 @@ def read(path: Path, rebuild: Callable | None = None) -> Bundle:
     index = read_json(path / "model_index.json", "pipeline index")
     tconf = read_json(path / "transformer" / "config.json", "transformer config")
     fam = detect_family(tconf, str(path / "transformer" / "config.json"))
-    sanity.check_weights_dir(fam.transformer_cls(), tconf, path / "transformer", rebuild is not None)  # before building
+    sanity.check_weights_dir(fam, tconf, path / "transformer", rebuild is not None)  # before building
     cls = getattr(diffusers, index.get("_class_name", ""), None)
     if cls is None:
         raise UnsupportedModelError(f"{path}: pipeline class {index.get('_class_name')!r} is not in diffusers")

@@ -29,7 +29,7 @@ def read(path: Path, rebuild: Callable | None = None) -> Bundle:
     fam = detect_family(conf, str(path / "config.json"))
     if not list(path.glob("*.safetensors")):
         raise FormatError(f"{path} has a config.json but no .safetensors weights (pickled .bin weights are not loaded)")
-    sanity.check_weights_dir(fam.transformer_cls(), conf, path, rebuild is not None)  # before anything is built
+    sanity.check_weights_dir(fam, conf, path, rebuild is not None)  # before anything is built
     if rebuild is not None:
         model = rebuild(path, fam)
     else:

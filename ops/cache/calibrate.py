@@ -32,7 +32,6 @@ import numpy as np
 import torch
 
 from ditkit.formats.errors import ConfigError, check_options
-from ditkit.formats.families import FAMILIES
 from ditkit.ops.config import OpConfig
 
 from ..flops import call_flops
@@ -115,12 +114,11 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 class _Calib:
-    def __init__(self, bundle, cfg: CacheConfig):
+    def __init__(self, bundle, cfg: CacheConfig, embeddings=None):
         self.bundle, self.fam, self.tr = bundle, bundle.family, bundle.transformer
-        if self.fam.conditioning != "class":
-            by_class = ", ".join(n for n, f in FAMILIES.items() if f.conditioning == "class")
-            raise ConfigError(f"cache calibrates class-conditional families ({by_class}) for now; the {self.fam.name} "
-                              "family needs prompt embeddings for its calibration runs, which is not built yet")
+        if self.fam.conditioning != "class" and embeddings is None:
+            raise ConfigError(f"the {self.fam.name} family is text-conditioned: its calibration runs need prompts; "
+                              "pass --embeddings FILE (precomputed prompt embeddings, docs/formats.md)")
         self.sampler, self.steps, self.guidance = settings(
             bundle, GenerateConfig(steps=cfg.steps, sampler=cfg.sampler, guidance=cfg.guidance))
         make_scheduler(self.fam, bundle.scheduler, self.sampler)  # validates the sampler
@@ -128,9 +126,12 @@ class _Calib:
             raise ConfigError(f"caching needs at least 2 steps (the bundle samples with {self.steps})")
         n = padded(cfg.images)
         gcfg = GenerateConfig(num_images=n, steps=self.steps, sampler=self.sampler, guidance=self.guidance)
-        values, cond, uncond = conditions(bundle, gcfg, "cpu")
+        values, cond, uncond = conditions(bundle, gcfg, "cpu", embeddings)
         rows = [i % len(values) for i in range(n)]
         self.use_cfg = self.fam.uses_cfg(self.tr, self.guidance)
+        if self.use_cfg and uncond is None:
+            raise ConfigError(f"guidance {self.guidance} needs unconditional embeddings; the embeddings file has "
+                              "none (pass --guidance 1, or an embeddings file with negative_ rows)")
         pick = lambda d: None if d is None else {k: v[rows] for k, v in d.items()}
         self.cond, self.uncond = pick(cond), (pick(uncond) if self.use_cfg else None)
         h, w = latent_hw(bundle, None, None)
@@ -251,15 +252,16 @@ def _speedup(skip: list, steps: int, n_blocks: int, full: float, skip_all: float
 
 
 @torch.no_grad()
-def cache(bundle, cfg: CacheConfig) -> tuple[object, CacheReport]:
-    """Calibrate a caching policy for `bundle`; returns the bundle (weights untouched, policy in
+def cache(bundle, cfg: CacheConfig, embeddings=None) -> tuple[object, CacheReport]:
+    """Calibrate a caching policy for `bundle` (text families: on `embeddings`, (prompts, cond, uncond) as
+    formats.embeddings.load_embeddings returns them); returns the bundle (weights untouched, policy in
     bundle.manifest["cache"]) and the report."""
     from ditkit.ops.feedback import refuse
 
     refuse(bundle, "ditkit cache", "this bundle has a feedback module (distill --mode feedback); feedback and step "
                                    "caching do not stack: cache the model it was distilled from instead")
     t_start = time.perf_counter()
-    c = _Calib(bundle, cfg)
+    c = _Calib(bundle, cfg, embeddings)
     S, L = c.steps, c.n_blocks
     cost = _cost_model(c, cfg.timing_repeats)
     spd = lambda skip: _speedup(skip, S, L, cost["full_ms"], cost["skip_all_ms"], cost["decode_ms"])

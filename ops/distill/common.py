@@ -116,11 +116,6 @@ def reduce_rows(per_row: torch.Tensor, n_global: int, world: int) -> torch.Tenso
     return per_row.sum() * world / n_global
 
 
-def hidden_size(tr) -> int:
-    c = tr.config
-    return int(c.num_attention_heads * c.attention_head_dim)
-
-
 def memory_estimate(student: nn.Module, teacher: nn.Module | None, family, hw, rows: int, pool_bytes: int,
                     ema: bool, arch: nn.Module | None = None) -> dict:
     """Bytes: weights, gradients + AdamW state + EMA of what trains, the pool, and a rough activation figure
@@ -132,7 +127,7 @@ def memory_estimate(student: nn.Module, teacher: nn.Module | None, family, hw, r
     states = trained * 4 * (3 + (1 if ema else 0))  # grad + exp_avg + exp_avg_sq (+ EMA), fp32
     n_blocks = sum(len(getattr(student, s.attr)) for s in family.stacks if hasattr(student, s.attr))
     arch = arch if arch is not None else student  # the transformer whose config gives tokens and width
-    act = rows * family.image_tokens(arch, hw) * hidden_size(arch) * max(n_blocks, 1) * 4 * 24
+    act = rows * family.image_tokens(arch, hw) * family.hidden_size(arch) * max(n_blocks, 1) * 4 * 24
     total = weights + states + pool_bytes + act
     return {"weights": weights, "optimizer_and_ema": states, "pool": pool_bytes, "activations_estimate": act,
             "total_estimate": total}

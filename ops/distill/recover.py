@@ -170,7 +170,8 @@ def encode_images(bundle, images: torch.Tensor, labels: list | None, embeddings,
     c = vae.config
     zs = []
     for i in range(0, len(images), batch):
-        z = vae.encode(images[i:i + batch].to(vae.device, vae.dtype)).latent_dist.mode().float().cpu()
+        enc = vae.encode(images[i:i + batch].to(vae.device, vae.dtype))
+        z = (enc.latent_dist.mode() if hasattr(enc, "latent_dist") else enc.latent).float().cpu()  # DC-AE: .latent
         zs.append((z - (getattr(c, "shift_factor", None) or 0.0)) * c.scaling_factor)
     n = len(images)
     if fam.conditioning == "class":

@@ -25,6 +25,9 @@ def _export_onnx(bundle, cfg: ExportConfig, report: ExportReport, log: Callable[
                                             staging_dir, write_model_proto)
 
     fam, tr = bundle.family, bundle.transformer
+    if fam.onnx_unsupported:
+        raise UnsupportedModelError(f"--format onnx cannot trace the {fam.name} family: {fam.onnx_unsupported}; "
+                                    "export --format diffusers or safetensors instead")
     hw = latent_hw(bundle, cfg.height, cfg.width)
     text = _text_tokens(fam, tr)
     atol, rtol = cfg.tolerance()

@@ -49,12 +49,14 @@ def encode_images(vae, images: np.ndarray, device, batch: int = 64) -> tuple[tor
     means, stds = [], []
     for i in range(0, len(images), batch):
         x = torch.from_numpy(np.ascontiguousarray(images[i:i + batch])).permute(0, 3, 1, 2).float() / 127.5 - 1
-        dist = vae.encode(x.to(device, vae.dtype)).latent_dist
-        mean = dist.mean.float()
+        enc = vae.encode(x.to(device, vae.dtype))
+        dist = getattr(enc, "latent_dist", None)  # DC-AE (AutoencoderDC) encodes deterministically: std 0
+        mean = (dist.mean if dist is not None else enc.latent).float()
+        std = dist.std.float() if dist is not None else torch.zeros_like(mean)
         if getattr(c, "shift_factor", None):
             mean = mean - c.shift_factor
         means.append((mean * c.scaling_factor).cpu())
-        stds.append((dist.std.float() * c.scaling_factor).cpu())
+        stds.append((std * c.scaling_factor).cpu())
     return torch.cat(means), torch.cat(stds)
 
 

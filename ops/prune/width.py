@@ -134,9 +134,11 @@ def check(bundle, cfg):
     """(the family's spec, the new head count); rejects what cannot be width-pruned before any work."""
     fam, tr = bundle.family, bundle.transformer
     spec = fam.width
-    if spec is None:
-        raise UnsupportedModelError(f"width pruning does not support the {fam.name} family; use --method depth")
     why = fam.width_unsupported(tr)
+    if spec is None:
+        because = f": {why} are not supported" if why else ""
+        raise UnsupportedModelError(f"width pruning does not support the {fam.name} family{because}; "
+                                    "use --method depth")
     if why:
         raise UnsupportedModelError(f"width pruning of {fam.name}: {why} are not supported; use --method depth")
     heads, hd = tr.config.num_attention_heads, tr.config.attention_head_dim

@@ -1,0 +1,162 @@
+"""lumina, lumina2: Lumina-T2X's Flag-DiT, as diffusers ships it in two classes with two pipelines.
+
+Two adapters in one file, because the two are different transformers behind one name:
+  lumina   LuminaNextDiT2DModel (Lumina-Next, LuminaPipeline): per-block self- and cross-attention to the Gemma
+           caption, a learned per-head tanh gate on the cross-attention, 2-D complex RoPE the *pipeline* computes
+           and passes in, learned sigma (2 x C output channels), proportional attention.
+  lumina2  Lumina2Transformer2DModel (Lumina Image 2.0, Lumina2Pipeline): a single stream of caption + image
+           tokens after a context refiner and a noise refiner, 3-axis RoPE computed inside the model.
+Different call signatures, block lists, module names (what quantize, LoRA and the GGUF writer match) and outputs:
+one Family with both would need a switch on the class in every method. What they share lives here once: the
+conditioning (Gemma hidden states + mask, precomputed), the time convention, the GQA heads.
+
+Time: both are flow-matching models with Lumina's convention, t = 0 the noise and t = 1 the image, and predict
+(image - noise). The sampler's timestep is sigma x 1000 (noise at 1000) and it integrates (noise - image), so
+`predict` passes 1 - t / 1000 and negates the output, as LuminaPipeline and Lumina2Pipeline do. Guidance is the
+sampler's plain classifier-free guidance on every channel (LuminaPipeline applies it to the first 3 channels
+only, "for exact reproducibility"; Lumina2Pipeline adds cfg truncation and renormalization: neither is copied).
+
+Width pruning is refused (one line, `width_unsupported`): both use grouped-query attention (num_kv_heads key/value
+heads, each shared by a group of query heads), so a head cut must keep whole groups and shrink num_kv_heads with
+them; Lumina-Next adds per-head gates and q/k LayerNorms across all heads, and both size their SwiGLU MLP as
+multiple_of-rounded 2/3 x 4D (Lumina-Next) or 4D (Lumina 2), not mult x D. The cutter's spaces (one head count,
+one head size, MLP = mult x D, formats/families/coupling.py) cannot say that. RoPE itself acts within a head, so
+whole-head cuts would keep it intact. Depth pruning removes from `layers` (the refiners share one config field,
+num_refiner_layers, and stay).
+"""
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+
+import torch
+
+from .base import Family
+
+GQA = ("grouped-query attention (num_kv_heads key/value heads, each shared by a group of query heads) and SwiGLU MLPs "
+       "rounded to multiple_of (not expressible in the width cutter's head and MLP spaces)")
+
+
+def _cond(tokens: int, dim: int, batch: int, generator) -> dict:
+    return {"prompt_embeds": torch.randn(batch, tokens, dim, generator=generator),
+            "prompt_attention_mask": torch.ones(batch, tokens, dtype=torch.long)}
+
+
+class _Lumina(Family):
+    def encode_prompts(self, pipe, prompts, device):
+        pe, pm, npe, npm = pipe.encode_prompt(prompts, do_classifier_free_guidance=True, negative_prompt="",
+                                              device=device)
+        return ({"prompt_embeds": pe, "prompt_attention_mask": pm},
+                {"prompt_embeds": npe, "prompt_attention_mask": npm})
+
+    def hidden_size(self, transformer):
+        return int(transformer.config.hidden_size)
+
+    def width_unsupported(self, transformer):
+        return GQA
+
+    def lumina_time(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        return (1 - t / 1000).to(like.device, like.dtype)  # Lumina: 0 = noise, 1 = image
+
+
+@lru_cache(maxsize=4)
+def _rope(head_dim: int, linear_factor: float) -> torch.Tensor:
+    from diffusers.models.embeddings import get_2d_rotary_pos_embed_lumina
+
+    # LuminaPipeline's table: 384 x 384 positions, complex (H, W, head_dim / 2)
+    return get_2d_rotary_pos_embed_lumina(head_dim, 384, 384, linear_factor=linear_factor, ntk_factor=1.0)
+
+
+class LuminaNextFamily(_Lumina):
+    def dummy_cond(self, transformer, batch, generator, tokens=8):
+        return _cond(tokens, transformer.config.cross_attention_dim, batch, generator)
+
+    def init_unset_(self, transformer):
+        with torch.no_grad():
+            transformer.pad_token.zero_()  # torch.empty in the constructor, unused by forward
+        return transformer
+
+    def predict(self, transformer, latents, t, cond, guidance=1.0):
+        c = transformer.config
+        native = c.sample_size // c.patch_size
+        h, w = latents.shape[-2] // c.patch_size, latents.shape[-1] // c.patch_size
+        # LuminaPipeline's resolution rule: RoPE positions scaled linearly by sqrt(area / native area) (the
+        # time-aware NTK branch applies at t >= scaling_watershed = 1.0 only), proportional attention on the
+        # native token count
+        rope = _rope(transformer.head_dim, float(math.sqrt(h * w) / native)).to(latents.device)
+        out = transformer(
+            hidden_states=latents,
+            timestep=self.lumina_time(t, latents),
+            encoder_hidden_states=cond["prompt_embeds"],
+            encoder_mask=cond["prompt_attention_mask"],
+            image_rotary_emb=rope,
+            cross_attention_kwargs={"base_sequence_length": native * native},
+            return_dict=False,
+        )[0]
+        return -out[:, :latents.shape[1]]  # learned sigma: keep the prediction; Lumina's sign
+
+    def tiny_config(self):
+        return dict(sample_size=8, patch_size=2, in_channels=4, hidden_size=32, num_layers=2, num_attention_heads=2,
+                    num_kv_heads=1, multiple_of=16, learn_sigma=True, qk_norm=True, cross_attention_dim=24)
+
+
+class Lumina2Family(_Lumina):
+    def dummy_cond(self, transformer, batch, generator, tokens=8):
+        return _cond(tokens, transformer.config.cap_feat_dim, batch, generator)
+
+    def predict(self, transformer, latents, t, cond, guidance=1.0):
+        out = transformer(
+            hidden_states=latents,
+            timestep=self.lumina_time(t, latents),
+            encoder_hidden_states=cond["prompt_embeds"],
+            encoder_attention_mask=cond["prompt_attention_mask"],
+            return_dict=False,
+        )[0]
+        return -out
+
+    def tiny_config(self):
+        return dict(sample_size=8, patch_size=2, in_channels=4, hidden_size=32, num_layers=2, num_refiner_layers=1,
+                    num_attention_heads=2, num_kv_heads=1, multiple_of=16, axes_dim_rope=(4, 6, 6),
+                    axes_lens=(64, 32, 32), cap_feat_dim=24)
+
+
+FAMILY = LuminaNextFamily(
+    name="lumina",
+    transformer_class="LuminaNextDiT2DModel",
+    pipeline_class="LuminaPipeline",
+    conditioning="text",
+    prediction="flow",
+    samplers=("flow-euler",),
+    default_sampler="flow-euler",
+    default_steps=30,
+    default_guidance=4.0,
+    blocks_attr="layers",
+    # embedders in, final adaLN out; inside the blocks (int8 weight-only there, no activation quantization) the
+    # SwiGLU down projection, whose input is a product of two projections (heavy-tailed), and the q/k/v
+    # projections, whose errors the q/k LayerNorm across heads and the sandwich RMSNorms carry at full scale: the
+    # lowest-SQNR layers of `ditkit quantize` on the tiny model (int8-dynamic 30.0 dB -> 36.1 dB)
+    full_precision=(r"^patch_embedder\.", r"^time_caption_embed\.", r"^norm_out\.", r"\.feed_forward\.linear_2$",
+                    r"\.attn[12]\.to_(q|k|v)$"),
+    modulation=(r"\.norm1\.linear$",),
+    gguf_keep_float=("patch_embedder.", "time_caption_embed.", "norm_out.", "pad_token"),
+    onnx_unsupported="its patch embedder builds a Python list per batch row ([(h, w)] * batch), which pins the "
+                     "batch, and its RoPE table is a complex tensor input",
+)
+
+LUMINA2 = Lumina2Family(
+    name="lumina2",
+    transformer_class="Lumina2Transformer2DModel",
+    pipeline_class="Lumina2Pipeline",
+    conditioning="text",
+    prediction="flow",
+    samplers=("flow-euler",),
+    default_sampler="flow-euler",
+    default_steps=30,
+    default_guidance=4.0,
+    blocks_attr="layers",
+    full_precision=(r"^x_embedder$", r"^time_caption_embed\.", r"^norm_out\."),
+    modulation=(r"\.norm1\.linear$",),
+    gguf_keep_float=("x_embedder.", "time_caption_embed.", "norm_out."),
+    onnx_unsupported="it reads the caption lengths from the mask as Python numbers (mask.sum(1).tolist()) and "
+                     "loops over the batch rows",
+)

@@ -1,0 +1,83 @@
+"""sana: SanaTransformer2DModel (Sana, Sana 1.5, SANA-Sprint), linear self-attention, Gemma-2 text embeddings.
+
+Flow matching with the usual time convention (noise at sigma = 1): the transformer takes the sampler's timestep
+(sigma x 1000) times `timestep_scale`, as SanaPipeline passes it, and predicts the velocity. Conditioning is the
+Gemma-2 hidden states and their mask (precomputed: no text encoder ships here). SANA-Sprint checkpoints
+(guidance_embeds) take the guidance scale as an input embedding (x guidance_embeds_scale) instead of a second,
+unconditional call. The autoencoder is DC-AE (AutoencoderDC, 32x); the sampler and the VAE helpers read its
+scale from the VAE config.
+
+Width pruning is refused (one line, `width_unsupported`): Sana's cross-attention has its own head count and head
+size (num_cross_attention_heads x cross_attention_head_dim) beside the linear self-attention's, and its MLP is
+GLUMBConv (1x1 conv to 2 x mlp_ratio x D gated channels, depthwise 3x3, 1x1 back) with a float mlp_ratio; the
+cutter's spaces (one head count, one head size, MLP = integer mult x D) cannot say either. The linear (ReLU-kernel)
+attention itself is per head, so whole-head cuts would be exact there.
+"""
+from __future__ import annotations
+
+import torch
+
+from .base import Family, split_learned_sigma
+
+
+class SanaFamily(Family):
+    def encode_prompts(self, pipe, prompts, device):
+        pe, pm, npe, npm = pipe.encode_prompt(prompts, do_classifier_free_guidance=True, negative_prompt="",
+                                              device=device)
+        return ({"prompt_embeds": pe, "prompt_attention_mask": pm},
+                {"prompt_embeds": npe, "prompt_attention_mask": npm})
+
+    def uses_cfg(self, transformer, guidance):
+        return guidance > 1.0 and not transformer.config.get("guidance_embeds", False)
+
+    def width_unsupported(self, transformer):
+        return ("a cross-attention with its own head count and size and GLUMBConv MLPs (gated depthwise convs, float "
+                "mlp_ratio; not expressible in the width cutter's head and MLP spaces)")
+
+    def dummy_cond(self, transformer, batch, generator, tokens=8):
+        d = transformer.config.caption_channels
+        return {
+            "prompt_embeds": torch.randn(batch, tokens, d, generator=generator),
+            "prompt_attention_mask": torch.ones(batch, tokens, dtype=torch.long),
+        }
+
+    def predict(self, transformer, latents, t, cond, guidance=1.0):
+        c = transformer.config
+        g = None
+        if c.get("guidance_embeds", False):  # SANA-Sprint
+            g = torch.full((latents.shape[0],), float(guidance) * c.guidance_embeds_scale,
+                           device=latents.device, dtype=latents.dtype)
+        out = transformer(
+            hidden_states=latents,
+            encoder_hidden_states=cond["prompt_embeds"],
+            encoder_attention_mask=cond.get("prompt_attention_mask"),
+            timestep=(t * c.timestep_scale).to(latents.dtype),
+            guidance=g,
+            return_dict=False,
+        )[0]
+        return split_learned_sigma(out, latents.shape[1])
+
+    def tiny_config(self):
+        return dict(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=2,
+                    num_cross_attention_heads=2, cross_attention_head_dim=16, cross_attention_dim=32,
+                    caption_channels=24, mlp_ratio=2.5, sample_size=8, patch_size=1)
+
+
+FAMILY = SanaFamily(
+    name="sana",
+    transformer_class="SanaTransformer2DModel",
+    pipeline_class="SanaPipeline",
+    conditioning="text",
+    prediction="flow",
+    samplers=("flow-euler",),
+    default_sampler="flow-euler",
+    default_steps=20,
+    default_guidance=4.5,
+    blocks_attr="transformer_blocks",
+    # patch embedder, timestep adaLN-single, caption projection + norm, the final projection
+    full_precision=(r"^patch_embed\.", r"^time_embed\.", r"^caption_projection\.", r"^caption_norm$", r"^proj_out$"),
+    modulation=(r"^time_embed\.linear$",),
+    vae_scale_fallback=32,  # DC-AE
+    gguf_keep_float=("patch_embed.", "time_embed.", "caption_projection.", "caption_norm.", "proj_out.",
+                     "scale_shift_table"),
+)
