@@ -11,7 +11,8 @@ instance of it, `FAMILY`, and provides:
 - where they differ from the defaults here: `stacks` (the block lists depth pruning removes from, with their
   config fields), `width` (the coupling rules of width pruning, formats/families/coupling.py; None refuses
   width pruning), `full_precision` and `modulation` (module-name regexes for quantize and LoRA),
-  `two_stream` (blocks that carry a text stream beside the image stream), and the methods `latent_channels`,
+  `two_stream` (blocks that carry a text stream beside the image stream), `cache_probe` (the first block's
+  attention submodule, which step caching's TeaCache indicator reads), and the methods `latent_channels`,
   `latent_size`, `image_tokens`, `uses_cfg`, `width_unsupported`, `depth_config`, `config_from_state`;
 - `tiny_config()`: the constructor arguments of a tiny random model (2 blocks, hidden 32-64) that the test
   suite builds for every registered family.
@@ -63,6 +64,9 @@ class Family:
     two_stream: bool = False  # blocks take and return (text, image) streams (MMDiT), not hidden states alone
     # the authors' single-file key layout: (its name, the key table of formats/original_keys.py), or None
     original_layout: tuple | None = None
+    # the first block's attention submodule, whose input is the timestep-modulated, normalized hidden states
+    # (TeaCache's indicator, ops/cache/teacache.py)
+    cache_probe: str = "attn1"
 
     def __post_init__(self):
         if self.stacks is None:

@@ -155,5 +155,6 @@ FAMILY = FluxFamily(
     stacks=(Stack("transformer_blocks", "num_layers"), Stack("single_transformer_blocks", "num_single_layers")),
     width=WIDTH,
     two_stream=True,
+    cache_probe="attn",  # the joint attention of the first block reads the modulated image stream
     original_layout=("bfl-flux", FLUX),  # Black Forest Labs' keys (flux1-dev.safetensors)
 )

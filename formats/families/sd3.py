@@ -121,5 +121,6 @@ FAMILY = SD3Family(
     stacks=(Stack("transformer_blocks", "num_layers", keep_last=True),),
     width=WIDTH,
     two_stream=True,
+    cache_probe="attn",  # the joint attention of the first block reads the modulated image stream
     original_layout=("stability-sd3", SD3),  # Stability's keys (sd3_medium.safetensors, SD3.5)
 )
