@@ -22,6 +22,7 @@ import torch
 from .methods import Knob
 
 SOURCE = "ditkit"
+NEEDS_SENSITIVITY = True  # the calibration measures each step's weight (calibrate._Calib.sensitivity)
 KNOB = Knob("full_steps", 2, 0, integer=True, faster_when_higher=False)  # hi 0: the step count
 
 
@@ -42,16 +43,17 @@ def fit(records, steps) -> dict:
     t = [float(x["t"]) for x in records]
     scale = float(torch.stack([v.norm() for v in r]).mean()) or 1.0
     S = len(r)
+    w = [float(x.get("weight", 1.0)) for x in records]
     err0 = [[0.0] * S for _ in range(S)]
     err1 = {}
     for l in range(S):
         for s in range(l + 1, S):
-            err0[l][s] = float((r[l] - r[s]).norm()) / scale
+            err0[l][s] = w[s] * float((r[l] - r[s]).norm()) / scale
     for p in range(S):
         for l in range(p + 1, S):
             slope = (r[l] - r[p]) / (t[l] - t[p]) if t[l] != t[p] else torch.zeros_like(r[l])
             for s in range(l + 1, S):
-                err1[(p, l, s)] = float((r[l] + slope * (t[s] - t[l]) - r[s]).norm()) / scale
+                err1[(p, l, s)] = w[s] * float((r[l] + slope * (t[s] - t[l]) - r[s]).norm()) / scale
     return {"err0": err0, "err1": err1, "steps": S}
 
 
@@ -95,6 +97,36 @@ def _schedule(fitted, n_full: int):
 def params(fitted, value, steps) -> dict:
     full, order, cost = _schedule(fitted, int(value))
     return {"full": full, "order": order, "predicted_error": round(cost, 6)}
+
+
+def _even(steps: int, n: int, warm: int) -> list[bool]:
+    """`warm` full steps first, the rest of the n spread evenly over the remaining steps."""
+    full = [i < warm for i in range(steps)]
+    rest = n - warm
+    for j in range(rest):
+        full[min(warm + round(j * (steps - warm) / rest), steps - 1)] = True
+    return full
+
+
+def candidates(fitted, value, steps) -> list[dict]:
+    """Schedules of `value` full steps that the calibration runs and compares by their measured error: the
+    dynamic program's (it sums per-step errors, blind to how early errors compound) and even spacings after
+    1-3 full warm-up steps (TaylorSeer's shape); each forecast step takes the order with the smaller error."""
+    n = max(1, min(int(value), steps))
+    out = [params(fitted, n, steps)]
+    for warm in (1, 2, 3):
+        if warm < n:
+            full = _even(steps, n, warm)
+            order, last = [], []
+            for i, f in enumerate(full):
+                if f:
+                    order.append(None)
+                    last = (last + [i])[-2:]
+                else:
+                    p, l = (last[0], last[1]) if len(last) == 2 else (-1, last[-1])
+                    order.append(1 if p >= 0 and fitted["err1"][(p, l, i)] < fitted["err0"][l][i] else 0)
+            out.append({"full": full, "order": order, "predicted_error": None})
+    return out
 
 
 def runtime(bundle, params, steps, guidance):
