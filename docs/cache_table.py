@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 BIN = Path(sys.executable).parent
+ROOT = Path(__file__).resolve().parent.parent
 METHODS = ("auto", "forecast", "teacache", "blocks", "fbcache", "magcache", "taylorseer", "pab")
 
 
@@ -34,6 +35,7 @@ def main() -> None:
     ap.add_argument("--methods", default=",".join(m for m in METHODS if m != "blocks"))
     ap.add_argument("--work", type=Path, default=Path("out/cache-table"))
     ap.add_argument("--plot", type=Path, default=None)
+    ap.add_argument("--reuse", action="store_true", help="keep cache outputs already in --work")
     a = ap.parse_args()
     a.work.mkdir(parents=True, exist_ok=True)
     rows, commands = [], []
@@ -42,9 +44,14 @@ def main() -> None:
             outs = {}
             for m in a.methods.split(","):
                 out = a.work / f"{model}-{m}-{target}"
-                cmd = [str(BIN / "ditkit"), "cache", model, "-o", str(out), "--method", m, "--target-speedup", target,
+                commands_cache = [str(BIN / "ditkit"), "cache", model, "-o", str(out), "--method", m, "--target-speedup", target,
                        "--threads", "1", "--json", "--force"]
+                cmd = commands_cache
                 commands.append(shlex.join(["ditkit", *cmd[1:]]))
+                if a.reuse and (out / "ditkit.json").exists():
+                    doc = json.loads((out / "ditkit.json").read_text())["report"]
+                    outs[m] = (out, doc["method"], doc["params"])
+                    continue
                 r = sh(cmd)
                 if r.returncode == 0:
                     doc = json.loads(r.stdout)
@@ -53,7 +60,12 @@ def main() -> None:
                     rows.append({"model": model, "target": target, "method": m, "error": r.stderr.strip()[-160:]})
             if not outs:
                 continue
-            cmd = [str(BIN / "ditkit"), "bench", model, *[str(o[0]) for o in outs.values()], "--threads", "1", "--json"]
+            prompts = []  # text models: bench's quality images over the model's own prompts
+            for p in json.loads((ROOT / "formats" / "assets" / model / "ditkit.json").read_text()).get(
+                    "defaults", {}).get("prompts", []) if (ROOT / "formats" / "assets" / model).exists() else []:
+                prompts += ["--prompt", p]
+            cmd = [str(BIN / "ditkit"), "bench", model, *[str(o[0]) for o in outs.values()], *prompts, "--threads", "1",
+                   "--json"]
             commands.append(shlex.join(["ditkit", *cmd[1:]]))
             r = sh(cmd)
             if r.returncode not in (0, 1):
