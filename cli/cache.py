@@ -7,7 +7,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from .options import ConfigOpt, EmbeddingsOpt, FamilyOpt, ForceOpt, JsonOpt, ModelArg, OutOpt, SeedOpt, ThreadsOpt
+from .options import (ConfigOpt, EmbeddingsOpt, FamilyOpt, ForceOpt, JsonOpt, ModelArg, OutOpt, PromptOpt, SeedOpt,
+                      ThreadsOpt)
 from .run import Common, Run, log, run_op
 
 
@@ -16,34 +17,37 @@ def cache_cmd(
     src: ModelArg = None,
     target_speedup: Annotated[float, typer.Option(help="Speedup per image to reach (> 1): predicted by the cost "
                                                        "model, then measured end to end on one image.")] = 1.5,
+    method: Annotated[str, typer.Option(help="auto (calibrate every method, keep the best PSNR at the target), or one "
+                                             "of: blocks, forecast, teacache, fbcache, magcache, taylorseer, pab.")] = "auto",
     images: Annotated[int, typer.Option(help="Calibration trajectories (seeded, cycling through the labels).")] = 4,
     steps: Annotated[Optional[int], typer.Option(help="Steps the policy is for (default: the model's own).")] = None,
     sampler: Annotated[Optional[str], typer.Option(help="Sampler the policy is for (default: the model's own).")] = None,
     guidance: Annotated[Optional[float], typer.Option(help="Guidance of the calibration runs (default: the model's).")] = None,
-    seed: SeedOpt = 1234,
+    prompt: PromptOpt = None,
     embeddings: EmbeddingsOpt = None,
+    seed: SeedOpt = 1234,
     family: FamilyOpt = None,
     config: ConfigOpt = None,
     threads: ThreadsOpt = None,
     force: ForceOpt = False,
     json_: JsonOpt = False,
 ):
-    """Calibrate training-free step caching (reuse blocks' residuals from the previous full step); weights unchanged."""
+    """Calibrate training-free step caching to a target speedup (every method, or one); weights unchanged."""
     from ditkit.ops.cache import CacheConfig
 
-    cfg = CacheConfig(target_speedup=target_speedup, images=images, steps=steps, sampler=sampler, guidance=guidance,
-                      seed=seed)
+    cfg = CacheConfig(target_speedup=target_speedup, method=method, images=images, steps=steps, sampler=sampler,
+                      guidance=guidance, prompts=list(prompt) if prompt else None, seed=seed)
     common = Common(src, family=family, config=config, force=force, json_=json_, threads=threads)
-    run_op(common, partial(calibrate, embeddings), cfg, name="cache", outputs=[out], inputs=[embeddings],
-           write=partial(write, out), rows=rows, title=f"cache -> {out}")
+    run_op(common, partial(calibrate, embeddings), cfg, inputs=[embeddings], name="cache", outputs=[out], write=partial(write, out), rows=rows,
+           title=f"cache -> {out}")
 
 
-def calibrate(embeddings: Path | None, bundle, cfg):
+def calibrate(embeddings, bundle, cfg):
     from ditkit.formats.embeddings import load_embeddings
     from ditkit.ops.cache import cache
 
-    log(f"calibrating on {cfg.images} seeded trajectories (target {cfg.target_speedup}x)")
-    return cache(bundle, cfg, load_embeddings(embeddings) if embeddings else None)
+    log(f"calibrating {cfg.method} on {cfg.images} seeded trajectories (target {cfg.target_speedup}x)")
+    return cache(bundle, cfg, load_embeddings(embeddings) if embeddings else None, log=log)
 
 
 def write(out: Path, run: Run, bundle, report) -> dict:
@@ -55,6 +59,15 @@ def write(out: Path, run: Run, bundle, report) -> dict:
 
 
 def rows(doc: dict) -> dict:
-    rows = {k: v for k, v in doc.items() if k != "rounds"}
-    rows["policy"] = " ".join("-" if r is None else f"{r[0]}:{r[1]}" for r in doc["policy"]["skip"])
+    rows = {k: v for k, v in doc.items() if k not in ("rounds", "methods", "params", "policy", "checks")}
+    p = doc["params"]
+    if "skip" in p:
+        rows["policy"] = " ".join("-" if r is None else f"{r[0]}:{r[1]}" for r in p["skip"])
+    elif "full" in p:
+        rows["policy"] = "".join("F" if f else str(o) for f, o in zip(p["full"], p["order"]))
+    else:
+        rows["params"] = {k: v for k, v in p.items() if not isinstance(v, list)}
+    for m in doc["methods"]:
+        rows[f"method {m['method']}"] = m.get("skipped") or (
+            f"{m['measured_speedup']:.2f}x measured, PSNR {m['image_psnr']} dB, {m.get('params')}")
     return rows

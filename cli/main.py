@@ -39,8 +39,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
                                           "diffusers/PEFT or kohya safetensors, and optionally fuse it into a new "
                                           "bundle. With --lora and no --data: fuse or re-export an existing "
                                           "adapter."),
-    "cache": ("cache:cache_cmd", "Calibrate training-free step caching (reuse blocks' residuals from the previous "
-                                 "full step); weights unchanged."),
+    "cache": ("cache:cache_cmd", "Calibrate training-free step caching to a target speedup (every method, or one); "
+                                 "weights unchanged."),
 }
 
 

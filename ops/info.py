@@ -97,6 +97,8 @@ def acceleration(bundle) -> dict | None:
 
     policy = bundle_policy(bundle)  # validated: a malformed policy is a ConfigError, not a crash
     if policy is not None:
-        return {"kind": "cache", "sampler": policy.sampler, "steps": policy.steps,
-                "skipped_block_steps": policy.skipped_blocks()}
+        d = {"kind": "cache", "method": policy.method, "sampler": policy.sampler, "steps": policy.steps}
+        if policy.method == "blocks":
+            d["skipped_block_steps"] = sum(r[1] - r[0] for r in policy.params["skip"] if r is not None)
+        return d
     return None

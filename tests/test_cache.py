@@ -12,7 +12,9 @@ from conftest import FAMILY_NAMES
 from ditkit.formats.families import FAMILIES
 from ditkit.formats.layouts import load_bundle
 from ditkit.formats.images import read_images
-from ditkit.ops.cache import CachePolicy, cached_predict
+from ditkit.formats.families import FAMILIES
+from ditkit.ops.cache import CACHE_METHODS, CachePolicy, cached_predict
+from ditkit.ops.cache.methods import method
 from ditkit.ops.generate import GenerateConfig, generate
 from ditkit.ops.metrics import psnr
 from ditkit.ops.sample import denoise, image_noise, make_scheduler
@@ -46,7 +48,8 @@ def test_policy_of_no_skips_is_the_plain_run_exactly(tiny_dir):
 def test_cache_writes_policy_keeps_weights_and_generate_applies_it(tiny_dir, cli, tmp_path):
     src = tiny_dir("dit")
     out = tmp_path / "cached"
-    r = cli("cache", src, "-o", out, "--target-speedup", 1.2, "--steps", STEPS, "--images", 4, "--json")
+    r = cli("cache", src, "-o", out, "--method", "blocks", "--target-speedup", 1.2, "--steps", STEPS, "--images", 4,
+            "--json")
     assert r.code == 0, r.err
     doc = r.json()
     assert doc["predicted_speedup"] >= 1.2 and doc["skipped_block_steps"] > 0
@@ -54,6 +57,7 @@ def test_cache_writes_policy_keeps_weights_and_generate_applies_it(tiny_dir, cli
     manifest = json.loads((out / "ditkit.json").read_text())
     policy = manifest["cache"]
     assert manifest["op"] == "cache" and policy["steps"] == STEPS and policy["skip"][0] is None
+    assert policy["method"] == doc["method"] == "blocks"
     assert sum(r[1] - r[0] for r in policy["skip"] if r) == doc["skipped_block_steps"]
     a, b = _weights(src), _weights(out)  # weights carried over bit-identical
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -100,7 +104,7 @@ def test_cache_op_applies_in_the_generate_op(tiny_dir):
     b = load_bundle(tiny_dir("dit"))
     cfg = GenerateConfig(labels=[1, 2], steps=STEPS)
     plain, _ = generate(b, cfg)
-    b, rep = cache(b, CacheConfig(target_speedup=1.2, steps=STEPS, images=4, timing_repeats=3))
+    b, rep = cache(b, CacheConfig(target_speedup=1.2, method="blocks", steps=STEPS, images=4, timing_repeats=3))
     cached, g = generate(b, cfg)
     again, g2 = generate(b, GenerateConfig(labels=[1, 2], steps=STEPS, cache=False))
     assert g.cache["applied"] and g2.cache is None and np.array_equal(again, plain)
@@ -114,5 +118,98 @@ def test_bad_target_speedup_and_unsupported_family_exit_2(tiny_dir, cli, tmp_pat
     assert not (tmp_path / "x").exists()
     r = cli("cache", tiny_dir("dit"), "-o", tmp_path / "y", "--target-speedup", 1000, "--steps", 3)
     assert r.code == 2 and "out of reach" in r.error_line
-    r = cli("cache", tiny_dir("pixart"), "-o", tmp_path / "z")
-    assert r.code == 2 and "pixart" in r.error_line
+    r = cli("cache", tiny_dir("sd3"), "-o", tmp_path / "z", "--method", "blocks", "--steps", 3)
+    assert r.code == 2 and r.error_line.startswith("Error: --method blocks: the sd3 family's blocks return")
+    assert not (tmp_path / "z").exists()
+    r = cli("cache", tiny_dir("dit"), "-o", tmp_path / "w", "--method", "nope")
+    assert r.code == 2 and r.error_line.startswith("Error: unknown cache method 'nope', choose one of: auto, blocks")
+
+
+# each method's settings that skip nothing, and settings that skip (ops/cache/methods.py)
+NO_SKIP = {"forecast": lambda S: {"full": [True] * S, "order": [None] * S},
+           "teacache": lambda S: {"threshold": 0.0, "coefficients": [1.0, 0.0]},
+           "fbcache": lambda S: {"threshold": 0.0},
+           "magcache": lambda S: {"threshold": 0.0, "mag_ratios": [0.9] * S},  # every step some error > 0
+           "taylorseer": lambda S: {"cache_interval": 1},
+           "pab": lambda S: {"skip_range": 1},
+           "blocks": lambda S: {"skip": [None] * S}}
+SKIP = {"forecast": lambda S: {"full": [i % 3 == 0 for i in range(S)], "order": [None if i % 3 == 0 else 1
+                                                                                for i in range(S)]},
+        "teacache": lambda S: {"threshold": 1e9, "coefficients": [1.0, 0.0]},
+        "fbcache": lambda S: {"threshold": 1e9},
+        "magcache": lambda S: {"threshold": 1e9, "mag_ratios": [1.0] * S},
+        "taylorseer": lambda S: {"cache_interval": 3},
+        "pab": lambda S: {"skip_range": 3},
+        "blocks": lambda S: {"skip": [None] + [[0, 1]] * (S - 1)}}
+
+
+def test_every_method_has_its_test_settings():
+    assert set(NO_SKIP) == set(SKIP) == set(CACHE_METHODS)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_every_method_runs_on_every_family_and_skipping_nothing_is_the_plain_run(family, tiny_dir):
+    """Each registered method on each registered family's tiny model: its settings that skip nothing give the
+    uncached latents bit for bit (fbcache at threshold 0 included); its skipping settings change them, finitely,
+    and leave the transformer as it was (the hooks are removed after the last step)."""
+    b = load_bundle(tiny_dir(family))
+    fam, tr = b.family, b.transformer
+    S = 8
+    noise = image_noise(0, [0, 1, 2, 3], (fam.latent_channels(tr), 8, 8))
+    cond = fam.dummy_cond(tr, 4, torch.Generator().manual_seed(0))
+    sampler = fam.default_sampler
+    run = lambda predict: denoise(fam, tr, make_scheduler(fam, b.scheduler, sampler), noise, cond, None, 1.0, S,
+                                  predict=predict)
+    plain = run(None)
+    for name in CACHE_METHODS:
+        mod = method(name)
+        if mod.unsupported(b):
+            assert (name == "blocks" and fam.two_stream) or (name == "fbcache" and family == "sd3")  # 2 blocks
+            continue
+        same = run(mod.runtime(b, NO_SKIP[name](S), S, 1.0)())
+        assert torch.equal(same, plain), f"{name} skipping nothing on {family}"
+        other = run(mod.runtime(b, SKIP[name](S), S, 1.0)())
+        assert torch.isfinite(other).all() and not torch.equal(other, plain), f"{name} skipping on {family}"
+        assert float((other - plain).norm() / plain.norm()) < 1.5, name
+        assert torch.equal(run(None), plain), f"{name} left hooks on {family}"
+
+
+def test_forecast_first_order_beats_reuse_and_the_dp_spends_its_full_steps():
+    """The forecast schedule's dynamic program on synthetic residuals that change linearly in t: first order
+    forecasts them exactly, so with 3 full steps of 10 the predicted error is ~0 and every forecast step is
+    first order; zero order (reuse) would carry an error."""
+    from ditkit.ops.cache import forecast
+
+    recs = [{"t": 1000.0 - 100 * i, "r_h": torch.full((1, 4, 8), 1.0 + 0.1 * i), "r_e": None} for i in range(10)]
+    fitted = forecast.fit(recs, 10)
+    p = forecast.params(fitted, 3, 10)
+    assert sum(p["full"]) == 3 and p["full"][0] and p["full"][1]
+    assert p["predicted_error"] < 1e-5 and all(o == 1 for o, f in zip(p["order"], p["full"]) if not f)
+    assert max(fitted["err0"][1][s] for s in range(2, 10)) > 0.05
+
+
+def test_text_family_calibrates_from_embeddings(tiny_dir, tiny_embeddings):
+    """PixArt (prompts from an embeddings file): fbcache and forecast calibrate to a small target; the policy
+    names its method and generate applies it."""
+    from ditkit.formats.embeddings import load_embeddings
+    from ditkit.ops.cache import CacheConfig, cache
+
+    b = load_bundle(tiny_dir("pixart"))
+    emb = load_embeddings(tiny_embeddings("pixart"))
+    b, rep = cache(b, CacheConfig(target_speedup=1.1, method="forecast", steps=STEPS, timing_repeats=3), emb)
+    assert rep.method == "forecast" and rep.measured_speedup >= 1.1 and b.manifest["cache"]["method"] == "forecast"
+    assert rep.image_psnr is not None and rep.image_psnr > 20
+    g = generate(b, GenerateConfig(num_images=2, steps=STEPS), emb)[1]
+    assert g.cache["applied"] and g.cache["method"] == "forecast"
+
+
+@pytest.mark.slow
+def test_auto_at_2x_on_tiny_digits_beats_fbcache(tmp_path):
+    """tiny-digits, DDIM 25: auto reaches 2x measured end to end (>= 1.9x) and beats diffusers FirstBlockCache
+    calibrated to the same target on the calibration set's PSNR."""
+    from ditkit.ops.cache import CacheConfig, cache
+
+    b, rep = cache(load_bundle("tiny-digits"), CacheConfig(target_speedup=2.0))
+    fb = {m["method"]: m for m in rep.methods}["fbcache"]
+    assert rep.measured_speedup >= 1.9 and rep.image_psnr >= 33.0
+    assert "skipped" in fb or rep.image_psnr >= fb["image_psnr"] + 2.0

@@ -13,8 +13,9 @@ instance of it, `FAMILY`, and provides:
   finds, formats/families/coupling.py; None refuses width pruning), `full_precision` and `modulation`
   (module-name regexes for quantize and LoRA), `two_stream` (blocks that carry a text stream beside the image
   stream), `gguf_keep_float` (tensors a GGUF file keeps in F32), `onnx_unsupported` (why ONNX export refuses),
-  and the methods `latent_channels`, `latent_size`, `image_tokens`, `hidden_size`, `uses_cfg`,
-  `width_unsupported`, `depth_config`, `config_from_state`;
+  `cache_probe` (the first block's attention submodule, which step caching's TeaCache indicator reads), and the
+  methods `latent_channels`, `latent_size`, `image_tokens`, `hidden_size`, `uses_cfg`, `width_unsupported`,
+  `depth_config`, `config_from_state`;
 - `tiny_config()` (and `init_unset_` where the constructor leaves a parameter unset): the constructor arguments
   of a tiny random model (2 blocks, hidden 32-64) that the test
   suite builds for every registered family.
@@ -71,6 +72,9 @@ class Family:
     gguf_keep_float: tuple[str, ...] = ()
     # why torch.export cannot trace the transformer with a dynamic batch (ONNX export refuses), or None
     onnx_unsupported: str | None = None
+    # the first block's attention submodule, whose input is the timestep-modulated, normalized hidden states
+    # (TeaCache's indicator, ops/cache/teacache.py)
+    cache_probe: str = "attn1"
 
     def __post_init__(self):
         if self.stacks is None:

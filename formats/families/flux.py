@@ -139,6 +139,7 @@ FAMILY = FluxFamily(
     stacks=(Stack("transformer_blocks", "num_layers"), Stack("single_transformer_blocks", "num_single_layers")),
     width=WIDTH,
     two_stream=True,
+    cache_probe="attn",  # the joint attention of the first block reads the modulated image stream
     original_layout=("bfl-flux", FLUX),  # Black Forest Labs' keys (flux1-dev.safetensors)
     gguf_keep_float=("img_in.", "time_in.", "vector_in.", "guidance_in.", "txt_in.", "final_layer."),
 )

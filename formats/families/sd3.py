@@ -110,6 +110,7 @@ FAMILY = SD3Family(
     stacks=(Stack("transformer_blocks", "num_layers", keep_last=True),),
     width=WIDTH,
     two_stream=True,
+    cache_probe="attn",  # the joint attention of the first block reads the modulated image stream
     original_layout=("stability-sd3", SD3),  # Stability's keys (sd3_medium.safetensors, SD3.5)
     gguf_keep_float=("x_embedder.", "t_embedder.", "y_embedder.", "context_embedder.", "final_layer.", "pos_embed"),
 )

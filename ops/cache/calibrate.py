@@ -1,23 +1,25 @@
-"""cache(bundle, CacheConfig) -> (bundle, CacheReport): calibrate a step-caching policy (ops.cache.policy).
+"""cache(bundle, CacheConfig) -> (bundle, CacheReport): calibrate a step-caching method to a target speedup.
 
-How the policy is chosen (no hand constants; only the target speedup and the calibration size):
+Every method (ops/cache/methods.CACHE_METHODS) is calibrated the same way (no hand constants; only the target
+speedup and the calibration size):
   1. the calibration set: `images` seeded trajectories of the model's own sampler, steps and guidance,
-     cycling through the bundle's labels; the uncached run is the reference;
+     cycling through the bundle's labels or prompts; the uncached run is the reference, and it records at every
+     step the block chain's residual, the first block's modulated input and the model output (what
+     TeaCache's polynomial, MagCache's ratios and ditkit's forecast schedule are fitted on: the method's `fit`);
   2. the cost model: for one image (bench's batch-1 headline, where per-call overhead weighs most), one
      transformer call with every block run, one with every block skipped, and the VAE decode are timed
-     (process CPU time on one thread, interleaved, medians), so a skipped block is worth
-     (t_full - t_skip_all) / n_blocks of a step; FLOPs (ops.flops, attention included) are reported beside it;
-  3. greedy rounds: the trajectories run under the current policy; at every step that still runs some
-     blocks, each candidate (contiguous block range at this step) is tried against the full call on the
-     same inputs, its error being the relative L2 distance of the model output. Candidates are ranked by
-     error per unit of time saved and taken, cheapest first, until this round's share of the remaining
-     saving is reached; the next round re-measures with the deltas the new policy really has (stale ones
-     from earlier skipped steps included). Rounds stop when the predicted speedup reaches the target;
-  4. the check: one image's denoise + decode is timed with and without the policy (what bench reports per
-     image); a measured speedup short of the target raises the goal by the shortfall and the rounds go on
+     (process CPU time on one thread, interleaved, medians); a run that leaves a share w of the block work
+     (multiply-accumulates of the blocks' Linear layers that really ran, counted under any method's hooks)
+     is predicted to cost steps * (t_skip_all + w * (t_full - t_skip_all)) + t_decode;
+  3. the search: the method's one knob (threshold or interval) is bisected (integers: scanned) on the
+     calibration trajectories to the smallest setting whose predicted speedup reaches the goal (`blocks`
+     widens its per-step ranges in greedy rounds instead, see `_greedy`);
+  4. the check: one image's denoise + decode is timed with and without the method (what bench reports per
+     image); a measured speedup short of the target raises the goal by the shortfall and the search goes on
      (MEASURE_ATTEMPTS searches at most);
-  5. the result: the final policy runs on the calibration trajectories and its error against the
-     uncached run is measured (final latents, decoded images' PSNR).
+  5. the result: the setting found runs on the calibration trajectories, its decoded images against the
+     uncached ones (PSNR). `--method auto` does 1-5 for every method that supports the bundle and keeps the
+     best PSNR among those whose measured speedup reached the target.
 The policy is for one (sampler, steps); generate and bench apply it only at those settings.
 """
 from __future__ import annotations
@@ -31,7 +33,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
-from ditkit.formats.errors import ConfigError, check_options
+from ditkit.formats.errors import ConfigError, check_options, choice_error
 from ditkit.ops.config import OpConfig
 
 from ..flops import call_flops
@@ -40,46 +42,55 @@ from ..geometry import conditions, latent_hw, settings
 from ..runtime import image_speedup
 from ..sample import SAMPLERS, decode, denoise, image_noise, make_scheduler, padded, pad_rows
 from ..timing import cpu_ms
-from .policy import BlockCache, CachePolicy, cached_predict
+from .methods import CACHE_METHODS, METHOD_CHOICES, method
+from .policy import BlockCache, CachePolicy, MethodPolicy
+from .stack import StackCache, WorkMeter
 
 
-MAX_CHUNKS = 4  # candidate ranges are built from at most this many groups of blocks (10 ranges: calibration cost)
-ROUNDS = 3  # greedy rounds: each takes a third of the remaining saving, then re-measures staleness
+MAX_CHUNKS = 4  # blocks: candidate ranges are built from at most this many groups of blocks (10 ranges)
+ROUNDS = 3  # blocks: greedy rounds: each takes a third of the remaining saving, then re-measures staleness
 MEASURE_ATTEMPTS = 3  # searches: each ends with an end-to-end measurement; a short one raises the goal
+OVERSHOOT = 1.08  # a measured speedup this far above the target searches again for a slower, better setting
+BISECT = 14  # bisection rounds of a float knob (log scale): the knob to ~1% of its range's ratio
+# `auto` calibrates these (blocks' greedy search costs tens of times the others' calibration; ask for it by name)
+AUTO_METHODS = tuple(m for m in CACHE_METHODS if m != "blocks")
 
 
 @dataclass
 class CacheConfig(OpConfig):
     TYPE: ClassVar[str] = "cache"
 
-    target_speedup: float = 1.5  # predicted end-to-end speedup per image to reach
-    images: int = 4  # calibration trajectories (cycling through the labels); more = steadier ranking
+    target_speedup: float = 1.5  # end-to-end speedup per image to reach (predicted, then measured)
+    method: str = "auto"  # auto: calibrate every method, keep the best quality at the target
+    images: int = 4  # calibration trajectories (cycling through the labels or prompts); more = steadier fits
     steps: int | None = None  # default: the bundle's own
     sampler: str | None = None
     guidance: float | None = None
+    prompts: list[str] | None = None  # text families: default the bundle's own prompts (its manifest defaults)
     seed: int = 1234  # calibration noise; a seed other than generate's default 0, so bench images are unseen
-    timing_repeats: int = 7  # interleaved timing rounds of the cost model (medians)
+    timing_repeats: int = 9  # interleaved timing rounds of the cost model and the checks (medians)
 
     def __post_init__(self):
         check_options(self)  # floats finite, seeds and counts in range (formats/errors.py)
         if not (isinstance(self.target_speedup, (int, float)) and math.isfinite(self.target_speedup)
                 and self.target_speedup > 1.0):
             raise ConfigError(f"--target-speedup must be a number > 1 (got {self.target_speedup})")
+        if self.method not in METHOD_CHOICES:
+            raise choice_error("cache method", self.method, METHOD_CHOICES)
         if self.images < 1:
             raise ConfigError(f"--images must be >= 1 (got {self.images})")
         if self.steps is not None and not 2 <= self.steps <= 1000:
             raise ConfigError(f"--steps must be in 2..1000 for caching (got {self.steps})")
         if self.sampler is not None and self.sampler not in SAMPLERS:
-            from ditkit.formats.errors import choice_error
             raise choice_error("sampler", self.sampler, SAMPLERS)
         if self.timing_repeats < 1:
             raise ConfigError(f"--timing-repeats must be >= 1 (got {self.timing_repeats})")
 
 
-
 @dataclass
 class CacheReport:
     family: str
+    method: str  # the method kept (for auto: the best PSNR at the target)
     sampler: str
     steps: int
     guidance: float
@@ -87,13 +98,17 @@ class CacheReport:
     calibration_images: int
     target_speedup: float
     predicted_speedup: float  # from the timed cost model
-    flops_speedup: float  # from FlopCounterMode (no per-call overhead: an upper bound)
-    skipped_block_steps: int  # sum over steps of skipped blocks
+    measured_speedup: float  # one image, end to end, CPU time (the last check)
+    flops_speedup: float | None  # blocks: from FlopCounterMode (no per-call overhead: an upper bound)
+    block_work: float  # share of the blocks' work that runs (calibration set)
+    skipped_block_steps: int  # blocks: sum over steps of skipped blocks; others: block calls not run
     total_block_steps: int
     latent_rel_error: float  # ||x_cached - x_ref|| / ||x_ref|| of the final latents, calibration set
     image_psnr: float | None  # decoded calibration images vs the uncached ones (dB, mean)
-    rounds: list = field(default_factory=list)  # per greedy round: predicted speedup and mean step error
-    checks: list = field(default_factory=list)  # per search: predicted and measured (one image, CPU time) speedup
+    params: dict = field(default_factory=dict)  # the method's settings (its knob found by the search)
+    methods: list = field(default_factory=list)  # per method calibrated: knob, speedups, PSNR (or why not)
+    rounds: list = field(default_factory=list)  # blocks: per greedy round, predicted speedup and step error
+    checks: list = field(default_factory=list)  # per search: predicted and measured (one image) speedup
     cost_ms: dict = field(default_factory=dict)  # the timed cost model
     policy: dict = field(default_factory=dict)
     seconds: float = 0.0
@@ -113,37 +128,113 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-12))
 
 
+def _prompts(bundle, cfg: CacheConfig) -> list[str] | None:
+    if bundle.family.conditioning == "class":
+        return None
+    prompts = cfg.prompts or bundle.defaults().get("prompts")
+    if not prompts:
+        raise ConfigError(f"the {bundle.family.name} family needs prompts for its calibration runs: pass --prompt "
+                          "(or --embeddings)")
+    return list(prompts)
+
+
 class _Calib:
     def __init__(self, bundle, cfg: CacheConfig, embeddings=None):
         self.bundle, self.fam, self.tr = bundle, bundle.family, bundle.transformer
-        if self.fam.conditioning != "class" and embeddings is None:
-            raise ConfigError(f"the {self.fam.name} family is text-conditioned: its calibration runs need prompts; "
-                              "pass --embeddings FILE (precomputed prompt embeddings, docs/formats.md)")
         self.sampler, self.steps, self.guidance = settings(
             bundle, GenerateConfig(steps=cfg.steps, sampler=cfg.sampler, guidance=cfg.guidance))
         make_scheduler(self.fam, bundle.scheduler, self.sampler)  # validates the sampler
         if self.steps < 2:
             raise ConfigError(f"caching needs at least 2 steps (the bundle samples with {self.steps})")
         n = padded(cfg.images)
-        gcfg = GenerateConfig(num_images=n, steps=self.steps, sampler=self.sampler, guidance=self.guidance)
+        prompts = None if embeddings is not None and not cfg.prompts else _prompts(bundle, cfg)
+        gcfg = GenerateConfig(num_images=n, steps=self.steps, sampler=self.sampler, guidance=self.guidance,
+                              prompts=prompts)
         values, cond, uncond = conditions(bundle, gcfg, "cpu", embeddings)
         rows = [i % len(values) for i in range(n)]
         self.use_cfg = self.fam.uses_cfg(self.tr, self.guidance)
         if self.use_cfg and uncond is None:
             raise ConfigError(f"guidance {self.guidance} needs unconditional embeddings; the embeddings file has "
-                              "none (pass --guidance 1, or an embeddings file with negative_ rows)")
-        pick = lambda d: None if d is None else {k: v[rows] for k, v in d.items()}
+                              "no negative_* tensors (or pass --guidance 1)")
+        pick = lambda d: None if d is None else {k: v[rows] for k, v in d.items()}  # noqa: E731
         self.cond, self.uncond = pick(cond), (pick(uncond) if self.use_cfg else None)
         h, w = latent_hw(bundle, None, None)
         self.noise = image_noise(cfg.seed, list(range(n)), (self.fam.latent_channels(self.tr), h, w))
-        self.cache = BlockCache(self.fam, self.tr)
-        self.n_blocks = len(self.cache.blocks)
+        self.n_blocks = len(StackCache(self.fam, self.tr).blocks)
+        self._cache = None
+
+    @property
+    def cache(self) -> BlockCache:  # blocks' per-block wrapper (one-stream families only)
+        if self._cache is None:
+            self._cache = BlockCache(self.fam, self.tr)
+        return self._cache
 
     def sched(self):
         return make_scheduler(self.fam, self.bundle.scheduler, self.sampler)
 
+    def denoise(self, predict=None, rows=None) -> torch.Tensor:
+        first = lambda d: None if d is None or rows is None else {k: v[rows] for k, v in d.items()}  # noqa: E731
+        noise = self.noise if rows is None else self.noise[rows]
+        cond = self.cond if rows is None else first(self.cond)
+        uncond = self.uncond if rows is None else first(self.uncond)
+        return denoise(self.fam, self.tr, self.sched(), noise, cond, uncond, self.guidance, self.steps,
+                       predict=predict)
+
+    def record(self) -> tuple[torch.Tensor, list[dict]]:
+        """The uncached run's final latents and, per step, t, the chain residual, the probe input, the output."""
+        sc = StackCache(self.fam, self.tr)
+        recs, cur = [], {}
+        sc.record = lambda h0, e0, r_h, r_e: cur.update(r_h=r_h.detach(), r_e=None if r_e is None else r_e.detach())
+        probe = getattr(sc.blocks[0], self.fam.cache_probe, None)
+
+        def on_probe(mod, args, kwargs):
+            if "probe" not in cur:
+                x = args[0] if args else kwargs.get("hidden_states")
+                cur["probe"] = x.detach()
+
+        def predict(x, t, cond):
+            cur.clear()
+            cur["t"] = float(t.flatten()[0])
+            out = self.fam.predict(self.tr, x, t, cond, self.guidance)
+            cur["out"] = out.detach()
+            recs.append(dict(cur))
+            return out
+        handle = probe.register_forward_pre_hook(on_probe, with_kwargs=True) if probe is not None else None
+        try:
+            with sc.hooked():
+                ref = self.denoise(predict)
+        finally:
+            if handle is not None:
+                handle.remove()
+        return ref, recs
+
+    def sensitivity(self, ref: torch.Tensor, recs: list[dict]) -> None:
+        """recs[s]["weight"]: how much the final latents move per unit of chain-residual error at step s, measured
+        by reusing step s-1's residual at step s alone (the error a cache makes there) on the uncached run."""
+        sc = StackCache(self.fam, self.tr)
+        scale = float(torch.stack([r["r_h"].norm() for r in recs]).mean()) or 1.0
+        for s in range(1, len(recs)):
+            prev, step = recs[s - 1], {"i": 0}
+
+            def decide(h, e, s=s, prev=prev):
+                if step["i"] != s or prev["r_h"].shape != h.shape:
+                    return None
+                r_e = prev.get("r_e")
+                return h + prev["r_h"], (e + r_e if e is not None and r_e is not None and r_e.shape == e.shape else e)
+
+            def predict(x, t, cond):
+                out = self.fam.predict(self.tr, x, t, cond, self.guidance)
+                step["i"] += 1
+                return out
+            sc.decide = decide
+            with sc.hooked():
+                out = self.denoise(predict)
+            err = float((prev["r_h"] - recs[s]["r_h"]).norm()) / scale
+            recs[s]["weight"] = _rel(out, ref) / max(err, 1e-12)
+        recs[0]["weight"] = max((r["weight"] for r in recs[1:]), default=1.0)
+
     def run(self, policy_skip: list, probe=None) -> torch.Tensor:
-        """Final latents under `policy_skip`; `probe(step, x, t, cond, full_out)` sees each step's inputs."""
+        """blocks: final latents under `policy_skip`; `probe(step, x, t, cond)` sees each step's inputs."""
         bc, fam, tr, g = self.cache, self.fam, self.tr, self.guidance
         bc.deltas = [None] * self.n_blocks
         step = {"i": 0}
@@ -157,10 +248,10 @@ class _Calib:
             return fam.predict(tr, x, t, cond, g)
 
         with bc.hooked():
-            return denoise(fam, tr, self.sched(), self.noise, self.cond, self.uncond, g, self.steps, predict=predict)
+            return self.denoise(predict)
 
     def call_with(self, x, t, cond, skip, record=False):
-        """One model call with `skip`, deltas left as they are (unless record)."""
+        """blocks: one model call with `skip`, deltas left as they are (unless record)."""
         bc = self.cache
         saved = bc.record
         bc.skip, bc.record = skip, record
@@ -169,28 +260,46 @@ class _Calib:
         finally:
             bc.record = saved
 
+    def work(self, make_predict) -> tuple[torch.Tensor, int]:
+        """(final latents, block multiply-accumulates that ran) of the calibration set under one method run."""
+        meter = WorkMeter(self.fam, self.tr)
+        try:
+            out = self.denoise(make_predict())
+        finally:
+            meter.close()
+        return out, meter.macs
+
 
 def _cost_model(c: _Calib, repeats: int) -> dict:
     """Timed ms of one image's full call, its all-blocks-skipped call (same inputs) and the decode call that
     a batch of one image makes."""
     captured = {}
 
-    def probe(i, x, t, cond):
-        if i == 1:
+    def predict(x, t, cond):
+        if not captured:
             captured.update(x=x, t=t, cond=cond)
+        return c.fam.predict(c.tr, x, t, cond, c.guidance)
     with torch.no_grad():
-        ref = c.run([None] * c.steps, probe=probe)
-    # one image's rows (cond + uncond with guidance): bench's batch-1 headline, where per-call overhead weighs most
+        ref = c.denoise(predict)
     n = c.noise.shape[0]
-    rows = [0, n] if c.use_cfg else [0]
+    rows = [0, n] if c.use_cfg else [0]  # one image's rows (cond + uncond with guidance)
     x, t, cond = captured["x"][rows], captured["t"][rows], {k: v[rows] for k, v in captured["cond"].items()}
-    every = (0, c.n_blocks)
     lat = pad_rows(ref[:1], 4)  # the VAE always decodes 4 latents per call (ops.sample.decode)
-    with torch.no_grad(), c.cache.hooked():
-        c.call_with(x, t, cond, None, record=True)  # deltas of these rows, for the skipped call
-        full = lambda: c.call_with(x, t, cond, None)
-        skip_all = lambda: c.call_with(x, t, cond, every)
-        dec = lambda: decode(c.bundle.vae, lat)
+    sc = StackCache(c.fam, c.tr)
+    kept = {}
+    sc.record = lambda h0, e0, r_h, r_e: kept.update(r=(r_h, r_e))
+    with torch.no_grad(), sc.hooked():
+        full = lambda: c.fam.predict(c.tr, x, t, cond, c.guidance)  # noqa: E731
+        full()
+        r_h, r_e = kept["r"]
+
+        def skip_all():
+            sc.decide = lambda h, e: (h + r_h, e + r_e if r_e is not None and e is not None else e)
+            try:
+                return c.fam.predict(c.tr, x, t, cond, c.guidance)
+            finally:
+                sc.decide = None
+        dec = lambda: decode(c.bundle.vae, lat)  # noqa: E731
         med = cpu_ms({"full": full, "skip_all": skip_all, "decode": dec}, repeats)
         flops = {k: call_flops(fn) for k, fn in (("full", full), ("skip_all", skip_all), ("decode", dec))}
     return {"full_ms": med["full"], "skip_all_ms": med["skip_all"], "decode_ms": med["decode"],
@@ -237,13 +346,6 @@ def _greedy(c: _Calib, skip: list, goal: float, spd, ranges, rounds: list) -> No
                        "mean_step_error": round(float(np.mean(errs)), 5)})
 
 
-def _measured_speedup(c: _Calib, skip: list, repeats: int) -> float:
-    first = lambda d: None if d is None else {k: v[:1] for k, v in d.items()}  # noqa: E731
-    policy = CachePolicy(sampler=c.sampler, steps=c.steps, num_blocks=c.n_blocks, skip=list(skip))
-    return image_speedup(c.bundle, c.noise[:1], first(c.cond), first(c.uncond), c.sampler, c.steps, c.guidance,
-                         lambda: cached_predict(c.bundle, policy, c.guidance), repeats)
-
-
 def _speedup(skip: list, steps: int, n_blocks: int, full: float, skip_all: float, dec: float) -> float:
     blk = max(full - skip_all, 0.0) / n_blocks
     base = steps * full + dec
@@ -251,61 +353,226 @@ def _speedup(skip: list, steps: int, n_blocks: int, full: float, skip_all: float
     return base / max(base - saved, 1e-9)
 
 
-@torch.no_grad()
-def cache(bundle, cfg: CacheConfig, embeddings=None) -> tuple[object, CacheReport]:
-    """Calibrate a caching policy for `bundle` (text families: on `embeddings`, (prompts, cond, uncond) as
-    formats.embeddings.load_embeddings returns them); returns the bundle (weights untouched, policy in
-    bundle.manifest["cache"]) and the report."""
-    from ditkit.ops.feedback import refuse
+def _work_speedup(work: float, steps: int, cost: dict) -> float:
+    """Predicted speedup of a run that leaves a share `work` of the block work (step 2 of the module note)."""
+    full, skip_all, dec = cost["full_ms"], cost["skip_all_ms"], cost["decode_ms"]
+    base = steps * full + dec
+    return base / max(steps * (skip_all + work * max(full - skip_all, 0.0)) + dec, 1e-9)
 
-    refuse(bundle, "ditkit cache", "this bundle has a feedback module (distill --mode feedback); feedback and step "
-                                   "caching do not stack: cache the model it was distilled from instead")
-    t_start = time.perf_counter()
-    c = _Calib(bundle, cfg, embeddings)
+
+def _measured(c: _Calib, make_predict, repeats: int) -> float:
+    first = lambda d: None if d is None else {k: v[:1] for k, v in d.items()}  # noqa: E731
+    return image_speedup(c.bundle, c.noise[:1], first(c.cond), first(c.uncond), c.sampler, c.steps, c.guidance,
+                         make_predict, repeats)
+
+
+def _psnr(bundle, out, ref) -> float | None:
+    if bundle.vae is None:
+        return None
+    from ..metrics import psnr
+
+    a, b = decode(bundle.vae, out), decode(bundle.vae, ref)
+    return round(float(np.mean([psnr(x, y) for x, y in zip(a, b)])), 3)
+
+
+class _Short(Exception):
+    """A method that cannot reach the target on this model (the reason is its message)."""
+
+
+def _knob_values(knob, steps):
+    hi = knob.hi or steps
+    if knob.integer:
+        vals = list(range(int(knob.lo), int(hi) + 1))
+        return vals if knob.faster_when_higher else vals[::-1]
+    return None
+
+
+def _search_knob(c: _Calib, mod, fitted: dict, goal: float, spd_of, err_of) -> tuple[dict, float]:
+    """The slowest setting of `mod`'s knob whose predicted speedup reaches `goal`: (params, predicted). A method
+    with `candidates` offers several settings per knob value; the one with the least error runs."""
+    knob = mod.KNOB
+    if hasattr(mod, "candidates"):
+        mod = _Best(mod, err_of)
+    ints = _knob_values(knob, c.steps)
+    if ints is not None:  # scanned from the slow end
+        for v in ints:
+            p = mod.params(fitted, v, c.steps)
+            s = spd_of(p)
+            if s >= goal:
+                return p, s
+        raise _Short(f"{knob.name} up to its end reaches {s:.2f}x predicted")
+    lo, hi = math.log(knob.lo), math.log(knob.hi)
+    p_hi = mod.params(fitted, knob.hi, c.steps)
+    s_hi = spd_of(p_hi)
+    if s_hi < goal:
+        raise _Short(f"{knob.name} {knob.hi} reaches {s_hi:.2f}x predicted")
+    best = (p_hi, s_hi)
+    for _ in range(BISECT):
+        mid = (lo + hi) / 2
+        p = mod.params(fitted, math.exp(mid), c.steps)
+        s = spd_of(p)
+        if s >= goal:
+            hi, best = mid, (p, s)
+        else:
+            lo = mid
+    return best
+
+
+class _Best:
+    """A method whose params at a knob value are its candidate with the least calibration error."""
+
+    def __init__(self, mod, err_of):
+        self.mod, self.err_of = mod, err_of
+
+    def params(self, fitted, value, steps):
+        return min(self.mod.candidates(fitted, value, steps), key=self.err_of)
+
+
+def _calibrate_knob(c: _Calib, name: str, cfg: CacheConfig, cost: dict, ref, recs, ref_macs) -> dict:
+    """One method through steps 3-5 of the module note: its result row (raises _Short when out of reach)."""
+    mod = method(name)
+    fitted = mod.fit(recs, c.steps)
+    memo = {}
+
+    def run(p):
+        key = repr(sorted(p.items()))
+        if key not in memo:
+            with torch.no_grad():
+                out, macs = c.work(mod.runtime(c.bundle, p, c.steps, c.guidance))
+            memo[key] = (out, macs / max(ref_macs, 1))
+        return memo[key]
+    spd_of = lambda p: _work_speedup(run(p)[1], c.steps, cost)  # noqa: E731
+    err_of = lambda p: _rel(run(p)[0], ref)  # noqa: E731
+    goal, checks, kept = cfg.target_speedup, [], None
+    for _ in range(MEASURE_ATTEMPTS):
+        try:
+            p, pred = _search_knob(c, mod, fitted, goal, spd_of, err_of)
+        except _Short:
+            if kept is None:
+                raise
+            break
+        with torch.no_grad():
+            meas = _measured(c, mod.runtime(c.bundle, p, c.steps, c.guidance), cfg.timing_repeats)
+        checks.append({"predicted_speedup": round(pred, 4), "measured_speedup": round(meas, 4)})
+        if meas >= cfg.target_speedup:
+            kept = (p, checks[-1])
+            if meas <= cfg.target_speedup * OVERSHOOT:
+                break
+        # the cost model's error is the measured / predicted ratio: scale the goal by it (both ways: a short
+        # measurement raises the goal, an overshoot lowers it, keeping the last setting that reached the target)
+        goal = pred * cfg.target_speedup / meas
+    if kept is None:
+        raise _Short(f"measured {checks[-1]['measured_speedup']:.2f}x after {len(checks)} searches")
+    p, last = kept
+    checks.append({"kept": last})
+    out, work = run(p)
+    return {"method": name, "params": p, "predicted_speedup": last["predicted_speedup"],
+            "measured_speedup": last["measured_speedup"], "block_work": round(work, 4),
+            "latent_rel_error": round(_rel(out, ref), 6), "image_psnr": _psnr(c.bundle, out, ref), "checks": checks}
+
+
+def _calibrate_blocks(c: _Calib, cfg: CacheConfig, cost: dict, ref) -> dict:
     S, L = c.steps, c.n_blocks
-    cost = _cost_model(c, cfg.timing_repeats)
-    spd = lambda skip: _speedup(skip, S, L, cost["full_ms"], cost["skip_all_ms"], cost["decode_ms"])
-    fspd = lambda skip: _speedup(skip, S, L, cost["flops_full"], cost["flops_skip_all"], cost["flops_decode"])
-    best = spd([None] + [(0, L)] * (S - 1))
-    if best < cfg.target_speedup:
-        raise ConfigError(f"--target-speedup {cfg.target_speedup} is out of reach for this model: skipping every "
-                          f"block at every step but the first would give {best:.2f}x (the rest is decode and "
-                          f"per-step overhead); choose a lower target")
+    spd = lambda skip: _speedup(skip, S, L, cost["full_ms"], cost["skip_all_ms"], cost["decode_ms"])  # noqa: E731
+    fspd = lambda skip: _speedup(skip, S, L, cost["flops_full"], cost["flops_skip_all"], cost["flops_decode"])  # noqa
+    if spd([None] + [(0, L)] * (S - 1)) < cfg.target_speedup:
+        raise _Short("skipping every block at every step but the first is predicted short of the target")
     ranges = _ranges(L)
     skip: list = [None] * S
-    ref = c.run(skip)
     rounds, checks, goal = [], [], cfg.target_speedup
     for attempt in range(MEASURE_ATTEMPTS):
         _greedy(c, skip, goal, spd, ranges, rounds)
         if spd(skip) < goal:
             break
-        # 4. the policy end to end, against the uncached run (what bench measures): the cost model misses
+        # the policy end to end, against the uncached run (what bench measures): the cost model misses
         # whatever a skipped step still costs, so a short measurement raises the goal and the search goes on
-        measured = _measured_speedup(c, skip, cfg.timing_repeats)
+        policy = CachePolicy(sampler=c.sampler, steps=S, num_blocks=L, skip=list(skip))
+        from .policy import cached_predict
+
+        measured = _measured(c, lambda: cached_predict(c.bundle, policy, c.guidance), cfg.timing_repeats)
         checks.append({"predicted_speedup": round(spd(skip), 4), "measured_speedup": round(measured, 4)})
         if measured >= cfg.target_speedup:
             break
         goal = spd(skip) * cfg.target_speedup / measured
     if not checks or checks[-1]["measured_speedup"] < cfg.target_speedup:
         got = f"{checks[-1]['measured_speedup']:.2f}x measured" if checks else f"{spd(skip):.2f}x predicted"
-        raise ConfigError(f"calibration reached only {got} of --target-speedup {cfg.target_speedup}; "
-                          "choose a lower target")
-    policy = CachePolicy(sampler=c.sampler, steps=S, num_blocks=L, skip=skip)
-    # 3. the chosen policy against the uncached run
+        raise _Short(f"reached only {got}")
     out = c.run(skip)
-    psnr_db = None
-    if bundle.vae is not None:
-        from ..metrics import psnr
+    policy = CachePolicy(sampler=c.sampler, steps=S, num_blocks=L, skip=skip)
+    return {"method": "blocks", "params": {"skip": policy.to_dict()["skip"]},
+            "predicted_speedup": checks[-1]["predicted_speedup"], "measured_speedup": checks[-1]["measured_speedup"],
+            "block_work": round(1 - policy.skipped_blocks() / (S * L), 4), "latent_rel_error": round(_rel(out, ref), 6),
+            "image_psnr": _psnr(c.bundle, out, ref), "checks": checks, "rounds": rounds,
+            "flops_speedup": round(fspd(skip), 4), "skipped_block_steps": policy.skipped_blocks()}
 
-        a, b = decode(bundle.vae, out), decode(bundle.vae, ref)
-        psnr_db = round(float(np.mean([psnr(x, y) for x, y in zip(a, b)])), 3)
+
+@torch.no_grad()
+def cache(bundle, cfg: CacheConfig, embeddings=None, log=None) -> tuple[object, CacheReport]:
+    """Calibrate a caching method for `bundle`; returns the bundle (weights untouched, policy in
+    bundle.manifest["cache"]) and the report."""
+    from ditkit.ops.feedback import refuse
+
+    refuse(bundle, "ditkit cache", "this bundle has a feedback module (distill --mode feedback); feedback and step "
+                                   "caching do not stack: cache the model it was distilled from instead")
+    t_start = time.perf_counter()
+    names = AUTO_METHODS if cfg.method == "auto" else (cfg.method,)
+    if cfg.method != "auto":
+        why = method(cfg.method).unsupported(bundle)
+        if why:
+            raise ConfigError(f"--method {cfg.method}: {why}")
+    c = _Calib(bundle, cfg, embeddings)
+    S, L = c.steps, c.n_blocks
+    cost = _cost_model(c, cfg.timing_repeats)
+    best = _work_speedup(0.0, S, cost)
+    if best < cfg.target_speedup:
+        raise ConfigError(f"--target-speedup {cfg.target_speedup} is out of reach for this model: skipping every "
+                          f"block at every step would give {best:.2f}x (the rest is decode and per-step "
+                          "overhead); choose a lower target")
+    meter = WorkMeter(c.fam, c.tr)
+    try:
+        ref, recs = c.record()
+    finally:
+        meter.close()
+    if any(getattr(method(n), "NEEDS_SENSITIVITY", False) for n in names):
+        c.sensitivity(ref, recs)
+    rows = []
+    for name in names:
+        mod = method(name)
+        why = mod.unsupported(bundle)
+        if why:
+            rows.append({"method": name, "source": mod.SOURCE, "skipped": why})
+            continue
+        if log is not None:
+            log(f"calibrating {name} ({mod.SOURCE}) to {cfg.target_speedup}x")
+        t0 = time.perf_counter()
+        try:
+            row = (_calibrate_blocks(c, cfg, cost, ref) if name == "blocks"
+                   else _calibrate_knob(c, name, cfg, cost, ref, recs, meter.macs))
+        except _Short as e:
+            row = {"method": name, "skipped": f"cannot reach {cfg.target_speedup}x: {e}"}
+        rows.append({"source": mod.SOURCE, **row, "seconds": round(time.perf_counter() - t0, 2)})
+    done = [r for r in rows if "skipped" not in r]
+    if not done:
+        why = "; ".join(f"{r['method']}: {r['skipped']}" for r in rows)
+        raise ConfigError(f"calibration reached --target-speedup {cfg.target_speedup} with no method ({why}); "
+                          "choose a lower target")
+    key = lambda r: (r["image_psnr"] if r["image_psnr"] is not None else -r["latent_rel_error"])  # noqa: E731
+    win = max(done, key=key)
+    policy = MethodPolicy(method=win["method"], sampler=c.sampler, steps=S, num_blocks=L, params=win["params"])
     bundle.manifest = {**(bundle.manifest or {}), "cache": policy.to_dict()}
+    skipped = win.get("skipped_block_steps", round((1 - win["block_work"]) * S * L))
+    slim = lambda r: {k: v for k, v in r.items() if k not in ("params", "rounds")} | (  # noqa: E731
+        {"params": {k: v for k, v in r["params"].items() if k in ("threshold", "cache_interval", "skip_range",
+                                                                    "predicted_error")}
+         | ({"full_steps": sum(r["params"]["full"])} if "full" in r.get("params", {}) else {})}
+        if "params" in r else {})
     report = CacheReport(
-        family=bundle.family.name, sampler=c.sampler, steps=S, guidance=c.guidance, num_blocks=L,
-        calibration_images=c.noise.shape[0], target_speedup=cfg.target_speedup,
-        predicted_speedup=round(spd(skip), 4), flops_speedup=round(fspd(skip), 4),
-        skipped_block_steps=policy.skipped_blocks(), total_block_steps=S * L,
-        latent_rel_error=round(_rel(out, ref), 6), image_psnr=psnr_db, rounds=rounds, checks=checks,
+        family=bundle.family.name, method=win["method"], sampler=c.sampler, steps=S, guidance=c.guidance,
+        num_blocks=L, calibration_images=c.noise.shape[0], target_speedup=cfg.target_speedup,
+        predicted_speedup=win["predicted_speedup"], measured_speedup=win["measured_speedup"],
+        flops_speedup=win.get("flops_speedup"), block_work=win["block_work"], skipped_block_steps=int(skipped),
+        total_block_steps=S * L, latent_rel_error=win["latent_rel_error"], image_psnr=win["image_psnr"],
+        params=win["params"], methods=[slim(r) for r in rows], rounds=win.get("rounds", []), checks=win["checks"],
         cost_ms={k: (round(v, 4) if k.endswith("_ms") else v) for k, v in cost.items()},
         policy=policy.to_dict(), seconds=round(time.perf_counter() - t_start, 2))
     return bundle, report

@@ -111,19 +111,67 @@ def cached_predict(bundle, policy: CachePolicy, guidance: float):
     return predict
 
 
-def bundle_policy(bundle) -> CachePolicy | None:
+@dataclass
+class MethodPolicy:
+    """A calibrated cache method for one (sampler, steps): its name (ops/cache/methods) and settings."""
+    method: str
+    sampler: str
+    steps: int
+    num_blocks: int
+    params: dict
+
+    def to_dict(self) -> dict:
+        d = {"method": self.method, "sampler": self.sampler, "steps": self.steps, "num_blocks": self.num_blocks,
+             "params": self.params}
+        if self.method == "blocks":  # the per-step ranges also where earlier readers look for them
+            d["skip"] = self.params["skip"]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "MethodPolicy":
+        from .methods import CACHE_METHODS
+
+        name = d.get("method", "blocks") if isinstance(d, dict) else None
+        if name not in CACHE_METHODS:
+            raise ConfigError(f"the manifest's cache policy names method {name!r}, which this ditkit does not "
+                              f"have ({', '.join(CACHE_METHODS)}); re-run ditkit cache")
+        if name == "blocks" and "params" not in d:  # a policy written before methods existed
+            b = CachePolicy.from_dict(d)
+            return cls("blocks", b.sampler, b.steps, b.num_blocks, {"skip": b.to_dict()["skip"]})
+        try:
+            p = cls(method=name, sampler=d["sampler"], steps=int(d["steps"]), num_blocks=int(d["num_blocks"]),
+                    params=dict(d["params"]))
+        except (KeyError, TypeError, ValueError) as e:
+            raise ConfigError(f"the manifest's cache policy is malformed ({e!r}); re-run ditkit cache")
+        if name == "blocks":
+            CachePolicy.from_dict({**d, "skip": p.params.get("skip")})  # validates the ranges
+        return p
+
+
+def bundle_policy(bundle) -> MethodPolicy | None:
     d = (bundle.manifest or {}).get("cache")
-    return None if not d else CachePolicy.from_dict(d)
+    return None if not d else MethodPolicy.from_dict(d)
 
 
 def predictor_for(bundle, sampler: str, steps: int, guidance: float):
     """(a predictor factory or None, a note for reports): the bundle's policy where it fits the run."""
+    from .methods import method
+    from .stack import chain_blocks
+
     policy = bundle_policy(bundle)
     if policy is None:
         return None, None
     if (policy.sampler, policy.steps) != (sampler, steps):
-        return None, {"applied": False, "reason": f"policy calibrated for {policy.sampler} at {policy.steps} "
-                                                  f"steps; this run is {sampler} at {steps}"}
-    return (lambda: cached_predict(bundle, policy, guidance)), {
-        "applied": True, "skipped_block_steps": policy.skipped_blocks(),
-        "total_block_steps": policy.steps * policy.num_blocks}
+        return None, {"applied": False, "method": policy.method,
+                      "reason": f"policy calibrated for {policy.sampler} at {policy.steps} steps; this run is "
+                                f"{sampler} at {steps}"}
+    n = len(chain_blocks(bundle.family, bundle.transformer))
+    if n != policy.num_blocks:
+        raise ConfigError(f"the cache policy is for {policy.num_blocks} blocks, the transformer has {n}: "
+                          "re-run ditkit cache on this model")
+    note = {"applied": True, "method": policy.method}
+    if policy.method == "blocks":
+        skip = policy.params["skip"]
+        note.update(skipped_block_steps=sum(r[1] - r[0] for r in skip if r is not None),
+                    total_block_steps=policy.steps * policy.num_blocks)
+    return method(policy.method).runtime(bundle, policy.params, steps, guidance), note
