@@ -13,7 +13,8 @@ instance of it, `FAMILY`, and provides:
   finds, formats/families/coupling.py; None refuses width pruning), `full_precision` and `modulation`
   (module-name regexes for quantize and LoRA), `two_stream` (blocks that carry a text stream beside the image
   stream), `gguf_keep_float` (tensors a GGUF file keeps in F32), `onnx_unsupported` (why ONNX export refuses),
-  `cache_probe` (the first block's attention submodule, which step caching's TeaCache indicator reads), and the
+  `cache_probe` (the first block's attention submodule, which step caching's TeaCache indicator reads),
+  `block_returns` (what a block class diffusers' hooks do not know returns), and the
   methods `latent_channels`, `latent_size`, `image_tokens`, `hidden_size`, `uses_cfg`, `width_unsupported`,
   `depth_config`, `config_from_state`;
 - `tiny_config()` (and `init_unset_` where the constructor leaves a parameter unset): the constructor arguments
@@ -75,6 +76,9 @@ class Family:
     # the first block's attention submodule, whose input is the timestep-modulated, normalized hidden states
     # (TeaCache's indicator, ops/cache/teacache.py)
     cache_probe: str = "attn1"
+    # where a block class that diffusers' TransformerBlockRegistry does not list returns its hidden states and
+    # its encoder hidden states (an index, or None): (0, None) for a block returning the hidden states alone
+    block_returns: tuple | None = None
 
     def __post_init__(self):
         if self.stacks is None:

@@ -131,6 +131,7 @@ FAMILY = LuminaNextFamily(
     default_steps=30,
     default_guidance=4.0,
     blocks_attr="layers",
+    block_returns=(0, None),  # LuminaNextDiTBlock returns the hidden states alone; diffusers' hooks do not list it
     # embedders in, final adaLN out; inside the blocks (int8 weight-only there, no activation quantization) the
     # SwiGLU down projection, whose input is a product of two projections (heavy-tailed), and the q/k/v
     # projections, whose errors the q/k LayerNorm across heads and the sandwich RMSNorms carry at full scale: the
@@ -154,6 +155,8 @@ LUMINA2 = Lumina2Family(
     default_steps=30,
     default_guidance=4.0,
     blocks_attr="layers",
+    cache_probe="attn",  # Lumina2TransformerBlock's one attention reads the modulated hidden states
+    block_returns=(0, None),  # Lumina2TransformerBlock returns the hidden states alone; diffusers' hooks do not list it
     full_precision=(r"^x_embedder$", r"^time_caption_embed\.", r"^norm_out\."),
     modulation=(r"\.norm1\.linear$",),
     gguf_keep_float=("x_embedder.", "time_caption_embed.", "norm_out."),

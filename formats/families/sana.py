@@ -74,6 +74,7 @@ FAMILY = SanaFamily(
     default_steps=20,
     default_guidance=4.5,
     blocks_attr="transformer_blocks",
+    block_returns=(0, None),  # SanaTransformerBlock returns the hidden states alone; diffusers' hooks do not list it
     # patch embedder, timestep adaLN-single, caption projection + norm, the final projection
     full_precision=(r"^patch_embed\.", r"^time_embed\.", r"^caption_projection\.", r"^caption_norm$", r"^proj_out$"),
     modulation=(r"^time_embed\.linear$",),

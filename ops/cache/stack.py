@@ -37,13 +37,20 @@ def hookable_chain(family, transformer) -> list[nn.Module]:
     return out
 
 
-def block_metadata(block: nn.Module):
-    from diffusers.hooks._helpers import TransformerBlockRegistry
+def block_metadata(block: nn.Module, family=None):
+    """diffusers' metadata of a block class (where it returns its streams); a class diffusers does not list is
+    registered from its family's `block_returns`, so diffusers' own hooks can drive it too."""
+    from diffusers.hooks._helpers import TransformerBlockMetadata, TransformerBlockRegistry
 
     try:
         return TransformerBlockRegistry.get(type(block))
     except (ValueError, KeyError) as e:
-        raise ConfigError(f"cache: diffusers registers no block metadata for {type(block).__name__} ({e})") from e
+        if family is None or family.block_returns is None:
+            raise ConfigError(f"cache: diffusers registers no block metadata for {type(block).__name__} ({e})") from e
+    hidden, encoder = family.block_returns
+    TransformerBlockRegistry.register(model_class=type(block), metadata=TransformerBlockMetadata(
+        return_hidden_states_index=hidden, return_encoder_hidden_states_index=encoder))
+    return TransformerBlockRegistry.get(type(block))
 
 
 class _Replace(Exception):
@@ -66,7 +73,7 @@ class StackCache:
         self.blocks = chain_blocks(family, transformer)
         if not self.blocks:
             raise ConfigError(f"cache: the {family.name} transformer has no blocks")
-        self.meta = [block_metadata(b) for b in self.blocks]
+        self.meta = [block_metadata(b, family) for b in self.blocks]
         self.decide: Callable | None = None
         self.record: Callable | None = None
         self.blocks_run = 0
