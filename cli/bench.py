@@ -9,7 +9,7 @@ import typer
 
 from ditkit.formats.errors import ConfigError, QualityGateError
 
-from .options import (ConfigOpt, DeviceOpt, DtypeOpt, EmbeddingsOpt, FamilyOpt, ForceOpt, JsonOpt, LabelsOpt,
+from .options import (CompileModeOpt, CompileOpt, ConfigOpt, DeviceOpt, DtypeOpt, EmbeddingsOpt, FamilyOpt, ForceOpt, JsonOpt, LabelsOpt,
                       PromptOpt, PromptsFileOpt, SeedOpt, ThreadsOpt, parse_ints, read_prompts)
 from .run import Common, Run, log, run_op
 
@@ -38,6 +38,8 @@ def bench_cmd(
     max_fd_ratio: Annotated[Optional[float], typer.Option(
         help="Gate: variant judge FD / base judge FD <= R (needs a judge).")] = None,
     min_psnr: Annotated[Optional[float], typer.Option(help="Gate: PSNR of each variant's images vs the base's >= P dB.")] = None,
+    compile_: CompileOpt = False,
+    compile_mode: CompileModeOpt = "regional",
     threads: ThreadsOpt = None,
     device: DeviceOpt = "cpu",
     dtype: DtypeOpt = "fp32",
@@ -62,7 +64,7 @@ def bench_cmd(
                       prompts=read_prompts(prompt or [], prompts_file), seed=seed, quality_batch_size=quality_batch_size,
                       warmup=warmup, repeats=repeats, image_repeats=image_repeats, device=resolve_device(device),
                       dtype=dtype, min_speedup=min_speedup, max_accuracy_drop=max_accuracy_drop,
-                      max_fd_ratio=max_fd_ratio, min_psnr=min_psnr)
+                      max_fd_ratio=max_fd_ratio, min_psnr=min_psnr, compile=compile_, compile_mode=compile_mode)
     common = Common(family=family, config=config, dtype=dtype, force=force, json_=json_, threads=threads)
     run_op(common, partial(op, embeddings), cfg, name="bench", sources=models or [None], outputs=[plot],
            inputs=[prompts_file, embeddings], device=cfg.device, estimate=partial(estimate, cfg),

@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, field
 from ditkit.formats.errors import ConfigError, check_options, choice_error
 from ditkit.ops.config import OpConfig
 
+from ..compile import check_mode as check_compile_mode
 from ..runtime import resolve_device, resolve_dtype
 from ..sample import SAMPLERS
 
@@ -42,6 +43,8 @@ class BenchConfig(OpConfig):
     max_accuracy_drop: float | None = None
     max_fd_ratio: float | None = None
     min_psnr: float | None = None
+    compile: bool = False  # also time every model torch.compiled (ops.compile), interleaved with its eager calls
+    compile_mode: str = "regional"  # ops.compile.COMPILE_MODES
 
     def __post_init__(self):
         check_options(self)  # floats finite, seeds and counts in range (formats/errors.py)
@@ -62,6 +65,7 @@ class BenchConfig(OpConfig):
             if v is not None and (not math.isfinite(v) or v < 0):
                 raise ConfigError(f"--{name.replace('_', '-')} must be a finite number >= 0 (got {v})")
         resolve_dtype(self.dtype, resolve_device(self.device))
+        check_compile_mode(self.compile_mode)
 
     def gates(self) -> dict[str, float]:
         return {k: getattr(self, k) for k in GATES if getattr(self, k) is not None}
@@ -165,6 +169,7 @@ class BenchReport:
     models: list[dict]
     gates: list[dict]
     passed: bool
+    compile: dict | None = None  # --compile: per model, compile time and speedups compiled and not (ops/bench/compiled)
 
     def failed_gates(self) -> list[dict]:
         return [g for g in self.gates if not g["passed"]]
