@@ -138,8 +138,10 @@ def plan(bundle, mode: str = DEFAULT_MODE) -> tuple[Compiled | None, str | None]
     import torch._dynamo
 
     check_mode(mode)
+    from ditkit.formats.onnx_bundle import OnnxModule
+
     tr = bundle.transformer
-    if not isinstance(tr, nn.Module) or not any(True for _ in tr.parameters()):
+    if not isinstance(tr, nn.Module) or isinstance(tr, OnnxModule):
         return None, (f"the transformer is run by onnxruntime ({type(tr).__name__}), not PyTorch; torch.compile "
                       "applies to the PyTorch backend only")
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
@@ -150,7 +152,7 @@ def plan(bundle, mode: str = DEFAULT_MODE) -> tuple[Compiled | None, str | None]
     if mode == "full":
         return Compiled("full", [(tr, torch.compile(tr.forward, backend=BACKEND, dynamic=False))]), None
     fam = bundle.family
-    blocks = [b for st in fam.stacks for b in (getattr(tr, st.attr, None) or [])] or list(fam.blocks(tr))
+    blocks = [b for st in fam.stacks for b in (getattr(tr, st.attr, None) or [])]
     if not blocks:
         return None, f"the {fam.name} transformer has no block stack to compile regionally; use --compile-mode full"
     targets = [(b, _contiguous(torch.compile(b.forward, backend=BACKEND, dynamic=False))) for b in blocks]

@@ -75,12 +75,14 @@ def test_cache_policy_compiles_regionally_and_full_mode_says_why(bundle, one_thr
         bundle.manifest.pop("cache")
 
 
-def test_an_onnx_transformer_is_not_compiled_and_says_why(bundle):
-    class Fake:  # what plan() sees of an ONNX bundle: a transformer that is no torch module with weights
-        transformer = torch.nn.Module()
+def test_an_onnx_transformer_is_not_compiled_and_says_why(bundle, tmp_path):
+    from ditkit.formats.onnx_bundle import OnnxModule
+
+    class Onnx:  # what plan() sees of an ONNX bundle (ditkit export): its transformer is an onnxruntime session
+        transformer = OnnxModule.__new__(OnnxModule)
         family = bundle.family
         manifest = {}
-    compiled, why = plan(Fake(), "regional")
+    compiled, why = plan(Onnx(), "regional")
     assert compiled is None and "PyTorch backend only" in why
 
 
