@@ -86,7 +86,7 @@ def sections(r: dict) -> list[tuple[str, list[str], list[list[str]]]]:
 def compile_section(r: dict) -> tuple[str, list[str], list[list[str]]]:
     """--compile: per model and batch size, compile time, compiled vs eager step (and image) time, the speedups."""
     c = r["compile"]
-    cols = ["model", "batch", "compiled", "compile s", "graphs", "ms/step eager", "ms/step compiled",
+    cols = ["model", "batch", "compiled", "compile s", "graphs", "wall ms/step eager", "wall ms/step compiled",
             "compile speedup/step", "speedup/step eager", "speedup/step compiled", "compile speedup/image",
             "speedup/image eager", "speedup/image compiled", "max abs diff"]
     rows = []
