@@ -35,7 +35,7 @@ COMPILE_MODES: dict[str, str] = {
     "regional": "each repeated transformer block compiled on its own; one graph serves every block of a stack",
     "full": "the transformer's whole forward as one graph (compile time grows with the depth)",
 }
-DEFAULT_MODE = "regional"  # docs/benchmarks.md: on DiT-XL/2 it compiles several times faster than full, same speed
+DEFAULT_MODE = "regional"  # docs/benchmarks.md: DiT-XL/2 compiled in 24.9 s vs 66.7 s full, step within 2%
 BACKEND = "inductor"
 RECOMPILE_LIMIT = 64  # graphs per code object before dynamo falls back to eager (torch's default: 8); bench
 #                       compiles one per model width x input shape, which 8 does not cover for several variants
