@@ -9,7 +9,7 @@ import typer
 
 from ditkit.formats.errors import ConfigError, QualityGateError
 
-from .options import (ConfigOpt, DeviceOpt, DtypeOpt, EmbeddingsOpt, FamilyOpt, ForceOpt, JsonOpt, LabelsOpt,
+from .options import (CompileModeOpt, CompileOpt, ConfigOpt, DeviceOpt, DtypeOpt, EmbeddingsOpt, FamilyOpt, ForceOpt, JsonOpt, LabelsOpt,
                       PromptOpt, PromptsFileOpt, SeedOpt, ThreadsOpt, parse_ints, read_prompts)
 from .run import Common, Run, log, run_op
 
@@ -54,6 +54,8 @@ def bench_cmd(
     max_kid_ratio: Annotated[Optional[float], typer.Option(
         help="Gate: variant KID / base KID to --fid-reference <= R.")] = None,
     max_lpips: Annotated[Optional[float], typer.Option(help="Gate: each variant's LPIPS vs the base's images <= L.")] = None,
+    compile_: CompileOpt = False,
+    compile_mode: CompileModeOpt = "regional",
     threads: ThreadsOpt = None,
     device: DeviceOpt = "cpu",
     dtype: DtypeOpt = "fp32",
@@ -82,7 +84,8 @@ def bench_cmd(
                       max_fd_ratio=max_fd_ratio, min_psnr=min_psnr, metrics=parse_metrics(metric or []),
                       fid_reference=str(fid_reference) if fid_reference else None, min_clip=min_clip,
                       min_clip_ratio=min_clip_ratio, max_fid=max_fid, max_fid_ratio=max_fid_ratio, max_kid=max_kid,
-                      max_kid_ratio=max_kid_ratio, max_lpips=max_lpips)
+                      max_kid_ratio=max_kid_ratio, max_lpips=max_lpips,
+                      compile=compile_, compile_mode=compile_mode)
     common = Common(family=family, config=config, dtype=dtype, force=force, json_=json_, threads=threads)
     run_op(common, partial(op, embeddings), cfg, name="bench", sources=models or [None], outputs=[plot],
            inputs=[prompts_file, embeddings, fid_reference], device=cfg.device, estimate=partial(estimate, cfg),

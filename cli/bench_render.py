@@ -81,6 +81,8 @@ def sections(r: dict) -> list[tuple[str, list[str], list[list[str]]]]:
     if names:
         out.append(("quality metrics (--metric; ratio = model / base)", ["model"] + names,
                     [[m["name"]] + [_metric_cell(m["quality"], n) for n in names] for m in models]))
+    if r.get("compile"):
+        out.append(compile_section(r))
     if r["gates"]:
         out.append(("gates", ["gate", "model", "metric", "value", "threshold", "result"],
                     [[g["name"], g["model"], g["metric"], _f(g["value"], "{:g}", "n/a"), f"{g['threshold']:g}",
@@ -102,6 +104,28 @@ def _metric_cell(q: dict | None, name: str) -> str:
     v = ((q or {}).get("metrics") or {}).get(name)
     ratio = ((q or {}).get("metric_ratios") or {}).get(name)
     return _f(v, "{:.4g}") + ("" if ratio is None else f" ({ratio:.3f}x)")
+def compile_section(r: dict) -> tuple[str, list[str], list[list[str]]]:
+    """--compile: per model and batch size, compile time, compiled vs eager step (and image) time, the speedups."""
+    c = r["compile"]
+    cols = ["model", "batch", "compiled", "compile s", "graphs", "wall ms/step eager", "wall ms/step compiled",
+            "compile speedup/step", "speedup/step eager", "speedup/step compiled", "compile speedup/image",
+            "speedup/image eager", "speedup/image compiled", "max abs diff"]
+    rows = []
+    for m in c["models"]:
+        state = m["mode"] if m["compiled"] else "no: " + (m["reason"] or "")
+        if m["compiled"] and m["note"]:
+            state += f" ({m['note']})"
+        for i, row in enumerate(m["by_batch_size"]):
+            x = [_f(row.get(k), "{:.2f}x") for k in ("speedup_from_compile_per_step", "speedup_per_step_uncompiled",
+                                                     "speedup_per_step", "speedup_from_compile_per_image",
+                                                     "speedup_per_image_uncompiled", "speedup_per_image")]
+            rows.append([m["name"], str(row["batch_size"]), state if i == 0 else "",
+                         _f(m["compile_seconds"], "{:.1f}") if i == 0 else "", str(m["graphs"]) if i == 0 else "",
+                         _f(row["latency_ms_per_step_uncompiled"], "{:.3f}"), _f(row["latency_ms_per_step"], "{:.3f}"),
+                         *x, _f(m["max_abs_diff"], "{:.1e}") if i == 0 else ""])
+    title = (f"torch.compile ({c['backend']}, dynamic=False; compile s: first compiled calls, trace + build + one run; "
+             f"preflight {c['preflight_seconds']:.1f} s; graphs built while timing: {c['graphs_during_timing']})")
+    return title, cols, rows
 
 
 def print_tables(r: dict) -> None:

@@ -10,7 +10,7 @@ except ImportError:  # pragma: no cover - older typer uses click itself
     from click import exceptions as click_exceptions
 
 from ditkit.formats.atomic import SignalInterrupt, disk_full_error
-from ditkit.formats.errors import (ConfigError, DitkitError, FormatError, HardwareError, Interrupted,
+from ditkit.formats.errors import (CompileError, ConfigError, DitkitError, FormatError, HardwareError, Interrupted,
                                    OutputExistsError, QualityGateError, UnsupportedModelError)
 
 EXIT_OK = 0
@@ -26,6 +26,7 @@ EXIT_CODES: dict[type, int] = {
     UnsupportedModelError: EXIT_INPUT,
     OutputExistsError: EXIT_INPUT,
     HardwareError: EXIT_INPUT,
+    CompileError: EXIT_INPUT,  # --compile where torch.compile cannot build kernels (no C++ compiler): nothing written
     Interrupted: EXIT_INTERRUPTED,
     SignalInterrupt: EXIT_INTERRUPTED,  # SIGINT/SIGTERM outside a training loop: every cleanup ran
     KeyboardInterrupt: EXIT_INTERRUPTED,  # Ctrl-C outside a handler: atomic outputs were rolled back

@@ -10,8 +10,8 @@ import typer
 from ditkit.formats.errors import ConfigError
 
 from . import output
-from .options import (ConfigOpt, DeviceOpt, DtypeOpt, EmbeddingsOpt, FamilyOpt, ForceOpt, JsonOpt, LabelsOpt,
-                      ModelArg, OutOpt, PromptOpt, PromptsFileOpt, SeedOpt, ThreadsOpt, parse_ints, read_prompts)
+from .options import (CompileModeOpt, CompileOpt, ConfigOpt, DeviceOpt, DtypeOpt, EmbeddingsOpt, FamilyOpt, ForceOpt,
+                      JsonOpt, LabelsOpt, ModelArg, OutOpt, PromptOpt, PromptsFileOpt, SeedOpt, ThreadsOpt, parse_ints, read_prompts)
 from .run import Common, Run, log, run_op
 
 
@@ -41,6 +41,8 @@ def generate_cmd(
                                            "(ditkit cache): run every block at every step.")] = False,
     no_feedback: Annotated[bool, typer.Option("--no-feedback", help="Ignore the model's feedback module (distill "
                                               "--mode feedback): run every block at every step.")] = False,
+    compile_: CompileOpt = False,
+    compile_mode: CompileModeOpt = "regional",
     family: FamilyOpt = None,
     config: ConfigOpt = None,
     threads: ThreadsOpt = None,
@@ -54,7 +56,8 @@ def generate_cmd(
     cfg = GenerateConfig(labels=parse_ints(labels, "--labels"), prompts=read_prompts(prompt or [], prompts_file),
                          num_images=num_images, steps=steps, sampler=sampler, guidance=guidance, seed=seed,
                          batch_size=batch_size, height=height, width=width, device=resolve_device(device), dtype=dtype,
-                         backend=backend, cache=not no_cache, feedback=not no_feedback)
+                         backend=backend, cache=not no_cache, feedback=not no_feedback,
+                         compile=compile_, compile_mode=compile_mode)
     common = Common(src, family=family, config=config, device=cfg.device, dtype=dtype, force=force, json_=json_,
                     threads=threads)
     run_op(common, partial(op, lora or [], lora_scale or [], embeddings), cfg, name="generate", outputs=[out],

@@ -33,6 +33,14 @@ ThreadsOpt = Annotated[Optional[int], typer.Option(
     "--threads", help="CPU threads for torch (default: torch's own, one per core; on a busy machine --threads 1 is "
                       "often several times faster, and bench and prune then time CPU time; keep it for --resume).")]
 
+# -- torch.compile (generate, bench): ops/compile.py; docs/generate.md#compile ---------------------------------------
+CompileOpt = Annotated[bool, typer.Option(
+    "--compile", help="torch.compile (inductor) the transformer, PyTorch backend, CPU or CUDA; the first call compiles "
+                      "(seconds to minutes). Exit 2 when no kernel can be built here (no C++ compiler).")]
+CompileModeOpt = Annotated[str, typer.Option(
+    "--compile-mode", help="regional: each repeated block compiled once for all (fast to compile); full: the whole "
+                           "transformer as one graph.")]
+
 # -- prompt options (generate, bench) ------------------------------------------------------------------------
 LabelsOpt = Annotated[Optional[str], typer.Option(help="Class ids, comma-separated (dit), e.g. 3,7.")]
 PromptOpt = Annotated[Optional[list[str]], typer.Option(help="A prompt (repeatable; text families).")]

@@ -186,6 +186,8 @@ def run_op(common: Common, op: Callable, cfg, *, name: str, title: str | Callabl
     output, but they may exist; prepare() (rank 0, after the memory check, before loading) applies their policy.
     `lineage` False: no parent record is taken (bench reads many checkpoints and writes none).
     """
+    if distributed:  # under a launcher with --device cuda: this rank's GPU (cuda:LOCAL_RANK) is the current device
+        _use_rank_device(device)
     one = sources is None  # the op gets the one bundle of common.src, or the list of `sources`
     sources = [common.src] if one else list(sources)
     dtype = torch_dtype(common.dtype, device)
@@ -228,6 +230,12 @@ def run_op(common: Common, op: Callable, cfg, *, name: str, title: str | Callabl
     if gate is not None:
         gate(report)
     return doc
+
+
+def _use_rank_device(device: str) -> None:
+    from ditkit.ops.distributed import use_rank_device
+
+    use_rank_device(device)
 
 
 def _process_group(distributed: bool, device: str):

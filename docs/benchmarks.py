@@ -83,6 +83,17 @@ CPU_RUNS = [
     ("dit-xl-2-256-variants", "DiT-XL/2 256px, random weights, and its variants",
      "Speed and memory only: depth 0.5 and width 0.3 pruning, int8-dynamic, ONNX. Batch 1, 3 timed rounds.",
      ["{cache}/dit-xl-2-256", *(V + n for n in ("xl-depth50", "xl-width30", "xl-int8", "xl-onnx")), *XL_CPU]),
+    ("tiny-digits-compile", "torch.compile on CPU: tiny-digits and its variants",
+     "Every model eager and compiled (`--compile`, regional), interleaved in one run: pruned, quantized, ONNX, "
+     "step caching and feedback. Speed only (--num-images 0).",
+     ["tiny-digits", *(V + n for n in ("td-depth50", "td-int8", "td-nf4", "td-onnx", "td-cache15", "td-feedback")),
+      "--compile", "--num-images", "0", "--batch-sizes", "1"]),
+    ("dit-xl-2-256-compile", "torch.compile on CPU: DiT-XL/2 256px, regional",
+     "The base and its depth-0.5 variant, eager and compiled regionally (the default). Batch 1, 3 timed rounds.",
+     ["{cache}/dit-xl-2-256", V + "xl-depth50", "--compile", *XL_CPU]),
+    ("dit-xl-2-256-compile-full", "torch.compile on CPU: DiT-XL/2 256px, full graph",
+     "The same, compiled as one graph per model (`--compile-mode full`).",
+     ["{cache}/dit-xl-2-256", V + "xl-depth50", "--compile", "--compile-mode", "full", *XL_CPU]),
     ("pixart-alpha-512", "PixArt-alpha 512px, random weights (bare transformer)",
      f"Conditioned on random T5-shaped embeddings of {PIXART_TOKENS} tokens (PixArt-alpha's prompt length). "
      "CPU: batch 1 only, one FLOP-count call then 3 timed rounds.",

@@ -22,6 +22,11 @@ class HardwareError(DitkitError):
     """The requested scheme or device needs hardware this machine does not have."""
 
 
+class CompileError(DitkitError):
+    """--compile: torch.compile cannot build kernels on this machine (no C++ compiler for inductor on CPU, no Triton
+    on CUDA). A single model that cannot be compiled is not this error: it is reported and runs eager."""
+
+
 class QualityGateError(DitkitError):
     """A quality or speed gate failed (bench gates, export parity)."""
 

@@ -44,13 +44,18 @@ class FeedbackRunner:
 
     @contextmanager
     def hooked(self):
-        for i, b in enumerate(self.blocks[: self.j + 1]):
+        blocks = self.blocks[: self.j + 1]
+        saved = [b.__dict__.get("forward") for b in blocks]  # a compiled forward (ops.compile)
+        for i, b in enumerate(blocks):
             b.forward = self._wrap(i, b.forward)
         try:
             yield self
         finally:
-            for b in self.blocks[: self.j + 1]:
-                del b.forward  # back to the class's forward
+            for b, prev in zip(blocks, saved):
+                if prev is None:
+                    del b.forward  # back to the class's forward
+                else:
+                    b.forward = prev
 
     def _partial(self, h, e, args, kwargs):
         """Block 0 at a partial step: the predicted output of block j (and the text stream, two-stream)."""

@@ -3,12 +3,14 @@ from __future__ import annotations
 
 from typing import ClassVar
 
+import contextlib
 import re
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 import numpy as np
+import torch
 
 from ditkit.formats.errors import ConfigError, check_options, choice_error
 from ditkit.formats.onnx_bundle import BACKENDS, resolve_backend
@@ -16,8 +18,9 @@ from ditkit.ops.config import OpConfig
 
 from . import distributed
 from .accelerators import step_predictor
+from .compile import check_mode as check_compile_mode
 from .geometry import conditions, latent_hw, settings, vae_scale
-from .runtime import resolve_device, resolve_dtype
+from .runtime import resolve_device, resolve_dtype, sync
 from .sample import SAMPLERS, decode, denoise, image_noise, make_scheduler, padded
 
 
@@ -40,6 +43,8 @@ class GenerateConfig(OpConfig):
     backend: str | None = None  # "pytorch" or "onnxruntime"; default: the bundle's own (ONNX bundles: onnxruntime)
     cache: bool = True  # apply the bundle's step-caching policy (ditkit cache) where it fits the run
     feedback: bool = True  # apply the bundle's feedback module (distill --mode feedback) where it fits the run
+    compile: bool = False  # torch.compile the transformer (ops.compile; the PyTorch backend)
+    compile_mode: str = "regional"  # ops.compile.COMPILE_MODES; regional compiles one graph for every block
 
     def __post_init__(self):
         check_options(self)  # floats finite, seeds and counts in range (formats/errors.py)
@@ -55,6 +60,7 @@ class GenerateConfig(OpConfig):
             raise choice_error("sampler", self.sampler, SAMPLERS)
         if self.backend is not None and self.backend not in BACKENDS:
             raise choice_error("backend", self.backend, BACKENDS)
+        check_compile_mode(self.compile_mode)
         for name in ("height", "width"):
             v = getattr(self, name)
             if v is not None and (v < 8 or v % 8):
@@ -86,6 +92,7 @@ class GenerateReport:
     judge: dict | None = None
     cache: dict | None = None  # the step-caching policy applied (ops.cache), when the bundle has one
     feedback: dict | None = None  # the feedback schedule applied (ops.feedback), when the bundle has one
+    compile: dict | None = None  # --compile: applied or why not, the warm-up's seconds and graphs (ops.compile)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -119,21 +126,35 @@ def generate(bundle, cfg: GenerateConfig, embeddings=None,
     rank, size = distributed.world()
     mine = distributed.shard(list(range(n)), rank, size)
     make_predict, notes = step_predictor(bundle, sampler, steps, guidance, cache=cfg.cache, feedback=cfg.feedback)
-    t0 = time.perf_counter()
-    out: dict[int, np.ndarray] = {}
     batch = padded(cfg.batch_size)  # a multiple of the sampler's quantum: pixels never depend on it
-    for start in range(0, len(mine), batch):
-        idx = mine[start:start + batch]
+
+    def latents(idx: list[int], n_steps: int) -> torch.Tensor:
         run = idx + idx[-1:] * (padded(len(idx)) - len(idx))  # the last batch padded with a repeat
         rows = [row_of[i] for i in run]
         noise = image_noise(cfg.seed, run, shape).to(device)
-        lat = denoise(fam, tr, make_scheduler(fam, bundle.scheduler, sampler), noise, _rows(cond, rows, dtype),
-                      _rows(uncond, rows, dtype) if use_cfg else None, guidance, steps,
-                      predict=make_predict() if make_predict else None)
-        imgs = decode(bundle.vae, lat[:len(idx)])
-        out.update(zip(idx, imgs))
-        if progress is not None:
-            progress(len(idx))
+        return denoise(fam, tr, make_scheduler(fam, bundle.scheduler, sampler), noise, _rows(cond, rows, dtype),
+                       _rows(uncond, rows, dtype) if use_cfg else None, guidance, n_steps,
+                       predict=make_predict() if make_predict else None)[:len(idx)]
+
+    compiled = None
+    if cfg.compile:  # compiled, then warmed up on the first batch (one step): `seconds` is the steady state
+        from .compile import compile_for_run, graph_count
+
+        first = (lambda: latents(mine[:batch], 1)) if mine else None
+        compiled, notes["compile"] = compile_for_run(bundle, cfg.compile_mode, device, backend, first,
+                                                     lambda: sync(device))
+        graphs = graph_count()
+    t0 = time.perf_counter()
+    out: dict[int, np.ndarray] = {}
+    with compiled.active() if compiled is not None else contextlib.nullcontext():
+        for start in range(0, len(mine), batch):
+            idx = mine[start:start + batch]
+            imgs = decode(bundle.vae, latents(idx, steps))
+            out.update(zip(idx, imgs))
+            if progress is not None:
+                progress(len(idx))
+    if compiled is not None:  # a graph per new shape (a smaller last batch); never one per step
+        notes["compile"]["graphs_after_warmup"] = graph_count() - graphs
     seconds = time.perf_counter() - t0
     parts = distributed.gather(out, rank, size)
     images = None

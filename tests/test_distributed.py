@@ -58,3 +58,23 @@ def variant_dir(tiny_dir, tmp_path_factory):
     from test_bench import write_variant
 
     return write_variant(tiny_dir("dit"), tmp_path_factory.mktemp("variant") / "dit-perturbed")
+
+
+def test_each_rank_takes_the_gpu_of_its_local_rank():
+    """--device cuda under a launcher: rank r of a node runs on cuda:LOCAL_RANK (NCCL refuses two ranks on one GPU);
+    the choice is a pure function of the launcher's environment, checked here without a GPU."""
+    from ditkit.formats.errors import ConfigError, HardwareError
+    from ditkit.ops.distributed import rank_device
+
+    two = lambda local, rank=None: {"WORLD_SIZE": "2", "LOCAL_RANK": str(local), "RANK": str(local if rank is None
+                                                                                             else rank)}
+    assert rank_device("cuda", two(0), device_count=2) == "cuda:0"
+    assert rank_device("cuda", two(1), device_count=2) == "cuda:1"
+    assert rank_device("cuda", two(1, rank=3), device_count=2) == "cuda:1"  # node 2 of 2: LOCAL_RANK, not RANK
+    assert rank_device("cpu", two(1)) == "cpu"  # gloo on CPU: no device to choose
+    assert rank_device("cuda:3", {}) == "cuda:3"  # one process: the device as given
+    assert rank_device("cuda", {"WORLD_SIZE": "1"}) == "cuda"
+    with pytest.raises(ConfigError, match="--device cuda:1 under a launcher"):
+        rank_device("cuda:1", two(0), device_count=2)
+    with pytest.raises(HardwareError, match="LOCAL_RANK 2 has no GPU"):
+        rank_device("cuda", two(2), device_count=2)

@@ -20,6 +20,7 @@ from ..info import count_params
 from ..metrics import MatmulProbe, memory_method, module_bytes, peak_growth, psnr, ssim
 from ..runtime import resolve_device, resolve_dtype
 from ..timing import Timer, interleaved, median, p90, paired_ratio, speedup_basis
+from .compiled import SUFFIX, CompiledCalls, graph_count
 from .gates import _check_gates, _gates
 from .kernels import kernels
 from .report import BatchResult, BenchConfig, BenchReport, ModelResult, Quality
@@ -87,14 +88,27 @@ def bench(bundles: list, cfg: BenchConfig, embeddings=None,
     steps = {(s.name, b): s.step_call(b) for s in subjects for b in cfg.batch_sizes}
     flops = {key: call_flops(fn) for key, fn in steps.items()}
 
+    # 3b. --compile: each model that compiles gets compiled twins of its calls, warmed up here (ops/bench/compiled.py)
+    imaging = [s for s in subjects if s.makes_images and cfg.image_repeats]
+    calls = {(s.name, b): s.image_call(b) for s in imaging for b in cfg.batch_sizes}
+    names = [s.name for s in subjects]
+    step_calls, image_calls = dict(steps), dict(calls)
+    comp = None
+    if cfg.compile:
+        comp = CompiledCalls(subjects, cfg.compile_mode, device, log)
+        step_calls.update(comp.twins(steps))
+        image_calls.update(comp.twins(calls))
+        comp.parity(steps, cfg.batch_sizes[0])
+        names += [s.name + SUFFIX for s in subjects if s.name in comp.compiled]
+        graphs = graph_count()
+
     # 4. Per-step latency: interleaved rounds, alternating the order (A B, B A, ...).
-    step_ms, step_cpu = _interleave(subjects, cfg.batch_sizes, steps, cfg.warmup, cfg.repeats, timer, log,
+    step_ms, step_cpu = _interleave(names, cfg.batch_sizes, step_calls, cfg.warmup, cfg.repeats, timer, log,
                                     "per-step", target_ms=STEP_SAMPLE_MS, probe=probe)
 
     # 5. End-to-end latency per image at each model's own sampler and steps.
-    imaging = [s for s in subjects if s.makes_images and cfg.image_repeats]
-    calls = {(s.name, b): s.image_call(b) for s in imaging for b in cfg.batch_sizes}
-    image_ms, image_cpu = _interleave(imaging, cfg.batch_sizes, calls, 1, cfg.image_repeats, timer, log,
+    image_names = [n for n in names if (n, cfg.batch_sizes[0]) in image_calls]
+    image_ms, image_cpu = _interleave(image_names, cfg.batch_sizes, image_calls, 1, cfg.image_repeats, timer, log,
                                       "end-to-end", probe=probe)
     peak = probe.peak
     # speedups: CPU time with one thread (= wall time on an idle core, and immune to other jobs on the
@@ -160,6 +174,14 @@ def bench(bundles: list, cfg: BenchConfig, embeddings=None,
         warnings.append("a model ran above the measured matmul peak (MFU > 1): the load on this machine changed "
                         "during the run, so its MFU figures are not meaningful")
         log(f"warning: {warnings[-1]}")
+    compile_entry = None
+    if comp is not None:
+        compile_entry = comp.entry(subjects, cfg.batch_sizes, step_basis, step_ms, image_basis, image_ms,
+                                   graph_count() - graphs)
+        if compile_entry["graphs_during_timing"]:
+            warnings.append(f"torch.compile built {compile_entry['graphs_during_timing']} graph(s) during the timed "
+                            "rounds (a recompile): compiled latencies include compile time")
+            log(f"warning: {warnings[-1]}")
     gates = _gates(cfg, results)
     report = BenchReport(
         device=device, device_name=_device_name(device), dtype=cfg.dtype, torch=torch.__version__,
@@ -175,18 +197,19 @@ def bench(bundles: list, cfg: BenchConfig, embeddings=None,
                 "peak_probe": f"best of {probe.samples} matmuls: a burst before timing, then one per round",
                 "per_step": "one transformer call on the rows a sampler step needs: 2 x batch with CFG",
                 "per_image": "denoise + VAE decode of a batch at the model's own sampler and steps, / batch"},
-        config=cfg.to_dict(), models=results, gates=[asdict(g) for g in gates], passed=all(g.passed for g in gates))
+        config=cfg.to_dict(), models=results, gates=[asdict(g) for g in gates], passed=all(g.passed for g in gates),
+        compile=compile_entry)
     return bundles, report
 
 
-def _interleave(subjects, batch_sizes, calls, warmup, repeats, timer, log, what, target_ms=0.0,
+def _interleave(names, batch_sizes, calls, warmup, repeats, timer, log, what, target_ms=0.0,
                 probe=None) -> tuple[dict, dict]:
     """ops.timing.interleaved over every (model, batch size): the model order alternates (A B, then B A), batch
     sizes keep theirs, and the matmul probe runs once per round."""
     def on_round(r):
         if r == 0 or r == warmup:
             log(f"{what}: {'timing' if r >= warmup else 'warming up'} ({warmup} warm-up + {repeats} rounds)")
-    groups = [[(s.name, b) for b in batch_sizes] for s in subjects]
+    groups = [[(n, b) for b in batch_sizes] for n in names]
     return interleaved(calls, repeats, warmup, timer=timer, groups=groups, target_ms=target_ms, on_round=on_round,
                        after_round=None if probe is None else lambda: probe.record(timer(probe)))
 

@@ -10,6 +10,7 @@ from ditkit.formats.errors import ConfigError, check_options, choice_error
 from ditkit.ops.config import OpConfig
 
 from ..image_metrics import METRIC_GATES, check_metrics
+from ..compile import check_mode as check_compile_mode
 from ..runtime import resolve_device, resolve_dtype
 from ..sample import SAMPLERS
 
@@ -53,6 +54,8 @@ class BenchConfig(OpConfig):
     max_kid: float | None = None
     max_kid_ratio: float | None = None
     max_lpips: float | None = None
+    compile: bool = False  # also time every model torch.compiled (ops.compile), interleaved with its eager calls
+    compile_mode: str = "regional"  # ops.compile.COMPILE_MODES
 
     def __post_init__(self):
         check_options(self)  # floats finite, seeds and counts in range (formats/errors.py)
@@ -85,6 +88,7 @@ class BenchConfig(OpConfig):
                 raise ConfigError(f"--{gate.replace('_', '-')} divides by the base's {metric} to the reference, "
                                   f"which is 0 for FID/KID to base: give --fid-reference DIR, or gate with "
                                   f"--max-{metric} instead")
+        check_compile_mode(self.compile_mode)
 
     def gates(self) -> dict[str, float]:
         return {k: getattr(self, k) for k in GATES if getattr(self, k) is not None}
@@ -190,6 +194,7 @@ class BenchReport:
     models: list[dict]
     gates: list[dict]
     passed: bool
+    compile: dict | None = None  # --compile: per model, compile time and speedups compiled and not (ops/bench/compiled)
 
     def failed_gates(self) -> list[dict]:
         return [g for g in self.gates if not g["passed"]]

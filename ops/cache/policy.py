@@ -66,13 +66,17 @@ class BlockCache:
     @contextmanager
     def hooked(self):
         """Every block runs through `_run` while inside (instance-level forward wrappers, removed after)."""
+        saved = [block.__dict__.get("forward") for block in self.blocks]  # a compiled forward (ops.compile)
         for i, block in enumerate(self.blocks):
             block.forward = self._wrap(i, block.forward)
         try:
             yield self
         finally:
-            for block in self.blocks:
-                del block.forward  # back to the class's forward
+            for block, prev in zip(self.blocks, saved):
+                if prev is None:
+                    del block.forward  # back to the class's forward
+                else:
+                    block.forward = prev
 
     def _wrap(self, i, orig):
         def forward(*args, **kwargs):
