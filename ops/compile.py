@@ -85,6 +85,9 @@ def graph_breaks() -> int:
     return int(sum(counters["graph_break"].values()))
 
 
+COMPILED_FLAG = "_ditkit_compiled"  # set on a module while its compiled forward is installed
+
+
 def _contiguous(compiled: Callable) -> Callable:
     """`compiled` with its tensor arguments made contiguous (a no-op for most): block 0's hidden states are a
     transposed view and the sampler's timestep an expanded one, and dynamo guards on strides."""
@@ -110,10 +113,12 @@ class Compiled:
         saved = [m.__dict__.get("forward") for m, _ in self.targets]
         for m, fwd in self.targets:
             m.forward = fwd
+            m.__dict__[COMPILED_FLAG] = True  # ops.sample.row_floor leaves compiled regions alone
         try:
             yield self
         finally:
             for (m, _), prev in zip(self.targets, saved):
+                m.__dict__.pop(COMPILED_FLAG, None)
                 if prev is None:
                     m.__dict__.pop("forward", None)
                 else:

@@ -12,7 +12,7 @@ always decodes exactly BATCH_QUANTUM latents per call; per-row results are then 
 layers (timestep, class and pooled-text embeddings, adaLN modulation) multiply only one row per image, and
 MKL takes another code path for few rows (measured: fewer than 16 rows on an AVX512 Xeon, fewer than 12 on
 an AVX2 EPYC), so on CPU every linear layer sees at least MIN_ROWS rows (`row_floor`: its input padded with
-a repeated row, the output cut back). oneDNN's convolutions also
+a repeated row, the output cut back; not inside torch.compile'd regions, which run their own kernels). oneDNN's convolutions also
 change with the thread count (a launcher gives each process one thread), so on CPU the VAE runs
 PyTorch's own convolution (about 1.3x slower for tiny-digits' VAE, which runs once per image, not per
 step): one process and `torchrun --nproc_per_node 2` then write the same pixels.
@@ -107,8 +107,11 @@ class row_floor:
     def __enter__(self):
         p = next(self.model.parameters(), None) if isinstance(self.model, torch.nn.Module) else None
         if p is not None and p.device.type == "cpu":
+            # a compiled region (ops/compile.py) runs inductor's kernels, and a hook added or removed there
+            # would recompile it: its layers are left alone
+            compiled = {id(s) for m in self.model.modules() if m.__dict__.get("_ditkit_compiled") for s in m.modules()}
             for m in self.model.modules():
-                if type(m) is torch.nn.Linear:
+                if type(m) is torch.nn.Linear and id(m) not in compiled:
                     self.handles[m] = (m.register_forward_pre_hook(self._pad), m.register_forward_hook(self._cut))
         return self
 
