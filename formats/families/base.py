@@ -82,6 +82,11 @@ class Family:
         determine it (a single .safetensors file then needs --config)."""
         return None
 
+    def config_from_original(self, shapes: dict[str, tuple]) -> dict | None:
+        """The transformer config read from the shapes of a state dict in the authors' key layout
+        (original_layout), or None when the shapes do not decide it (a GGUF file then needs --config)."""
+        return None
+
     # -- structure -----------------------------------------------------------------------------
     def blocks(self, transformer: nn.Module) -> nn.ModuleList:
         return getattr(transformer, self.blocks_attr)
