@@ -174,9 +174,10 @@ def test_diffusers_from_single_file_loads_ditkit_gguf(cli, tmp_path, monkeypatch
 
     ref, got = outputs(get_family(family), tr, theirs)
     _, mine = outputs(get_family(family), tr, load_bundle(out).transformer)
-    print(family, quant, "reported", rep["sqnr_db"], "diffusers", sqnr(ref, got), "diffusers vs ditkit", sqnr(mine, got))
-    # diffusers' dequantization runs in fp16 arithmetic: within 2 dB of the figure ditkit reported
-    assert sqnr(ref, got) >= rep["sqnr_db"] - 2.0, (sqnr(ref, got), rep["sqnr_db"])
+    # measured: diffusers' output within 0.05 dB of the figure ditkit reported, and 79-97 dB from ditkit's own
+    # reading of the file (diffusers dequantizes through fp16)
+    assert abs(sqnr(ref, got) - rep["sqnr_db"]) <= 0.5, (sqnr(ref, got), rep["sqnr_db"])
+    assert sqnr(mine, got) >= 70.0
 
 
 def test_info_reads_an_independent_gguf(cli, tmp_path):
