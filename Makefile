@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	if ! command -v nvidia-smi >/dev/null 2>&1; then $(BIN)/python -m pip install -q "torch==2.13.0"; fi
-	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m pip install -q -e ".[dev,peers]"  # peers: bench --peer (torchao, optimum-quanto), tested in CI
 	$(BIN)/python -m pip install -q --no-deps "torch-fidelity>=0.3,<0.5"  # see pyproject.toml: not torchvision
 	touch $@
 

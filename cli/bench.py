@@ -18,6 +18,10 @@ def bench_cmd(
     models: Annotated[Optional[list[str]], typer.Argument(
         help="BASE then VARIANTs: pipeline or bare transformer directories, .safetensors/.pt files, or an "
              "embedded model name (default: tiny-digits).", show_default=False)] = None,
+    peer: Annotated[Optional[list[str]], typer.Option(
+        help="Also bench BASE quantized in-process by another library (repeatable): torchao-int8-dynamic, "
+             "torchao-int8-weight-only, torchao-int4-weight-only, quanto-qint8, quanto-qfloat8, gguf-Q8_0, "
+             "gguf-Q4_K (ditkit.ops.peers).", show_default=False)] = None,
     batch_sizes: Annotated[str, typer.Option(help="Batch sizes, e.g. 1,8; the first is the headline.")] = "1",
     steps: Annotated[Optional[int], typer.Option(help="End-to-end steps for every model (default: each its own).")] = None,
     sampler: Annotated[Optional[str], typer.Option(help="Sampler for every model (default: each its own).")] = None,
@@ -74,6 +78,13 @@ def bench_cmd(
     from ditkit.ops.image_metrics import parse_metrics
     from ditkit.ops.runtime import resolve_device
 
+    if peer:
+        from ditkit.formats.errors import choice_error
+        from ditkit.ops.peers import PEERS
+
+        bad = next((p for p in peer if p not in PEERS), None)
+        if bad is not None:
+            raise choice_error("--peer", bad, PEERS)
     if json_ and markdown:
         raise ConfigError("--json and --markdown both print the report on stdout; choose one")
     cfg = BenchConfig(batch_sizes=parse_ints(batch_sizes, "--batch-sizes") or [], steps=steps, sampler=sampler,
@@ -87,7 +98,7 @@ def bench_cmd(
                       max_kid_ratio=max_kid_ratio, max_lpips=max_lpips,
                       compile=compile_, compile_mode=compile_mode)
     common = Common(family=family, config=config, dtype=dtype, force=force, json_=json_, threads=threads)
-    run_op(common, partial(op, embeddings), cfg, name="bench", sources=models or [None], outputs=[plot],
+    run_op(common, partial(op, embeddings, peer or []), cfg, name="bench", sources=models or [None], outputs=[plot],
            inputs=[prompts_file, embeddings, fid_reference], device=cfg.device, estimate=partial(estimate, cfg),
            write=partial(write, plot), show=partial(show, markdown), gate=gate, distributed=True, lineage=False)
 
@@ -100,9 +111,14 @@ def estimate(cfg, bundles):
     return memory.inference_estimate("bench", bundles, biggest)
 
 
-def op(embeddings: Path | None, bundles: list, cfg):
+def op(embeddings: Path | None, peers: list[str], bundles: list, cfg):
     from ditkit.formats.embeddings import load_embeddings
     from ditkit.ops.bench import bench
+    from ditkit.ops.peers import peer_bundle
+
+    if peers:
+        log(f"peers: quantizing {bundles[0].name} in-process ({', '.join(peers)})")
+        bundles = [*bundles, *(peer_bundle(bundles[0], p) for p in peers)]
 
     return bench(bundles, cfg, load_embeddings(embeddings) if embeddings else None, log=log)
 

@@ -26,6 +26,7 @@ class Bundle:
     kind: str = "pipeline"
     judge: Any = None
     feedback: Any = None  # ditkit.nn.feedback.Feedback (distill --mode feedback): module + schedule, in feedback/
+    label: str | None = None  # a name for a bundle with no path (bench's in-process peers)
     _digest: dict | None = field(default=None, init=False, repr=False, compare=False)  # parent_record's verified sha256
 
     @property
@@ -38,7 +39,7 @@ class Bundle:
 
     @property
     def name(self) -> str:
-        return self.path.name if self.path else "<memory>"
+        return self.label or (self.path.name if self.path else "<memory>")
 
     def defaults(self) -> dict:
         """Sampling defaults: the bundle's own (manifest), else its family's."""

@@ -18,7 +18,8 @@ Metadata: general.architecture, general.quantization_version, general.file_type,
 ditkit.family, ditkit.layout, ditkit.config (the diffusers config.json, JSON) and ditkit.manifest (JSON).
 
 Reading (read_gguf -> (family, config, state), formats/layouts/gguf.py -> Bundle): tensors dequantized to float
-with `gguf.quants.dequantize`, mapped back to diffusers keys, the model built from ditkit.config or --config.
+with `gguf.quants.dequantize`, mapped back to diffusers keys, the model built from --config, else ditkit.config, else
+the family's config_from_original (Flux, SD3: the tensor shapes, where they decide the architecture).
 """
 from __future__ import annotations
 
@@ -262,16 +263,27 @@ def read_gguf(path: os.PathLike, family: str | None = None, config: dict | None 
         raise ConfigError(f"{path}: GGUF architecture {meta['general.architecture']!r} is not a ditkit family; "
                           f"pass --family ({', '.join(FAMILIES)})")
     fam = get_family(fam).name
+    meta["config_from"] = "--config" if config is not None else None
     if config is None and meta["ditkit.config"]:
+        meta["config_from"] = "ditkit.config"
         try:
             config = json.loads(meta["ditkit.config"])
         except json.JSONDecodeError:
             raise FormatError(f"{path}: its ditkit.config metadata is not JSON; pass --config")
-    if config is None:
-        raise ConfigError(f"{path}: this GGUF carries no ditkit config, and the {fam} architecture is not read "
-                          "from its tensors; pass --config config.json")
-    state = raw
     orig = original_keys.has_original_layout(fam) and not any(k.startswith("transformer_blocks.") for k in raw)
+    if config is None:  # a GGUF another tool wrote: the architecture from the tensor shapes, where they decide it
+        family_ = get_family(fam)
+        if orig:
+            shapes = {(k[len(original_keys.PREFIX):] if k.startswith(original_keys.PREFIX) else k): tuple(v.shape)
+                      for k, v in raw.items()}
+            config = family_.config_from_original(shapes)
+        else:
+            config = family_.config_from_state(raw)
+        meta["config_from"] = "tensor shapes" if config is not None else None
+    if config is None:
+        raise ConfigError(f"{path}: this GGUF carries no ditkit config, and its tensor shapes do not decide the {fam} "
+                          "architecture (the head split of the width); pass --config config.json")
+    state = raw
     if orig:
         state = original_keys.from_original(fam, raw, _shapes(fam, config, path))
     return fam, config, state, meta

@@ -170,9 +170,14 @@ def test_diffusers_from_single_file_loads_ditkit_gguf(cli, tmp_path, monkeypatch
         monkeypatch.setitem(single_file_model.SINGLE_FILE_LOADABLE_CLASSES, cls.__name__, entry)
     theirs = cls.from_single_file(str(out), quantization_config=GGUFQuantizationConfig(compute_dtype=torch.float32),
                                   config=str(src), torch_dtype=torch.float32)
+    from ditkit.formats.layouts import load_bundle
+
     ref, got = outputs(get_family(family), tr, theirs)
-    # diffusers' dequantization runs in fp16 arithmetic: within 2 dB of the figure ditkit reported
-    assert sqnr(ref, got) >= rep["sqnr_db"] - 2.0, (sqnr(ref, got), rep["sqnr_db"])
+    _, mine = outputs(get_family(family), tr, load_bundle(out).transformer)
+    # measured: diffusers' output within 0.05 dB of the figure ditkit reported, and 79-97 dB from ditkit's own
+    # reading of the file (diffusers dequantizes through fp16)
+    assert abs(sqnr(ref, got) - rep["sqnr_db"]) <= 0.5, (sqnr(ref, got), rep["sqnr_db"])
+    assert sqnr(mine, got) >= 70.0
 
 
 def test_info_reads_an_independent_gguf(cli, tmp_path):
@@ -192,6 +197,51 @@ def test_info_reads_an_independent_gguf(cli, tmp_path):
     assert r.json()["family"] == "sd3" and r.json()["params"] == sum(p.numel() for p in tr.parameters())
     r = cli("info", path)
     assert r.code == 2 and r.error_line.startswith("Error: ") and "--config" in r.error_line
+
+
+def _independent_gguf(path, family, tr, quant="Q8_0"):
+    """A GGUF written by the gguf package alone (no ditkit metadata), as city96's convert script writes one:
+    the authors' keys, 2-D weights quantized by gguf.quants, the rest F32."""
+    import gguf
+
+    qt = gguf.GGMLQuantizationType[quant]
+    w = gguf.GGUFWriter(str(path), arch=family)
+    for k, v in original_keys.to_original(family, tr.state_dict()).items():
+        arr = v.detach().float().numpy()
+        if arr.ndim == 2 and arr.shape[1] % 32 == 0 and arr.size > 1024:
+            w.add_tensor(k, gguf.quants.quantize(arr, qt), raw_dtype=qt)
+        else:
+            w.add_tensor(k, arr)
+    w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
+
+
+@pytest.mark.parametrize("family", ("sd3", "flux"))
+def test_info_reads_the_architecture_from_tensor_shapes(cli, tmp_path, family):
+    """No ditkit metadata and no --config: Flux with head dimension 128 and SD3 with Stability's width rule
+    (64 x depth) are decided by their tensor shapes; the model built from them runs like the source."""
+    from ditkit.formats.families import get_family
+    from ditkit.formats.layouts import load_bundle
+
+    if family == "sd3":  # width 128 = 64 x 2 blocks: Stability's rule
+        torch.manual_seed(0)
+        tr = diffusers.SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2,
+                                             attention_head_dim=64, num_attention_heads=2, joint_attention_dim=64,
+                                             caption_projection_dim=128, pooled_projection_dim=64,
+                                             pos_embed_max_size=16).eval()
+    else:
+        tr = wide("flux")
+    path = tmp_path / "independent.gguf"
+    _independent_gguf(path, family, tr)
+    r = cli("info", path, "--json")
+    assert r.code == 0, r.err
+    assert r.json()["family"] == family and r.json()["params"] == sum(p.numel() for p in tr.parameters())
+    fam, conf, _, meta = G.read_gguf(path)
+    assert meta["config_from"] == "tensor shapes"
+    for k in ("num_layers", "attention_head_dim", "num_attention_heads", "joint_attention_dim", "in_channels"):
+        assert conf[k] == tr.config[k], k
+    got = load_bundle(path).transformer
+    ref, out = outputs(get_family(family), tr, got)
+    assert sqnr(ref, out) >= 35.0  # Q8_0 weights
 
 
 def test_bad_input(cli, tiny_dir, tmp_path):

@@ -87,6 +87,7 @@ def bench(bundles: list, cfg: BenchConfig, embeddings=None,
     # 3. FLOPs of each timed call (one untimed call per model and batch size, also warming up).
     steps = {(s.name, b): s.step_call(b) for s in subjects for b in cfg.batch_sizes}
     flops = {key: call_flops(fn) for key, fn in steps.items()}
+    step_sqnr = _step_sqnr(subjects, steps, cfg.batch_sizes[0])
 
     # 3b. --compile: each model that compiles gets compiled twins of its calls, warmed up here (ops/bench/compiled.py)
     imaging = [s for s in subjects if s.makes_images and cfg.image_repeats]
@@ -169,7 +170,7 @@ def bench(bundles: list, cfg: BenchConfig, embeddings=None,
             if im and image_ms.get(base_key):
                 r.speedup_per_image = round(paired_ratio(image_basis[base_key], image_basis[key]), 4)
             rows.append(asdict(r))
-        results.append(_model_result(s, i, rows, quality.get(s.name)))
+        results.append(_model_result(s, i, rows, quality.get(s.name), step_sqnr.get(s.name)))
     if any((row["mfu"] or 0) > 1 for m in results for row in m["by_batch_size"]):
         warnings.append("a model ran above the measured matmul peak (MFU > 1): the load on this machine changed "
                         "during the run, so its MFU figures are not meaningful")
@@ -241,7 +242,22 @@ def _quality(subjects, images, judge) -> dict[str, dict]:
     return out
 
 
-def _model_result(s: _Subject, i: int, rows: list[dict], quality: dict | None) -> dict:
+def _step_sqnr(subjects, steps, b: int) -> dict[str, float | None]:
+    """Each model's timed step output against the base's, in dB (None when identical or shapes differ)."""
+    from ..quantize.base import sqnr_db
+
+    def out(s):
+        y = steps[(s.name, b)]()
+        return (y[0] if isinstance(y, (tuple, list)) else y).detach().double().cpu()
+    ref, res = out(subjects[0]), {}
+    for s in subjects[1:]:
+        y = out(s)
+        db = sqnr_db(float(ref.pow(2).sum()), float((y - ref).pow(2).sum())) if y.shape == ref.shape else float("nan")
+        res[s.name] = round(db, 2) if np.isfinite(db) else None
+    return res
+
+
+def _model_result(s: _Subject, i: int, rows: list[dict], quality: dict | None, sqnr: float | None = None) -> dict:
     b = s.bundle
     modules = [b.transformer] + [c for c in b.components.values() if isinstance(c, nn.Module)]
     head = rows[0]
@@ -259,7 +275,19 @@ def _model_result(s: _Subject, i: int, rows: list[dict], quality: dict | None) -
         images_per_s=head["images_per_s"], peak_memory_bytes=head["peak_memory_bytes"],
         flops_per_step=head["flops_per_step"], achieved_flops=head["achieved_flops"], mfu=head["mfu"],
         speedup_per_step=head["speedup_per_step"], speedup_per_image=head["speedup_per_image"],
-        speedup_is_real=k["real"], by_batch_size=rows, quality=quality))
+        speedup_is_real=k["real"], by_batch_size=rows, quality=quality, weights_bytes=_weights_bytes(b.transformer),
+        sqnr_db_step=sqnr))
+
+
+def _weights_bytes(tr) -> int | None:
+    from ditkit.nn.quantized import KINDS
+
+    from ..peers import weights_bytes
+    from ..quantize.base import memory_bytes
+
+    if not isinstance(tr, nn.Module):
+        return None
+    return memory_bytes(tr, KINDS) if any(hasattr(m, "ditkit_spec") for m in tr.modules()) else weights_bytes(tr)
 
 
 def _device_name(device: str) -> str:

@@ -160,6 +160,8 @@ class ModelResult:
     speedup_is_real: bool  # False for fake-quantized / fallback kernels: their ratio is not a real speedup
     by_batch_size: list[dict]
     quality: dict | None
+    weights_bytes: int | None = None  # in memory; quantized tensors by their storage (ops/peers.weights_bytes)
+    sqnr_db_step: float | None = None  # the timed step's output vs the base's, headline batch size
 
 
 @dataclass

@@ -89,7 +89,7 @@ def _resident_(bundle) -> None:
     for m in [bundle.transformer, *bundle.components.values()]:
         if isinstance(m, nn.Module):
             for t in [*m.parameters(), *m.buffers()]:
-                if t.device.type == "cpu":
+                if t.device.type == "cpu" and type(t.data) is torch.Tensor:  # a peer's tensor subclass is in memory
                     t.data = t.data.clone()
 
 
