@@ -50,6 +50,7 @@ class AuthorsLayout:
     write: Callable[[torch.nn.Module], dict]  # model -> the layout's state dict
     conventions: dict | None = None  # what the authors' model does that the diffusers config does not say (Family.conventions)
     file_prefix: str = ""  # the prefix of the files the authors ship (Stability: model.diffusion_model.)
+    infer: Callable[[dict, str], dict] | None = None  # (state, where) -> the config its shapes decide
 
 
 def strip_prefix(state: dict) -> dict:
@@ -63,6 +64,15 @@ def strip_prefix(state: dict) -> dict:
 def identify(keys) -> AuthorsLayout | None:
     keys = set(strip_prefix(dict.fromkeys(keys)))
     return next((lay for lay in AUTHORS_LAYOUTS.values() if all(m in keys for m in lay.markers)), None)
+
+
+def config_from_shapes(state: dict, where: str) -> dict | None:
+    """The diffusers config that the shapes of a state dict in an authors' layout decide (any object with `.shape`
+    per key: tensors, a GGUF file's arrays); a ConfigError names the field they leave open; None when the keys
+    are in no authors' layout, or in one without a shape reader."""
+    state = strip_prefix(state)
+    lay = identify(state)
+    return None if lay is None or lay.infer is None else lay.infer(state, where)
 
 
 def read(state: dict, where: str, config: dict | None = None, hints: dict | None = None):
@@ -245,10 +255,10 @@ def _original_write(family: str):
 AUTHORS_LAYOUTS: dict[str, AuthorsLayout] = {lay.name: lay for lay in (
     AuthorsLayout("bfl-flux", "flux", ("double_blocks.0.img_attn.qkv.weight",),
                   "Black Forest Labs' Flux.1 keys (flux1-dev.safetensors)",
-                  _table_read("flux", None, _flux_config), _original_write("flux")),
+                  _table_read("flux", None, _flux_config), _original_write("flux"), infer=_flux_config),
     AuthorsLayout("stability-sd3", "sd3", ("joint_blocks.0.x_block.attn.qkv.weight",),
                   "Stability's MMDiT keys (sd3_medium.safetensors, SD3.5)",
-                  _table_read("sd3", None, _sd3_config), _original_write("sd3"), None, PREFIX),
+                  _table_read("sd3", None, _sd3_config), _original_write("sd3"), None, PREFIX, infer=_sd3_config),
     AuthorsLayout("pixart-original", "pixart", ("t_block.1.weight", "blocks.0.cross_attn.q_linear.weight"),
                   "PixArt-alpha/sigma keys (PixArt-XL-2-*.pth, PixArt.py / PixArtMS.py)", _pixart_read, _pixart_write),
     AuthorsLayout("dit-original", "dit", ("y_embedder.embedding_table.weight", "blocks.0.adaLN_modulation.1.weight"),

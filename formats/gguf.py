@@ -19,7 +19,8 @@ ditkit.family, ditkit.layout, ditkit.config (the diffusers config.json, JSON) an
 
 Reading (read_gguf -> (family, config, state), formats/layouts/gguf.py -> Bundle): tensors dequantized to float
 with `gguf.quants.dequantize`, mapped back to diffusers keys, the model built from --config, else ditkit.config, else
-the family's config_from_original (Flux, SD3: the tensor shapes, where they decide the architecture).
+the tensor shapes where they decide the architecture (formats/authors.config_from_shapes for Flux and SD3 in the
+authors' keys, the family's config_from_state for diffusers keys).
 """
 from __future__ import annotations
 
@@ -274,9 +275,9 @@ def read_gguf(path: os.PathLike, family: str | None = None, config: dict | None 
     if config is None:  # a GGUF another tool wrote: the architecture from the tensor shapes, where they decide it
         family_ = get_family(fam)
         if orig:
-            shapes = {(k[len(original_keys.PREFIX):] if k.startswith(original_keys.PREFIX) else k): tuple(v.shape)
-                      for k, v in raw.items()}
-            config = family_.config_from_original(shapes)
+            from .authors import config_from_shapes
+
+            config = config_from_shapes(raw, str(path))
         else:
             config = family_.config_from_state(raw)
         meta["config_from"] = "tensor shapes" if config is not None else None

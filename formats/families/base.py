@@ -107,11 +107,6 @@ class Family:
     def apply_conventions(self, transformer: nn.Module, conventions: dict) -> None:
         """Set what `conventions` (a manifest's record) says on a freshly built transformer."""
 
-    def config_from_original(self, shapes: dict[str, tuple]) -> dict | None:
-        """The transformer config read from the shapes of a state dict in the authors' key layout
-        (original_layout), or None when the shapes do not decide it (a GGUF file then needs --config)."""
-        return None
-
     # -- structure -----------------------------------------------------------------------------
     def blocks(self, transformer: nn.Module) -> nn.ModuleList:
         return getattr(transformer, self.blocks_attr)

@@ -1,7 +1,6 @@
 """flux: FluxTransformer2DModel, flow matching on 2x2-packed latents, RoPE ids, guidance embedding."""
 from __future__ import annotations
 
-import re
 
 import torch
 
@@ -36,23 +35,6 @@ def image_ids(h: int, w: int, device, dtype) -> torch.Tensor:
 
 
 class FluxFamily(Family):
-    def config_from_original(self, shapes):
-        """BFL keys decide every field but the RoPE split of the head dimension, which holds no weight:
-        Flux.1's (16, 56, 56) where the head dimension is 128, else undecided (None)."""
-        if "img_in.weight" not in shapes or "double_blocks.0.img_attn.norm.query_norm.scale" not in shapes:
-            return None
-        width, in_ch = shapes["img_in.weight"]
-        head = shapes["double_blocks.0.img_attn.norm.query_norm.scale"][0]
-        if head != 128 or width % head:
-            return None
-        count = lambda rx: len({k.split(".")[1] for k in shapes if re.match(rx, k)})  # noqa: E731
-        return {"_class_name": self.transformer_class, "patch_size": 1, "in_channels": in_ch,
-                "out_channels": shapes["final_layer.linear.weight"][0], "num_layers": count(r"double_blocks\.\d+\."),
-                "num_single_layers": count(r"single_blocks\.\d+\."), "attention_head_dim": head,
-                "num_attention_heads": width // head, "joint_attention_dim": shapes["txt_in.weight"][1],
-                "pooled_projection_dim": shapes["vector_in.in_layer.weight"][1],
-                "guidance_embeds": "guidance_in.in_layer.weight" in shapes, "axes_dims_rope": [16, 56, 56]}
-
     def encode_prompts(self, pipe, prompts, device):
         pe, pp, _ = pipe.encode_prompt(prompts, None, device=device)
         return {"prompt_embeds": pe, "pooled_prompt_embeds": pp}, None

@@ -1,7 +1,6 @@
 """sd3: SD3Transformer2DModel (MMDiT), flow matching, pooled + sequence text embeddings."""
 from __future__ import annotations
 
-import re
 
 import torch
 
@@ -15,30 +14,6 @@ WIDTH = WidthSpec(
 
 
 class SD3Family(Family):
-    def config_from_original(self, shapes):
-        """Stability's keys decide every field but the head split of the width: the q/k norms give the head
-        dimension where they exist (SD3.5), else Stability's MMDiT rule (width = 64 x depth, heads = depth) when
-        the width follows it; otherwise undecided (None). sample_size holds no weight: SD3's 128, at most what the position table covers."""
-        need = ("x_embedder.proj.weight", "pos_embed", "context_embedder.weight", "y_embedder.mlp.0.weight",
-                "final_layer.linear.weight")
-        if any(k not in shapes for k in need):
-            return None
-        width, in_ch, patch, _ = shapes["x_embedder.proj.weight"]
-        depth = len({k.split(".")[1] for k in shapes if re.match(r"joint_blocks\.\d+\.", k)})
-        ln_q = shapes.get("joint_blocks.0.x_block.attn.ln_q.weight")
-        head = ln_q[0] if ln_q else (64 if width == 64 * depth else None)
-        if head is None or width % head:
-            return None
-        side = int(round(shapes["pos_embed"][1] ** 0.5))
-        dual = sorted(int(k.split(".")[1]) for k in shapes if re.match(r"joint_blocks\.\d+\.x_block\.attn2\.qkv\.weight$", k))
-        return {"_class_name": self.transformer_class, "sample_size": min(128, side * patch), "patch_size": patch, "in_channels": in_ch,
-                "out_channels": shapes["final_layer.linear.weight"][0] // (patch * patch), "num_layers": depth,
-                "attention_head_dim": head, "num_attention_heads": width // head,
-                "joint_attention_dim": shapes["context_embedder.weight"][1],
-                "caption_projection_dim": shapes["context_embedder.weight"][0],
-                "pooled_projection_dim": shapes["y_embedder.mlp.0.weight"][1], "pos_embed_max_size": side,
-                "dual_attention_layers": dual, "qk_norm": "rms_norm" if ln_q else None}
-
     def encode_prompts(self, pipe, prompts, device):
         pe, npe, pp, npp = pipe.encode_prompt(prompts, None, None, device=device, do_classifier_free_guidance=True,
                                               negative_prompt="")
