@@ -16,7 +16,7 @@ sys.path.insert(0, str(ROOT / "tools"))
 import bench_cuda  # noqa: E402
 
 EXPECTED = ["install", "gpu-tests", "archs", "dit:depth50", "dit:width30", "dit:int8", "dit:fp8", "dit:nf4",
-            "pixart:int8", "pixart:fp8", "pixart:nf4", "tiny:cache15", "tiny:feedback", "bench:dit",
+            "pixart:int8", "pixart:fp8", "pixart:nf4", "tiny:feedback", "bench:dit",
             "bench:dit:compile", "bench:pixart", "bench:tiny"]
 
 
