@@ -156,7 +156,8 @@ def test_feedback_bundle_round_trip_and_generate(tiny_dir, cli, tmp_path):
 def test_ops_that_do_not_stack_with_feedback_refuse(tiny_dir, cli, tmp_path):
     src = tiny_dir("dit")
     out = tmp_path / "fb"
-    assert cli("distill", src, "-o", out, "--mode", "feedback", *CLI_FAST).code == 0
+    r = cli("distill", src, "-o", out, "--mode", "feedback", *CLI_FAST)
+    assert r.code == 0, r.err  # a timing-based schedule: the error names the cost model if no step pays
     for args in (["cache", out], ["prune", out, "--method", "depth"], ["quantize", out, "--scheme", "int8-dynamic"],
                  ["export", out, "--format", "onnx"], ["distill", out, "--mode", "feedback"]):
         r = cli(*args, "-o", tmp_path / "x")
