@@ -152,3 +152,7 @@ def test_torchrun_bench_reports_the_context_split(tiny_dir, cli):
     assert m["tokens_per_process"] == 8 and m["latency_ms_per_image"] > 0
     assert m["latency_ms_per_image_one_process"] > 0 and m["speedup"] > 0
     assert doc["config"]["parallel"] == "context"
+    from ditkit.cli.bench_render import sections
+
+    (title, cols, rows), = [x for x in sections(doc) if x[0].startswith("--parallel context")]
+    assert "2 processes" in title and rows[0][:2] == [name, "8"]
