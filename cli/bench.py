@@ -10,7 +10,7 @@ import typer
 from ditkit.formats.errors import ConfigError, QualityGateError
 
 from .options import (CompileModeOpt, CompileOpt, ConfigOpt, DeviceOpt, DtypeOpt, EmbeddingsOpt, FamilyOpt, ForceOpt, JsonOpt, LabelsOpt,
-                      PromptOpt, PromptsFileOpt, SeedOpt, ThreadsOpt, parse_ints, read_prompts)
+                      ParallelOpt, PromptOpt, PromptsFileOpt, SeedOpt, ThreadsOpt, parse_ints, read_prompts)
 from .run import Common, Run, log, run_op
 
 
@@ -60,6 +60,7 @@ def bench_cmd(
     max_lpips: Annotated[Optional[float], typer.Option(help="Gate: each variant's LPIPS vs the base's images <= L.")] = None,
     compile_: CompileOpt = False,
     compile_mode: CompileModeOpt = "regional",
+    parallel: ParallelOpt = "images",
     threads: ThreadsOpt = None,
     device: DeviceOpt = "cpu",
     dtype: DtypeOpt = "fp32",
@@ -96,7 +97,7 @@ def bench_cmd(
                       fid_reference=str(fid_reference) if fid_reference else None, min_clip=min_clip,
                       min_clip_ratio=min_clip_ratio, max_fid=max_fid, max_fid_ratio=max_fid_ratio, max_kid=max_kid,
                       max_kid_ratio=max_kid_ratio, max_lpips=max_lpips,
-                      compile=compile_, compile_mode=compile_mode)
+                      compile=compile_, compile_mode=compile_mode, parallel=parallel)
     common = Common(family=family, config=config, dtype=dtype, force=force, json_=json_, threads=threads)
     run_op(common, partial(op, embeddings, peer or []), cfg, name="bench", sources=models or [None], outputs=[plot],
            inputs=[prompts_file, embeddings, fid_reference], device=cfg.device, estimate=partial(estimate, cfg),

@@ -83,6 +83,14 @@ def sections(r: dict) -> list[tuple[str, list[str], list[list[str]]]]:
                     [[m["name"]] + [_metric_cell(m["quality"], n) for n in names] for m in models]))
     if r.get("compile"):
         out.append(compile_section(r))
+    if r.get("context"):
+        c = r["context"]
+        out.append((f"--parallel context ({c['engine']} plan, {c['world_size']} processes, batch {c['batch_size']}, "
+                     f"median of {c['rounds']} rounds; one process: rank 0 alone)",
+                     ["model", "tokens/process", "ms/image split", "ms/image one process", "speedup"],
+                     [[name, str(m["tokens_per_process"]), _f(m["latency_ms_per_image"], "{:.1f}"),
+                       _f(m.get("latency_ms_per_image_one_process"), "{:.1f}"), _f(m.get("speedup"), "{:.2f}x")]
+                      for name, m in c["models"].items()]))
     if r["gates"]:
         out.append(("gates", ["gate", "model", "metric", "value", "threshold", "result"],
                     [[g["name"], g["model"], g["metric"], _f(g["value"], "{:g}", "n/a"), f"{g['threshold']:g}",

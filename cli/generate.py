@@ -11,7 +11,7 @@ from ditkit.formats.errors import ConfigError
 
 from . import output
 from .options import (CompileModeOpt, CompileOpt, ConfigOpt, DeviceOpt, DtypeOpt, EmbeddingsOpt, FamilyOpt, ForceOpt,
-                      JsonOpt, LabelsOpt, ModelArg, OutOpt, PromptOpt, PromptsFileOpt, SeedOpt, ThreadsOpt, parse_ints, read_prompts)
+                      JsonOpt, LabelsOpt, ModelArg, OutOpt, ParallelOpt, PromptOpt, PromptsFileOpt, SeedOpt, ThreadsOpt, parse_ints, read_prompts)
 from .run import Common, Run, log, run_op
 
 
@@ -43,6 +43,7 @@ def generate_cmd(
                                               "--mode feedback): run every block at every step.")] = False,
     compile_: CompileOpt = False,
     compile_mode: CompileModeOpt = "regional",
+    parallel: ParallelOpt = "images",
     family: FamilyOpt = None,
     config: ConfigOpt = None,
     threads: ThreadsOpt = None,
@@ -57,7 +58,7 @@ def generate_cmd(
                          num_images=num_images, steps=steps, sampler=sampler, guidance=guidance, seed=seed,
                          batch_size=batch_size, height=height, width=width, device=resolve_device(device), dtype=dtype,
                          backend=backend, cache=not no_cache, feedback=not no_feedback,
-                         compile=compile_, compile_mode=compile_mode)
+                         compile=compile_, compile_mode=compile_mode, parallel=parallel)
     common = Common(src, family=family, config=config, device=cfg.device, dtype=dtype, force=force, json_=json_,
                     threads=threads)
     run_op(common, partial(op, lora or [], lora_scale or [], embeddings), cfg, name="generate", outputs=[out],

@@ -41,6 +41,11 @@ CompileModeOpt = Annotated[str, typer.Option(
     "--compile-mode", help="regional: each repeated block compiled once for all (fast to compile); full: the whole "
                            "transformer as one graph.")]
 
+# -- work across processes (generate, bench): ops/parallel.py; docs/parallel.md ---------------------------------------
+ParallelOpt = Annotated[str, typer.Option(
+    "--parallel", help="Under torchrun: images (each process makes its share of the images) or context (every image's "
+                       "tokens split across the processes, sequence-parallel attention; dit, pixart, sd3, flux).")]
+
 # -- prompt options (generate, bench) ------------------------------------------------------------------------
 LabelsOpt = Annotated[Optional[str], typer.Option(help="Class ids, comma-separated (dit), e.g. 3,7.")]
 PromptOpt = Annotated[Optional[list[str]], typer.Option(help="A prompt (repeatable; text families).")]

@@ -17,6 +17,8 @@ from ditkit.formats.onnx_bundle import BACKENDS, resolve_backend
 from ditkit.ops.config import OpConfig
 
 from . import distributed
+from .parallel import check_mode as check_parallel_mode
+from .parallel import ENGINES, context_parallel
 from .accelerators import step_predictor
 from .compile import check_mode as check_compile_mode
 from .geometry import conditions, latent_hw, settings, vae_scale
@@ -45,6 +47,9 @@ class GenerateConfig(OpConfig):
     feedback: bool = True  # apply the bundle's feedback module (distill --mode feedback) where it fits the run
     compile: bool = False  # torch.compile the transformer (ops.compile; the PyTorch backend)
     compile_mode: str = "regional"  # ops.compile.COMPILE_MODES; regional compiles one graph for every block
+    # under a launcher: "images" shares the images between the processes; "context" splits every image's tokens
+    # across them (ops/parallel.py)
+    parallel: str = "images"
 
     def __post_init__(self):
         check_options(self)  # floats finite, seeds and counts in range (formats/errors.py)
@@ -61,6 +66,10 @@ class GenerateConfig(OpConfig):
         if self.backend is not None and self.backend not in BACKENDS:
             raise choice_error("backend", self.backend, BACKENDS)
         check_compile_mode(self.compile_mode)
+        check_parallel_mode(self.parallel)
+        if self.parallel == "context" and self.compile:
+            raise ConfigError("--compile and --parallel context do not combine (the split's hooks and collectives "
+                              "would break the compiled graphs); choose one")
         for name in ("height", "width"):
             v = getattr(self, name)
             if v is not None and (v < 8 or v % 8):
@@ -84,6 +93,8 @@ class GenerateReport:
     device: str
     dtype: str
     world_size: int
+    parallel: str = "images"  # how the processes shared the work (ops/parallel.PARALLEL_MODES)
+    context: dict | None = None  # --parallel context under a launcher: the engine, tokens per process, notes
     conditions: list = field(default_factory=list)  # per image: its label or prompt
     seconds: float = 0.0
     images_per_s: float = 0.0
@@ -104,9 +115,10 @@ def _rows(d: dict | None, idx: list[int], dtype) -> dict | None:
     return {k: (v[idx].to(dtype) if v.is_floating_point() else v[idx]) for k, v in d.items()}
 
 
-def generate(bundle, cfg: GenerateConfig, embeddings=None,
-             progress: Callable[[int], None] | None = None) -> tuple[np.ndarray | None, GenerateReport]:
-    """Images (N, H, W, 3) uint8 in index order (None on ranks other than 0 under a launcher)."""
+def generate(bundle, cfg: GenerateConfig, embeddings=None, progress: Callable[[int], None] | None = None,
+             engines: tuple[str, ...] = ENGINES) -> tuple[np.ndarray | None, GenerateReport]:
+    """Images (N, H, W, 3) uint8 in index order (None on ranks other than 0 under a launcher). `engines`: those
+    `--parallel context` may use (ops/parallel.ENGINES)."""
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     fam, tr = bundle.family, bundle.transformer
@@ -124,8 +136,17 @@ def generate(bundle, cfg: GenerateConfig, embeddings=None,
     shape = (fam.latent_channels(tr), h, w)
 
     rank, size = distributed.world()
-    mine = distributed.shard(list(range(n)), rank, size)
-    make_predict, notes = step_predictor(bundle, sampler, steps, guidance, cache=cfg.cache, feedback=cfg.feedback)
+    split = contextlib.nullcontext()
+    context = cfg.parallel == "context" and size > 1
+    if context:  # every process runs every image, on its slice of the tokens; rank 0 decodes them
+        split, context_note = context_parallel(bundle, (h, w), rank, size, engines)
+        mine = list(range(n))
+    else:
+        mine = distributed.shard(list(range(n)), rank, size)
+    make_predict, notes = step_predictor(bundle, sampler, steps, guidance, cache=cfg.cache and not context,
+                                         feedback=cfg.feedback and not context)
+    if context:
+        notes["context"] = context_note
     batch = padded(cfg.batch_size)  # a multiple of the sampler's quantum: pixels never depend on it
 
     def latents(idx: list[int], n_steps: int) -> torch.Tensor:
@@ -146,17 +167,18 @@ def generate(bundle, cfg: GenerateConfig, embeddings=None,
         graphs = graph_count()
     t0 = time.perf_counter()
     out: dict[int, np.ndarray] = {}
-    with compiled.active() if compiled is not None else contextlib.nullcontext():
+    with compiled.active() if compiled is not None else contextlib.nullcontext(), split:
         for start in range(0, len(mine), batch):
             idx = mine[start:start + batch]
-            imgs = decode(bundle.vae, latents(idx, steps))
-            out.update(zip(idx, imgs))
+            z = latents(idx, steps)
+            if not context or rank == 0:
+                out.update(zip(idx, decode(bundle.vae, z)))
             if progress is not None:
                 progress(len(idx))
     if compiled is not None:  # a graph per new shape (a smaller last batch); never one per step
         notes["compile"]["graphs_after_warmup"] = graph_count() - graphs
     seconds = time.perf_counter() - t0
-    parts = distributed.gather(out, rank, size)
+    parts = ([out] if rank == 0 else None) if context else distributed.gather(out, rank, size)
     images = None
     if parts is not None:
         merged = {k: v for p in parts for k, v in p.items()}
@@ -164,7 +186,7 @@ def generate(bundle, cfg: GenerateConfig, embeddings=None,
     report = GenerateReport(
         family=fam.name, sampler=sampler, steps=steps, guidance=guidance, seed=cfg.seed,
         height=h * vae_scale(bundle), width=w * vae_scale(bundle), num_images=n, batch_size=batch,
-        device=device, dtype=cfg.dtype, world_size=size, conditions=[values[r] for r in row_of],
+        device=device, dtype=cfg.dtype, world_size=size, parallel=cfg.parallel, conditions=[values[r] for r in row_of],
         seconds=round(seconds, 4), images_per_s=round(len(mine) / seconds, 3) if seconds else 0.0,
         decoded=bundle.vae is not None, backend=backend, **notes)
     labels = judge_labels(bundle, report.conditions) if images is not None and bundle.judge is not None else None

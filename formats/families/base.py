@@ -14,7 +14,8 @@ instance of it, `FAMILY`, and provides:
   (module-name regexes for quantize and LoRA), `two_stream` (blocks that carry a text stream beside the image
   stream), `gguf_keep_float` (tensors a GGUF file keeps in F32), `onnx_unsupported` (why ONNX export refuses),
   `cache_probe` (the first block's attention submodule, which step caching's TeaCache indicator reads),
-  `block_returns` (what a block class diffusers' hooks do not know returns), and the
+  `block_returns` (what a block class diffusers' hooks do not know returns), `context_plan` (where
+  `--parallel context` splits and gathers the image tokens; None refuses it), and the
   methods `latent_channels`, `latent_size`, `image_tokens`, `hidden_size`, `uses_cfg`, `width_unsupported`,
   `depth_config`, `config_from_state`;
 - `tiny_config()` (and `init_unset_` where the constructor leaves a parameter unset): the constructor arguments
@@ -43,6 +44,21 @@ class Stack:
     attr: str  # the ModuleList on the transformer
     config_key: str  # the config field holding its length
     keep_last: bool = False  # the last block is built differently (SD3's context_pre_only), so it stays
+
+
+@dataclass(frozen=True)
+class ContextPlan:
+    """Where one image's tokens are split across processes and gathered again (`--parallel context`,
+    ops/parallel.py). Between the two points every layer is per token except attention, whose keys and values
+    each process gathers from the others."""
+    # the module whose output (B, N, D) holds the embedded image tokens (patch embedding + positions); or, with
+    # `split_inputs`, "" and the transformer's own inputs split instead: (keyword, sequence dim) pairs
+    split: str = "pos_embed"
+    split_inputs: tuple[tuple[str, int], ...] = ()
+    gather: str = "norm_out"  # the module whose output (B, N_local, D) is gathered before the final projection
+    attention: str = r"\.attn1?$"  # module-name regex: the attention layers whose keys cover the image tokens
+    # where a joint attention puts the (replicated) text tokens in its key sequence: "none", "first" or "last"
+    text: str = "none"
 
 
 @dataclass(frozen=True)
@@ -79,6 +95,8 @@ class Family:
     # where a block class that diffusers' TransformerBlockRegistry does not list returns its hidden states and
     # its encoder hidden states (an index, or None): (0, None) for a block returning the hidden states alone
     block_returns: tuple | None = None
+    # how `--parallel context` splits one image across processes (ops/parallel.py); None refuses it
+    context_plan: ContextPlan | None = None
 
     def __post_init__(self):
         if self.stacks is None:

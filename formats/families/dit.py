@@ -5,7 +5,7 @@ import torch
 
 from ..dit_original import config_from_diffusers_state
 from ..errors import FormatError
-from .base import Family, split_learned_sigma
+from .base import ContextPlan, Family, split_learned_sigma
 from .coupling import WidthSpec
 
 WIDTH = WidthSpec(
@@ -77,4 +77,5 @@ FAMILY = DiTFamily(
     modulation=(r"\.norm1\.linear$",),
     width=WIDTH,
     gguf_keep_float=("pos_embed.", "transformer_blocks.0.norm1.emb.", "proj_out_2."),
+    context_plan=ContextPlan(),  # split after pos_embed, gathered after norm_out; self-attention attn1
 )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Family, Stack
+from .base import ContextPlan, Family, Stack
 from .keys import _BLOCK, _SINGLE, _WB, SWAP  # noqa: F401 - used by the key table
 from .coupling import WidthSpec
 
@@ -143,4 +143,7 @@ FAMILY = FluxFamily(
     cache_probe="attn",  # the joint attention of the first block reads the modulated image stream
     original_layout=("bfl-flux", FLUX),  # Black Forest Labs' keys (flux1-dev.safetensors)
     gguf_keep_float=("img_in.", "time_in.", "vector_in.", "guidance_in.", "txt_in.", "final_layer."),
+    # the packed tokens and their RoPE ids are split where they enter the transformer, so each process rotates
+    # its own positions; the joint and single blocks put the text keys first
+    context_plan=ContextPlan(split="", split_inputs=(("hidden_states", 1), ("img_ids", 0)), text="first"),
 )

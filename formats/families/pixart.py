@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Family, split_learned_sigma
+from .base import ContextPlan, Family, split_learned_sigma
 from .coupling import WidthSpec
 from .keys import _BLOCK, _WB
 
@@ -103,4 +103,5 @@ FAMILY = PixArtFamily(
     modulation=(r"^adaln_single\.linear$",),
     width=WIDTH,
     gguf_keep_float=("pos_embed.", "adaln_single.", "caption_projection.", "proj_out."),
+    context_plan=ContextPlan(),  # self-attention attn1 gathers keys; the cross-attention attn2 reads the text
 )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Family, Stack
+from .base import ContextPlan, Family, Stack
 from .keys import _BLOCK, _SINGLE, _WB, SWAP  # noqa: F401 - used by the key table
 from .coupling import WidthSpec
 
@@ -114,4 +114,6 @@ FAMILY = SD3Family(
     cache_probe="attn",  # the joint attention of the first block reads the modulated image stream
     original_layout=("stability-sd3", SD3),  # Stability's keys (sd3_medium.safetensors, SD3.5)
     gguf_keep_float=("x_embedder.", "t_embedder.", "y_embedder.", "context_embedder.", "final_layer.", "pos_embed"),
+    # joint attention: the image keys first, the text keys after them; SD3.5's attn2 is image self-attention
+    context_plan=ContextPlan(attention=r"\.attn2?$", text="last"),
 )

@@ -27,6 +27,9 @@ from .report import BatchResult, BenchConfig, BenchReport, ModelResult, Quality
 from .subjects import _names, _resident_, _Subject
 
 
+# diffusers' context parallelism cannot be turned off on a model, and bench times the same models on rank 0 alone
+# after the context-parallel rounds: bench splits with ditkit's plan (ops/parallel.py)
+DITKIT_ONLY = ("ditkit",)
 STEP_SAMPLE_MS = 20.0  # shorter per-step calls are repeated within a round up to about this long
 
 
@@ -64,9 +67,10 @@ def bench(bundles: list, cfg: BenchConfig, embeddings=None,
         for s in subjects:
             if s.makes_images:
                 log(f"quality: {cfg.num_images} images from {s.name}")
-                images[s.name], rep = generate(s.bundle, s.gcfg, embeddings)
+                images[s.name], rep = generate(s.bundle, s.gcfg, embeddings, engines=DITKIT_ONLY)
                 s.conditions = rep.conditions
     rank, world_size = distributed.world()
+    context = _context_latency(subjects, cfg, embeddings, world_size, log) if cfg.parallel == "context" else None
     if rank != 0:
         return bundles, None
     quality = _quality(subjects, images, judge)
@@ -199,7 +203,7 @@ def bench(bundles: list, cfg: BenchConfig, embeddings=None,
                 "per_step": "one transformer call on the rows a sampler step needs: 2 x batch with CFG",
                 "per_image": "denoise + VAE decode of a batch at the model's own sampler and steps, / batch"},
         config=cfg.to_dict(), models=results, gates=[asdict(g) for g in gates], passed=all(g.passed for g in gates),
-        compile=compile_entry)
+        compile=compile_entry, context=_with_one_process(context, results))
     return bundles, report
 
 
@@ -309,3 +313,44 @@ def _load() -> float | None:
         return round(os.getloadavg()[0], 2)
     except OSError:
         return None
+
+
+def _context_latency(subjects, cfg: BenchConfig, embeddings, world_size: int, log) -> dict | None:
+    """--parallel context under a launcher: end-to-end latency per image of each model with every image split
+    across the processes (ops/parallel.py), on every rank in step (a fixed number of rounds: each call's
+    collectives need every process); rank 0's wall clock. The rest of bench then times rank 0 alone."""
+    if world_size == 1:
+        return None
+    import time
+
+    b = cfg.batch_sizes[0]
+    rounds = max(cfg.image_repeats, 1)
+    out = {"world_size": world_size, "batch_size": b, "rounds": rounds, "models": {}}
+    for s in subjects:
+        gcfg = replace(s.gcfg, num_images=b, batch_size=b, cache=False, feedback=False)
+        log(f"context parallel: {s.name}, {rounds} rounds of {b} image(s) on {world_size} processes")
+        times, rep = [], None
+        for i in range(rounds + 1):  # the first round warms up
+            torch.distributed.barrier()
+            t0 = time.perf_counter()
+            _, rep = generate(s.bundle, gcfg, embeddings, engines=DITKIT_ONLY)
+            if i:
+                times.append((time.perf_counter() - t0) * 1e3)
+        out["engine"] = rep.context["engine"]
+        out["models"][s.name] = {"latency_ms_per_image": round(median(times) / b, 4),
+                                 "tokens_per_process": rep.context["tokens_per_process"],
+                                 "steps": rep.steps}
+    return out
+
+
+def _with_one_process(context: dict | None, results: list[dict]) -> dict | None:
+    """The context latencies beside each model's one-process end-to-end latency (rank 0 alone, same batch)."""
+    if context is None:
+        return None
+    for m in results:
+        entry = context["models"].get(m["name"])
+        one = m["by_batch_size"][0].get("latency_ms_per_image")
+        if entry is not None:
+            entry["latency_ms_per_image_one_process"] = one
+            entry["speedup"] = round(one / entry["latency_ms_per_image"], 4) if one else None
+    return context

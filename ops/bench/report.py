@@ -11,6 +11,7 @@ from ditkit.ops.config import OpConfig
 
 from ..image_metrics import METRIC_GATES, check_metrics
 from ..compile import check_mode as check_compile_mode
+from ..parallel import check_mode as check_parallel_mode
 from ..runtime import resolve_device, resolve_dtype
 from ..sample import SAMPLERS
 
@@ -56,6 +57,9 @@ class BenchConfig(OpConfig):
     max_lpips: float | None = None
     compile: bool = False  # also time every model torch.compiled (ops.compile), interleaved with its eager calls
     compile_mode: str = "regional"  # ops.compile.COMPILE_MODES
+    # under a launcher: "images" shares the quality images between the processes; "context" splits every image's
+    # tokens across them and times that too (ops/parallel.py)
+    parallel: str = "images"
 
     def __post_init__(self):
         check_options(self)  # floats finite, seeds and counts in range (formats/errors.py)
@@ -89,6 +93,10 @@ class BenchConfig(OpConfig):
                                   f"which is 0 for FID/KID to base: give --fid-reference DIR, or gate with "
                                   f"--max-{metric} instead")
         check_compile_mode(self.compile_mode)
+        check_parallel_mode(self.parallel)
+        if self.parallel == "context" and self.compile:
+            raise ConfigError("--compile and --parallel context do not combine (the split's hooks and collectives "
+                              "would break the compiled graphs); choose one")
 
     def gates(self) -> dict[str, float]:
         return {k: getattr(self, k) for k in GATES if getattr(self, k) is not None}
@@ -197,6 +205,7 @@ class BenchReport:
     gates: list[dict]
     passed: bool
     compile: dict | None = None  # --compile: per model, compile time and speedups compiled and not (ops/bench/compiled)
+    context: dict | None = None  # --parallel context under a launcher: per model, latency split across the processes
 
     def failed_gates(self) -> list[dict]:
         return [g for g in self.gates if not g["passed"]]

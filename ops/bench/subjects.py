@@ -29,7 +29,8 @@ class _Subject:
         self.shape = (fam.latent_channels(tr), *self.hw)
         self.gcfg = GenerateConfig(labels=cfg.labels, prompts=cfg.prompts, num_images=cfg.num_images or None,
                                    steps=cfg.steps, sampler=cfg.sampler, seed=cfg.seed,
-                                   batch_size=cfg.quality_batch_size, device=device, dtype=cfg.dtype)
+                                   batch_size=cfg.quality_batch_size, device=device, dtype=cfg.dtype,
+                                   parallel=cfg.parallel)
         self.seed, self.dtype = cfg.seed, dtype
         self.cond = None  # (cond, uncond) rows per condition value, when this model has real conditioning
         if self.makes_images or fam.conditioning == "class" or embeddings is not None:
