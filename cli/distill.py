@@ -53,6 +53,9 @@ def distill_cmd(
                                                                  "teacher's steps / student steps, rounded up).")] = None,
     guidance: Annotated[Optional[float], typer.Option(help="steps: teacher guidance folded into the student (default: "
                                                            "the teacher's own).")] = None,
+    prediction: Annotated[Optional[str], typer.Option(help="steps: what the student's output means on epsilon "
+                                                          "families: epsilon, v_prediction, sample, or auto "
+                                                          "(epsilon for 2+ steps, v_prediction for 1).")] = None,
     feedback_block: Annotated[Optional[int], typer.Option(help="feedback: the block whose output the feedback module "
                                                               "predicts at partial steps (default: the last).")] = None,
     target_speedup: Annotated[Optional[float], typer.Option(help="feedback: predicted speedup per image that sets "
@@ -109,6 +112,7 @@ def distill_cmd(
                         feature_weight=feature_weight, cfg_weight=cfg_weight, mask_outliers=mask_outliers,
                         gt_weight=gt_weight if images is not None or gt_weight is not None else None,
                         student_steps=student_steps, teacher_substeps=teacher_substeps, guidance=guidance,
+                        prediction=prediction,
                         feedback_block=feedback_block, target_speedup=target_speedup,
                         val_images=val_images, device=device)
     check_options(cfg, images, out)

@@ -49,8 +49,8 @@ DISTILL_MODES: dict[str, Mode] = {m.name: m for m in (
     Mode("steps", "a few-step student with guidance folded in (one-stage progressive distillation)",
          steps.prepare, "self",
          {"steps": 1500, "batch_size": 32, "lr": 3e-4, "warmup_steps": 50, "ema_decay": 0.99, "pool_size": 768,
-          "student_steps": 4},
-         ("student_steps", "teacher_substeps", "guidance")),
+          "student_steps": 4, "prediction": "auto"},
+         ("student_steps", "teacher_substeps", "guidance", "prediction")),
     Mode("feedback", "Inner Loop Feedback: a trained copy of one block predicts the next step's features, so some "
          "steps run only that block and the ones after it (same sampler and steps; the model's weights unchanged)",
          feedback.prepare, "self",
@@ -93,6 +93,7 @@ class DistillConfig(OpConfig):
     student_steps: int | None = None
     teacher_substeps: int | None = None  # teacher steps per student step (default: ceil(teacher steps / K))
     guidance: float | None = None  # the teacher's guidance folded into the student (default: the teacher's own)
+    prediction: str | None = None  # the student's output: auto, epsilon, v_prediction, sample (steps.PREDICTIONS)
     # feedback
     feedback_block: int | None = None  # the block whose output the feedback module predicts (default: the last)
     target_speedup: float | None = None  # predicted speedup per image the partial steps must reach (default: up
@@ -114,6 +115,8 @@ class DistillConfig(OpConfig):
         for name, default in m.defaults.items():
             if getattr(self, name) is None:
                 setattr(self, name, default)
+        if self.prediction is not None and self.prediction not in steps.PREDICTIONS:
+            raise choice_error("prediction", self.prediction, steps.PREDICTIONS)
         if self.mixed_precision not in MIXED_PRECISION:
             raise choice_error("mixed precision", self.mixed_precision, MIXED_PRECISION)
         for name, lo in (("pool_size", 1), ("val_images", 1), ("student_steps", 1), ("teacher_substeps", 1)):
