@@ -95,6 +95,44 @@ def apply_lora(bundle, adapter: Adapter | list[Adapter], scale: float | list[flo
     for _, layer in _lora_layers(tr):
         layer.set_adapter(names, inference_mode=True)
     tr.requires_grad_(False)
+    apply_sampling(bundle, adapters)
+    return bundle
+
+
+# scheduler classes an adapter's metadata may name (the samplers' own, ops.sample.SAMPLERS)
+def _scheduler_classes() -> set[str]:
+    from ditkit.ops.sample import SAMPLERS
+
+    return {cls for cls, _, _ in SAMPLERS.values()}
+
+
+def apply_sampling(bundle, adapters: list[Adapter]):
+    """An adapter made by `distill --as-lora` carries its student's sampling settings (metadata
+    `sampler_defaults` and `scheduler`): they become the bundle's defaults and scheduler, so generate samples
+    base + adapter as the student does. Two adapters that both carry settings are an error."""
+    carriers = [a for a in adapters if a.info.get("sampler_defaults")]
+    if not carriers:
+        return bundle
+    if len(carriers) > 1:
+        raise ConfigError(f"{len(carriers)} adapters each set the sampler ({', '.join(str(a.path) for a in carriers)}); "
+                          "apply one few-step adapter at a time")
+    ad = carriers[0]
+    where = ad.path or "adapter"
+    sd, sch = ad.info["sampler_defaults"], ad.info.get("scheduler")
+    if not isinstance(sd, dict) or not set(sd) <= {"sampler", "steps", "guidance"}:
+        raise FormatError(f"{where}: its sampler_defaults metadata must be an object of sampler, steps, guidance")
+    if sch is not None:
+        import diffusers
+
+        if not isinstance(sch, dict) or sch.get("class") not in _scheduler_classes() \
+                or not isinstance(sch.get("config"), dict):
+            raise FormatError(f"{where}: its scheduler metadata names no known scheduler "
+                              f"({', '.join(sorted(_scheduler_classes()))}); re-export it")
+        bundle.components = {**bundle.components,
+                             "scheduler": getattr(diffusers, sch["class"]).from_config(sch["config"])}
+    manifest = dict(bundle.manifest)
+    manifest["defaults"] = {**manifest.get("defaults", {}), **sd}
+    bundle.manifest = manifest
     return bundle
 
 
