@@ -177,6 +177,15 @@ def test_generate_takes_the_students_sampler_from_the_lora_and_stacks_a_user_lor
     assert docs["student"]["steps"] == 2 and docs["student"]["guidance"] == 1.0
     assert docs["both"]["steps"] == 2 and docs["user"]["steps"] == load_bundle(src).defaults()["steps"]
     assert not np.array_equal(imgs["both"], imgs["student"]) and not np.array_equal(imgs["both"], imgs["user"])
+    # fused into a bundle, the adapter's sampler comes along, and the images are base + LoRA's
+    f = cli("lora-train", src, "--lora", student_lora, "--fuse-into", tmp_path / "fused", "--json")
+    assert f.code == 0, f.err
+    fused = load_bundle(tmp_path / "fused")
+    assert fused.defaults()["steps"] == 2 and fused.scheduler.config.timestep_spacing == "trailing"
+    g = cli("generate", tmp_path / "fused", "-o", tmp_path / "fused-imgs", *common)
+    assert g.code == 0 and g.json()["steps"] == 2
+    fused_imgs = np.stack([np.asarray(Image.open(p)) for p in sorted((tmp_path / "fused-imgs").glob("[0-9]*.png"))])
+    assert psnr(fused_imgs, imgs["student"]) >= 40
     # explicit flags still win over the LoRA's settings
     g = cli("generate", src, "-o", tmp_path / "four", "--lora", student_lora, "--steps", "4", *common)
     assert g.code == 0 and g.json()["steps"] == 4

@@ -348,11 +348,11 @@ def lora_form(student, teacher_bundle, cfg: DistillConfig, validator, student_va
                                feedback=None)
     apply_lora(base, adapter)
     ref, _ = validator.images(student)
-    images, grep = validator.images(base)
+    images, lrep = validator.images(base)
     if images is not None:
-        val = {"images": int(len(images)), "steps": grep["steps"], "guidance": grep["guidance"]}
-        if grep["judge"] is not None:
-            val.update(accuracy=grep["judge"]["accuracy"], fd=grep["judge"]["fd"])
+        val = {"images": int(len(images)), "steps": lrep["steps"], "guidance": lrep["guidance"]}
+        if lrep["judge"] is not None:
+            val.update(accuracy=lrep["judge"]["accuracy"], fd=lrep["judge"]["fd"])
         val["psnr_vs_student"] = round(psnr(images, ref), 3)
         rep["validation"] = val
     rep["student_validation"] = student_validation

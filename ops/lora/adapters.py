@@ -146,7 +146,8 @@ def unload_lora(bundle):
 
 
 def fuse_lora(bundle, adapter: Adapter | list[Adapter], scale: float | list[float] = 1.0):
-    """A new bundle whose transformer holds W + scale * (alpha / rank) * B A (the input is left untouched)."""
+    """A new bundle whose transformer holds W + scale * (alpha / rank) * B A (the input is left untouched), with
+    the sampler of a `distill --as-lora` adapter (apply_sampling)."""
     adapters = adapter if isinstance(adapter, list) else [adapter]
     scales = adapter_scales(scale, len(adapters))
     tr = copy.deepcopy(bundle.transformer)
@@ -162,7 +163,8 @@ def fuse_lora(bundle, adapter: Adapter | list[Adapter], scale: float | list[floa
                 lin = tr.get_submodule(m)
                 delta = (ad.B[m].double() @ ad.A[m].double()) * effective_scale(ad.alpha, ad.rank, s)
                 lin.weight.copy_((lin.weight.double() + delta.to(lin.weight.device)).to(lin.weight.dtype))
-    return dataclasses.replace(bundle, transformer=tr)
+    # a few-step adapter's sampler comes along (new components / manifest dicts: the input keeps its own)
+    return apply_sampling(dataclasses.replace(bundle, transformer=tr), adapters)
 
 
 def extract_adapter(bundle, cfg: LoraConfig, info: dict | None = None) -> Adapter:
