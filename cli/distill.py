@@ -53,6 +53,14 @@ def distill_cmd(
                                                                  "teacher's steps / student steps, rounded up).")] = None,
     guidance: Annotated[Optional[float], typer.Option(help="steps: teacher guidance folded into the student (default: "
                                                            "the teacher's own).")] = None,
+    prediction: Annotated[Optional[str], typer.Option(help="steps: what the student's output means on epsilon "
+                                                          "families: epsilon, v_prediction, sample, or auto "
+                                                          "(epsilon for 2+ steps, v_prediction for 1).")] = None,
+    as_lora: Annotated[bool, typer.Option("--as-lora", help="steps: write the student as a LoRA over SRC (-o "
+                                          "FILE.safetensors): only the Linears' weights train, then each delta is "
+                                          "cut to --rank by SVD; the file carries the student's sampler settings "
+                                          "for generate --lora.")] = False,
+    rank: Annotated[Optional[int], typer.Option(help="--as-lora: rank of the LoRA (32).")] = None,
     feedback_block: Annotated[Optional[int], typer.Option(help="feedback: the block whose output the feedback module "
                                                               "predicts at partial steps (default: the last).")] = None,
     target_speedup: Annotated[Optional[float], typer.Option(help="feedback: predicted speedup per image that sets "
@@ -109,6 +117,7 @@ def distill_cmd(
                         feature_weight=feature_weight, cfg_weight=cfg_weight, mask_outliers=mask_outliers,
                         gt_weight=gt_weight if images is not None or gt_weight is not None else None,
                         student_steps=student_steps, teacher_substeps=teacher_substeps, guidance=guidance,
+                        prediction=prediction, as_lora=as_lora, rank=rank,
                         feedback_block=feedback_block, target_speedup=target_speedup,
                         val_images=val_images, device=device)
     check_options(cfg, images, out)
@@ -134,6 +143,8 @@ def check_options(cfg: DistillConfig, images: Path | None, out: Path | None) -> 
         raise ConfigError(f"--images does not apply to --mode {cfg.mode} (it is data-free)")
     if out is None:
         raise ConfigError("distill needs -o OUT")
+    if cfg.as_lora and Path(out).suffix != ".safetensors":
+        raise ConfigError(f"--as-lora writes one LoRA file: -o must end in .safetensors (got {out})")
 
 
 def op(job: dict, student, cfg):
@@ -163,7 +174,12 @@ def write_grid(root: Path, step: int, images) -> None:
 
 def write(out: Path, root: Path, run: Run, bundle, report) -> dict:
     from ditkit.formats.layouts import save_bundle
+    from ditkit.formats.lora import Adapter, save_adapter
 
+    if isinstance(bundle, Adapter):  # --as-lora: the adapter file, with the run's report in its metadata
+        bundle.info["report"] = {k: report.to_dict()[k] for k in ("steps", "baseline", "validation", "details")}
+        save_adapter(out, bundle, force=run.common.force)
+        return {"out": str(out), "checkpoint_dir": str(root), **report.to_dict()}
     manifest = run.manifest(report, config={**run.cfg.to_dict(), "teacher": report.teacher}, defaults=report.defaults)
     save_bundle(bundle, out, manifest, force=run.common.force)
     return {"out": str(out), "checkpoint_dir": str(root), **report.to_dict()}

@@ -142,7 +142,8 @@ def write(out: Path | None, fuse_into: Path | None, fmt: str, head: dict, run: R
         doc.update(out=str(out), format=fmt)
     if job.fused is not None:
         manifest = run.manifest({}, op="lora-fuse", config={"adapters": [a.summary() for a in job.adapters],
-                                                            "scales": job.scales})
+                                                            "scales": job.scales},
+                                defaults=job.fused.manifest.get("defaults"))  # a few-step adapter's sampler
         doc["fused"] = str(save_bundle(job.fused, fuse_into, manifest, force=run.common.force))
     return doc
 

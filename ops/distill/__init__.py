@@ -24,7 +24,7 @@ from ditkit.formats.errors import ConfigError, check_options, choice_error
 from ditkit.ops.training import MIXED_PRECISION, TrainConfig, train
 from ditkit.ops.config import OpConfig
 
-from . import common, feedback, recover, steps
+from . import as_lora, common, feedback, recover, steps
 from .common import Job  # noqa: F401 - what a mode hands the loop (re-exported)
 
 
@@ -49,8 +49,8 @@ DISTILL_MODES: dict[str, Mode] = {m.name: m for m in (
     Mode("steps", "a few-step student with guidance folded in (one-stage progressive distillation)",
          steps.prepare, "self",
          {"steps": 1500, "batch_size": 32, "lr": 3e-4, "warmup_steps": 50, "ema_decay": 0.99, "pool_size": 768,
-          "student_steps": 4},
-         ("student_steps", "teacher_substeps", "guidance")),
+          "student_steps": 4, "prediction": "auto"},
+         ("student_steps", "teacher_substeps", "guidance", "prediction")),
     Mode("feedback", "Inner Loop Feedback: a trained copy of one block predicts the next step's features, so some "
          "steps run only that block and the ones after it (same sampler and steps; the model's weights unchanged)",
          feedback.prepare, "self",
@@ -58,6 +58,8 @@ DISTILL_MODES: dict[str, Mode] = {m.name: m for m in (
           "output_weight": 1.0, "feature_weight": 1.0},
          ("output_weight", "feature_weight", "feedback_block", "target_speedup"), copies_student=False),
 )}
+
+DEFAULT_LORA_RANK = 32  # docs/distill.md: the reconstruction error and quality measured at 16, 32, 64
 
 TUNED = ("steps", "batch_size", "lr", "warmup_steps", "ema_decay", "pool_size")
 MODE_OPTIONS = tuple(sorted({o for m in DISTILL_MODES.values() for o in m.options}))
@@ -93,6 +95,11 @@ class DistillConfig(OpConfig):
     student_steps: int | None = None
     teacher_substeps: int | None = None  # teacher steps per student step (default: ceil(teacher steps / K))
     guidance: float | None = None  # the teacher's guidance folded into the student (default: the teacher's own)
+    prediction: str | None = None  # the student's output: auto, epsilon, v_prediction, sample (steps.PREDICTIONS)
+    # the student as a LoRA over its base (steps mode): only the Linears' weights train, then each one's delta is
+    # cut to rank `rank` by SVD (ops/distill/as_lora.py)
+    as_lora: bool = False
+    rank: int | None = None  # default DEFAULT_LORA_RANK with as_lora
     # feedback
     feedback_block: int | None = None  # the block whose output the feedback module predicts (default: the last)
     target_speedup: float | None = None  # predicted speedup per image the partial steps must reach (default: up
@@ -114,6 +121,18 @@ class DistillConfig(OpConfig):
         for name, default in m.defaults.items():
             if getattr(self, name) is None:
                 setattr(self, name, default)
+        if self.prediction is not None and self.prediction not in steps.PREDICTIONS:
+            raise choice_error("prediction", self.prediction, steps.PREDICTIONS)
+        if self.rank is not None and not self.as_lora:
+            raise ConfigError("--rank sets the rank of --as-lora; pass --as-lora too")
+        if self.as_lora:
+            if self.mode != "steps":
+                raise ConfigError(f"--as-lora applies to --mode steps (its student is a copy of the base); "
+                                  f"--mode {self.mode} trains another architecture or a module of its own")
+            if self.rank is None:
+                self.rank = DEFAULT_LORA_RANK
+            if not 1 <= self.rank <= 4096:
+                raise ConfigError(f"--rank must be in 1..4096 (got {self.rank})")
         if self.mixed_precision not in MIXED_PRECISION:
             raise choice_error("mixed precision", self.mixed_precision, MIXED_PRECISION)
         for name, lo in (("pool_size", 1), ("val_images", 1), ("student_steps", 1), ("teacher_substeps", 1)):
@@ -240,6 +259,8 @@ def distill(student_bundle, cfg: DistillConfig, teacher_bundle=None, store=None,
         if trainable is teacher_bundle.transformer:
             trainable = copy.deepcopy(trainable)
         trainable.float().requires_grad_(True)
+    if cfg.as_lora:
+        as_lora.train_linear_weights_only(trainable)  # the delta must live where a LoRA can carry it
 
     # 2. the mode builds its data (the teacher's pool) and its loss
     ctx = Context(cfg=cfg, student=student_bundle, teacher=teacher_bundle, trainable=trainable, device=device,
@@ -290,6 +311,11 @@ def distill(student_bundle, cfg: DistillConfig, teacher_bundle=None, store=None,
         job.close()
     job.model.requires_grad_(False).eval()
 
+    result_out = candidate
+    details = dict(job.report)
+    if cfg.as_lora:
+        result_out, details["lora"] = lora_form(candidate, teacher_bundle, cfg, validator, result.validation,
+                                                teacher_sha, say)
     report = DistillReport(
         mode=cfg.mode, family=student_bundle.family.name,
         teacher={"path": str(teacher_bundle.path) if teacher_bundle.path else None, "sha256": teacher_sha},
@@ -297,8 +323,40 @@ def distill(student_bundle, cfg: DistillConfig, teacher_bundle=None, store=None,
         params_trained=trained, steps=result.step,
         batch_size=cfg.batch_size, resumed_from=result.resumed_from, final_loss=result.final_loss,
         seconds=round(time.perf_counter() - t0, 2), train_seconds=result.seconds, defaults=job.defaults,
-        baseline=base, validation=result.validation, plan=plan, details=job.report)
-    return candidate, report
+        baseline=base, validation=result.validation, plan=plan, details=details)
+    return result_out, report
+
+
+def lora_form(student, teacher_bundle, cfg: DistillConfig, validator, student_validation: dict, teacher_sha: str,
+              say: Callable[[str], None]):
+    """--as-lora: the student's weight deltas as a rank-`cfg.rank` LoRA (as_lora.delta_adapter), then base +
+    LoRA validated on the same seeds as the student, with the PSNR of its images against the student's."""
+    import dataclasses
+
+    from ditkit.ops.lora import apply_lora
+    from ditkit.ops.metrics import psnr
+
+    adapter, rep = as_lora.delta_adapter(teacher_bundle.transformer, student.transformer, cfg.rank,
+                                         family=student.family.name, targets=["linear"], base_sha256=teacher_sha)
+    adapter.info.update(as_lora.sampling_info(student.defaults(), student.scheduler))
+    adapter.info["distill"] = {"mode": cfg.mode, "student_steps": cfg.student_steps, "steps": cfg.steps,
+                               "prediction": cfg.prediction, "relative_error": rep["relative_error"]}
+    say(f"lora: rank {cfg.rank} over {rep['modules']} Linears, relative error {rep['relative_error']:.4f}; "
+        "validating base + LoRA")
+    base = dataclasses.replace(teacher_bundle, transformer=copy.deepcopy(teacher_bundle.transformer),
+                               components=dict(teacher_bundle.components), manifest=dict(teacher_bundle.manifest),
+                               feedback=None)
+    apply_lora(base, adapter)
+    ref, _ = validator.images(student)
+    images, lrep = validator.images(base)
+    if images is not None:
+        val = {"images": int(len(images)), "steps": lrep["steps"], "guidance": lrep["guidance"]}
+        if lrep["judge"] is not None:
+            val.update(accuracy=lrep["judge"]["accuracy"], fd=lrep["judge"]["fd"])
+        val["psnr_vs_student"] = round(psnr(images, ref), 3)
+        rep["validation"] = val
+    rep["student_validation"] = student_validation
+    return adapter, rep
 
 
 __all__ = ["DISTILL_MODES", "DistillConfig", "DistillReport", "Mode", "Job", "Context", "distill"]

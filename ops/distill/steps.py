@@ -58,7 +58,28 @@ class Grid:
                 "teacher_steps": sum(len(sub) for sub in self.teacher), "sampler": self.sampler}
 
 
-def student_scheduler(family, base_scheduler):
+# what the student's output means (epsilon families; flow families predict the velocity). At one step the
+# epsilon output is ill-conditioned: DDIM's landing point x0 = (x - sqrt(1 - a) eps) / sqrt(a) at t = 999
+# (alpha_cumprod 4e-5 on a linear schedule) multiplies the output's error by about 157; v (and x0 itself)
+# keep it near 1. "auto": epsilon for K >= 2 (the teacher's own parameterization), AUTO_ONE_STEP for K = 1.
+PREDICTIONS = ("auto", "epsilon", "v_prediction", "sample")
+AUTO_ONE_STEP = "v_prediction"
+
+
+def resolve_prediction(family, prediction: str | None, k: int) -> str:
+    """The student's output parameterization: 'flow' for flow families, else epsilon / v_prediction / sample."""
+    prediction = prediction or "auto"
+    if family.prediction == "flow":
+        if prediction != "auto":
+            raise ConfigError(f"--prediction {prediction} applies to epsilon families (dit, pixart); a "
+                              f"{family.name} student predicts the flow velocity")
+        return "flow"
+    if prediction == "auto":
+        return AUTO_ONE_STEP if k == 1 else "epsilon"
+    return prediction
+
+
+def student_scheduler(family, base_scheduler, prediction: str = "epsilon"):
     """The scheduler the student is saved with (its sampler reads it)."""
     import diffusers
 
@@ -75,18 +96,27 @@ def student_scheduler(family, base_scheduler):
         raise UnsupportedModelError(f"steps: the teacher's scheduler predicts {config['prediction_type']!r}; "
                                     "only epsilon-prediction teachers are supported for this family")
     config.update(DDIM_STUDENT)
+    config["prediction_type"] = "epsilon" if prediction in ("auto", "flow") else prediction
     config.pop("_use_default_values", None)  # else from_config resets the keys it lists (timestep_spacing ...)
     return diffusers.DDIMScheduler.from_config(config)
 
 
-def _ddim_step(acp, final, t_from: int, t_to: int) -> Step:
+def _ddim_step(acp, final, t_from: int, t_to: int, prediction: str = "epsilon") -> Step:
+    """DDIM (eta 0) from t_from to t_to as x' = a x + b out, for an output that is epsilon, v or x0 ("sample")."""
     a = float(acp[t_from])
     a2 = float(acp[t_to]) if t_to >= 0 else final
+    if prediction == "sample":  # eps = (x - sqrt(a) x0) / sqrt(1 - a)
+        r = math.sqrt((1 - a2) / (1 - a))
+        return Step(t=float(t_from), a=r, b=math.sqrt(a2) - r * math.sqrt(a))
+    if prediction == "v_prediction":  # x0 = sqrt(a) x - sqrt(1 - a) v, eps = sqrt(a) v + sqrt(1 - a) x
+        return Step(t=float(t_from), a=math.sqrt(a2 * a) + math.sqrt((1 - a2) * (1 - a)),
+                    b=math.sqrt((1 - a2) * a) - math.sqrt(a2 * (1 - a)))
     return Step(t=float(t_from), a=math.sqrt(a2 / a), b=math.sqrt(1 - a2) - math.sqrt(a2 * (1 - a) / a))
 
 
 def make_grid(family, sched, k: int, substeps: int, latent_shape: tuple) -> Grid:
-    """The student's K steps (from its scheduler) and the teacher's sub-steps inside each interval."""
+    """The student's K steps (from its scheduler, in its own parameterization) and the teacher's (epsilon)
+    sub-steps inside each interval."""
     dummy = torch.zeros(1, *latent_shape)
     _set_timesteps(sched, k, dummy, "cpu")
     if family.prediction == "flow":
@@ -103,7 +133,8 @@ def make_grid(family, sched, k: int, substeps: int, latent_shape: tuple) -> Grid
     jump = sched.config.num_train_timesteps // k
     # where each DDIM step lands: the next point's noise level (the state the next call receives)
     points = [ts[0]] + [t - jump for t in ts]
-    student = [_ddim_step(acp, final, ts[i], points[i + 1]) for i in range(k)]
+    pred = sched.config.get("prediction_type", "epsilon")
+    student = [_ddim_step(acp, final, ts[i], points[i + 1], pred) for i in range(k)]
     teacher = []
     for i in range(k):
         lo, hi = points[i], points[i + 1]
@@ -170,7 +201,8 @@ def prepare(ctx):
         if k > n_train // 2:
             raise ConfigError(f"--student-steps {k} is too many for a {n_train}-timestep schedule")
         substeps = min(substeps, n_train // k)
-    sched = student_scheduler(fam, teacher_bundle.scheduler)
+    prediction = resolve_prediction(fam, cfg.prediction, k)
+    sched = student_scheduler(fam, teacher_bundle.scheduler, prediction)
     h, w = native_hw(teacher_bundle)
     grid = make_grid(fam, sched, k, substeps, (fam.latent_channels(ctx.teacher.transformer), h, w))
     ctx.log(f"pool: the teacher samples {cfg.pool_size} trajectories, {grid.describe()['teacher_steps']} guided steps "
@@ -203,11 +235,11 @@ def prepare(ctx):
     plan = {"trains": f"all {n_params:,} parameters of a copy of the teacher",
             "data": (f"data-free: {cfg.pool_size} teacher trajectories ({grid.describe()['teacher_steps']} guided "
                      f"steps, guidance {guidance}) on {pool.conds.kind}"),
-            "student": f"{k} {grid.sampler} steps at guidance {student_guidance} "
+            "student": f"{k} {grid.sampler} steps ({prediction} output) at guidance {student_guidance} "
                        f"({'no classifier-free doubling' if pool.cfg else 'same calls per step'})"}
     report = {"pool": {"trajectories": cfg.pool_size, "points": cfg.pool_size * k, "conditions": pool.conds.kind,
                        "guidance": guidance, "cfg": pool.cfg, "bytes": pool.nbytes()},
-              "grid": grid.describe(), "teacher_substeps": substeps, "teacher_guidance": guidance,
+              "grid": grid.describe(), "prediction": prediction, "teacher_substeps": substeps, "teacher_guidance": guidance,
               "student_guidance": student_guidance,
               "scheduler": {"class": type(sched).__name__,
                             **{k2: sched.config.get(k2) for k2 in DDIM_STUDENT if k2 in sched.config}}}

@@ -95,6 +95,44 @@ def apply_lora(bundle, adapter: Adapter | list[Adapter], scale: float | list[flo
     for _, layer in _lora_layers(tr):
         layer.set_adapter(names, inference_mode=True)
     tr.requires_grad_(False)
+    apply_sampling(bundle, adapters)
+    return bundle
+
+
+# scheduler classes an adapter's metadata may name (the samplers' own, ops.sample.SAMPLERS)
+def _scheduler_classes() -> set[str]:
+    from ditkit.ops.sample import SAMPLERS
+
+    return {cls for cls, _, _ in SAMPLERS.values()}
+
+
+def apply_sampling(bundle, adapters: list[Adapter]):
+    """An adapter made by `distill --as-lora` carries its student's sampling settings (metadata
+    `sampler_defaults` and `scheduler`): they become the bundle's defaults and scheduler, so generate samples
+    base + adapter as the student does. Two adapters that both carry settings are an error."""
+    carriers = [a for a in adapters if a.info.get("sampler_defaults")]
+    if not carriers:
+        return bundle
+    if len(carriers) > 1:
+        raise ConfigError(f"{len(carriers)} adapters each set the sampler ({', '.join(str(a.path) for a in carriers)}); "
+                          "apply one few-step adapter at a time")
+    ad = carriers[0]
+    where = ad.path or "adapter"
+    sd, sch = ad.info["sampler_defaults"], ad.info.get("scheduler")
+    if not isinstance(sd, dict) or not set(sd) <= {"sampler", "steps", "guidance"}:
+        raise FormatError(f"{where}: its sampler_defaults metadata must be an object of sampler, steps, guidance")
+    if sch is not None:
+        import diffusers
+
+        if not isinstance(sch, dict) or sch.get("class") not in _scheduler_classes() \
+                or not isinstance(sch.get("config"), dict):
+            raise FormatError(f"{where}: its scheduler metadata names no known scheduler "
+                              f"({', '.join(sorted(_scheduler_classes()))}); re-export it")
+        bundle.components = {**bundle.components,
+                             "scheduler": getattr(diffusers, sch["class"]).from_config(sch["config"])}
+    manifest = dict(bundle.manifest)
+    manifest["defaults"] = {**manifest.get("defaults", {}), **sd}
+    bundle.manifest = manifest
     return bundle
 
 
@@ -108,7 +146,8 @@ def unload_lora(bundle):
 
 
 def fuse_lora(bundle, adapter: Adapter | list[Adapter], scale: float | list[float] = 1.0):
-    """A new bundle whose transformer holds W + scale * (alpha / rank) * B A (the input is left untouched)."""
+    """A new bundle whose transformer holds W + scale * (alpha / rank) * B A (the input is left untouched), with
+    the sampler of a `distill --as-lora` adapter (apply_sampling)."""
     adapters = adapter if isinstance(adapter, list) else [adapter]
     scales = adapter_scales(scale, len(adapters))
     tr = copy.deepcopy(bundle.transformer)
@@ -124,7 +163,8 @@ def fuse_lora(bundle, adapter: Adapter | list[Adapter], scale: float | list[floa
                 lin = tr.get_submodule(m)
                 delta = (ad.B[m].double() @ ad.A[m].double()) * effective_scale(ad.alpha, ad.rank, s)
                 lin.weight.copy_((lin.weight.double() + delta.to(lin.weight.device)).to(lin.weight.dtype))
-    return dataclasses.replace(bundle, transformer=tr)
+    # a few-step adapter's sampler comes along (new components / manifest dicts: the input keeps its own)
+    return apply_sampling(dataclasses.replace(bundle, transformer=tr), adapters)
 
 
 def extract_adapter(bundle, cfg: LoraConfig, info: dict | None = None) -> Adapter:
