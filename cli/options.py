@@ -41,6 +41,11 @@ CompileModeOpt = Annotated[str, typer.Option(
     "--compile-mode", help="regional: each repeated block compiled once for all (fast to compile); full: the whole "
                            "transformer as one graph.")]
 
+# -- step caching (generate, bench): ops/cache; docs/accelerate.md ----------------------------------------------
+NoCacheOpt = Annotated[bool, typer.Option(
+    "--no-cache", help="Ignore the model's step-caching policy (ditkit cache): run every block at every step (a model "
+                       "without a policy runs as it would anyway; a note says so).")]
+
 # -- prompt options (generate, bench) ------------------------------------------------------------------------
 LabelsOpt = Annotated[Optional[str], typer.Option(help="Class ids, comma-separated (dit), e.g. 3,7.")]
 PromptOpt = Annotated[Optional[list[str]], typer.Option(help="A prompt (repeatable; text families).")]

@@ -56,6 +56,7 @@ class BenchConfig(OpConfig):
     max_lpips: float | None = None
     compile: bool = False  # also time every model torch.compiled (ops.compile), interleaved with its eager calls
     compile_mode: str = "regional"  # ops.compile.COMPILE_MODES
+    cache: bool = True  # apply each bundle's step-caching policy (ditkit cache) where it fits; --no-cache: off
 
     def __post_init__(self):
         check_options(self)  # floats finite, seeds and counts in range (formats/errors.py)
