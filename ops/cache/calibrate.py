@@ -423,7 +423,7 @@ def _search_knob(c: _Calib, mod, fitted: dict, goal: float, spd_of, err_of, seen
         return seen[k]
     s_hi = spd(hi)
     if s_hi < goal:
-        raise _Short(f"{knob.name} {value(hi)} reaches {s_hi:.2f}x predicted")
+        raise _Short(f"{knob.name} {value(hi):.4g} reaches {s_hi:.2f}x predicted, short of the {goal:.2f}x goal")
     # the tightest bracket the earlier searches of this method know
     lo = max([k for k, v in seen.items() if v < goal and k < hi] + [lo])
     hi = min(k for k, v in seen.items() if v >= goal)
@@ -465,7 +465,11 @@ def _calibrate_knob(c: _Calib, name: str, cfg: CacheConfig, cost: dict, ref, rec
     for _ in range(MEASURE_ATTEMPTS):
         try:
             p, pred = _search_knob(c, mod, fitted, goal, spd_of, err_of, seen)
-        except _Short:
+        except _Short as e:
+            if kept is None and checks:  # the goal was raised by a short measurement
+                m = checks[-1]
+                raise _Short(f"{e}, raised after {m['predicted_speedup']:.2f}x predicted measured "
+                             f"{m['measured_speedup']:.2f}x") from None
             if kept is None:
                 raise
             break
