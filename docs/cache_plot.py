@@ -5,12 +5,15 @@
 Each bench report is one base and its cached variants (docs/cache_table.py writes one per model and target:
 WORK/bench-MODEL-TARGET.json). A variant's method is the one it was asked for (`--method` in its manifest's
 config: `auto` stays `auto`), so every method is one line through its targets; one panel per base model. The
-caption (the commands, the machine and the date) is printed under the panels.
+caption (the commands, the machine and the date) is printed under the panels. The reports behind
+docs/cache-methods.png are in docs/data/cache-methods/ (their variants' manifests are not: a variant's method is
+then read from cache_table's name, MODEL-METHOD-TARGET).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import re
 from collections import defaultdict
 from pathlib import Path
 
@@ -26,7 +29,9 @@ def points(reports: list[dict]) -> dict[str, dict[str, list[tuple[float, float]]
                 continue
             manifest = Path(v["path"]) / "ditkit.json"
             doc_m = json.loads(manifest.read_text()) if manifest.exists() else {}
-            asked = (doc_m.get("config") or {}).get("method") or (doc_m.get("cache") or {}).get("method", v["name"])
+            named = re.fullmatch(rf"{re.escape(base['name'])}-(\w+)-[\d.]+", v["name"])  # cache_table's MODEL-M-T
+            asked = ((doc_m.get("config") or {}).get("method") or (named.group(1) if named else None)
+                     or (doc_m.get("cache") or {}).get("method", v["name"]))
             out[base["name"]][asked].append((float(v["speedup_per_image"]), float(q["psnr"])))
     return {m: {k: sorted(p) for k, p in by.items()} for m, by in out.items()}
 
@@ -38,11 +43,12 @@ def plot(pts: dict, path: Path, caption: str = "") -> None:
     import matplotlib.pyplot as plt
 
     models = sorted(pts)
+    colors = {n: f"C{i}" for i, n in enumerate(sorted({n for by in pts.values() for n in by}))}  # same in every panel
     fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4.6), squeeze=False)
     for ax, model in zip(axes[0], models):
         for name in sorted(pts[model]):
             xs, ys = zip(*pts[model][name])
-            ax.plot(xs, ys, marker="o", lw=2.5 if name in ("auto", "forecast") else 1.2, label=name)
+            ax.plot(xs, ys, marker="o", color=colors[name], lw=2.5 if name in ("auto", "forecast") else 1.2, label=name)
         ax.set_title(model)
         ax.set_xlabel("speedup per image (CPU time, 1 thread; bench)")
         ax.set_ylabel("PSNR vs the uncached images (dB)")
