@@ -10,8 +10,8 @@ import typer
 from ditkit.formats.errors import ConfigError, QualityGateError
 
 from .options import (CompileModeOpt, CompileOpt, ConfigOpt, DeviceOpt, DtypeOpt, EmbeddingsOpt, FamilyOpt, ForceOpt, JsonOpt, LabelsOpt,
-                      ParallelOpt, PromptOpt, PromptsFileOpt, SeedOpt, ThreadsOpt, parse_ints, read_prompts)
-from .run import Common, Run, log, run_op
+                      NoCacheOpt, ParallelOpt, PromptOpt, PromptsFileOpt, SeedOpt, ThreadsOpt, parse_ints, read_prompts)
+from .run import Common, Run, log, note_no_policy, run_op
 
 
 def bench_cmd(
@@ -58,6 +58,7 @@ def bench_cmd(
     max_kid_ratio: Annotated[Optional[float], typer.Option(
         help="Gate: variant KID / base KID to --fid-reference <= R.")] = None,
     max_lpips: Annotated[Optional[float], typer.Option(help="Gate: each variant's LPIPS vs the base's images <= L.")] = None,
+    no_cache: NoCacheOpt = False,
     compile_: CompileOpt = False,
     compile_mode: CompileModeOpt = "regional",
     parallel: ParallelOpt = "images",
@@ -97,7 +98,7 @@ def bench_cmd(
                       fid_reference=str(fid_reference) if fid_reference else None, min_clip=min_clip,
                       min_clip_ratio=min_clip_ratio, max_fid=max_fid, max_fid_ratio=max_fid_ratio, max_kid=max_kid,
                       max_kid_ratio=max_kid_ratio, max_lpips=max_lpips,
-                      compile=compile_, compile_mode=compile_mode, parallel=parallel)
+                      compile=compile_, compile_mode=compile_mode, parallel=parallel, cache=not no_cache)
     common = Common(family=family, config=config, dtype=dtype, force=force, json_=json_, threads=threads)
     run_op(common, partial(op, embeddings, peer or []), cfg, name="bench", sources=models or [None], outputs=[plot],
            inputs=[prompts_file, embeddings, fid_reference], device=cfg.device, estimate=partial(estimate, cfg),
@@ -117,6 +118,8 @@ def op(embeddings: Path | None, peers: list[str], bundles: list, cfg):
     from ditkit.ops.bench import bench
     from ditkit.ops.peers import peer_bundle
 
+    if not cfg.cache:
+        note_no_policy(bundles)
     if peers:
         log(f"peers: quantizing {bundles[0].name} in-process ({', '.join(peers)})")
         bundles = [*bundles, *(peer_bundle(bundles[0], p) for p in peers)]

@@ -11,8 +11,9 @@ from ditkit.formats.errors import ConfigError
 
 from . import output
 from .options import (CompileModeOpt, CompileOpt, ConfigOpt, DeviceOpt, DtypeOpt, EmbeddingsOpt, FamilyOpt, ForceOpt,
-                      JsonOpt, LabelsOpt, ModelArg, OutOpt, ParallelOpt, PromptOpt, PromptsFileOpt, SeedOpt, ThreadsOpt, parse_ints, read_prompts)
-from .run import Common, Run, log, run_op
+                      JsonOpt, LabelsOpt, ModelArg, NoCacheOpt, OutOpt, ParallelOpt, PromptOpt, PromptsFileOpt, SeedOpt,
+                      ThreadsOpt, parse_ints, read_prompts)
+from .run import Common, Run, log, note_no_policy, run_op
 
 
 def generate_cmd(
@@ -37,8 +38,7 @@ def generate_cmd(
     lora: Annotated[Optional[list[Path]], typer.Option(help="A LoRA adapter .safetensors (repeatable).")] = None,
     lora_scale: Annotated[Optional[list[float]], typer.Option(help="Scale of the adapters (one, or one per "
                                                                    "--lora; default 1).")] = None,
-    no_cache: Annotated[bool, typer.Option("--no-cache", help="Ignore the model's step-caching policy "
-                                           "(ditkit cache): run every block at every step.")] = False,
+    no_cache: NoCacheOpt = False,
     no_feedback: Annotated[bool, typer.Option("--no-feedback", help="Ignore the model's feedback module (distill "
                                               "--mode feedback): run every block at every step.")] = False,
     compile_: CompileOpt = False,
@@ -82,6 +82,8 @@ def op(lora: list[Path], scales: list[float], embeddings: Path | None, bundle, c
     if lora and bundle.feedback is not None and cfg.feedback:
         raise ConfigError("--lora changes the backbone this model's feedback module was trained on; pass "
                           "--no-feedback, or fuse the adapter first and distill --mode feedback on the fused model")
+    if not cfg.cache:
+        note_no_policy([bundle])
     adapters = with_lora(bundle, lora, scales)
     emb = load_embeddings(embeddings) if embeddings else None
     n = cfg.num_images or 0

@@ -46,6 +46,11 @@ ParallelOpt = Annotated[str, typer.Option(
     "--parallel", help="Under torchrun: images (each process makes its share of the images) or context (every image's "
                        "tokens split across the processes, sequence-parallel attention; dit, pixart, sd3, flux).")]
 
+# -- step caching (generate, bench): ops/cache; docs/accelerate.md ----------------------------------------------
+NoCacheOpt = Annotated[bool, typer.Option(
+    "--no-cache", help="Ignore the model's step-caching policy (ditkit cache): run every block at every step (a model "
+                       "without a policy runs as it would anyway; a note says so).")]
+
 # -- prompt options (generate, bench) ------------------------------------------------------------------------
 LabelsOpt = Annotated[Optional[str], typer.Option(help="Class ids, comma-separated (dit), e.g. 3,7.")]
 PromptOpt = Annotated[Optional[list[str]], typer.Option(help="A prompt (repeatable; text families).")]

@@ -30,6 +30,13 @@ from . import output
 log = output.log  # the one stderr writer
 
 
+def note_no_policy(bundles: list) -> None:
+    """--no-cache where no model has a step-caching policy changes nothing (not an error): say so on stderr."""
+    if not any((b.manifest or {}).get("cache") for b in bundles):
+        names = ", ".join(b.name for b in bundles)
+        log(f"note: --no-cache changes nothing here: {names} has no step-caching policy (ditkit cache)")
+
+
 @dataclass
 class Common:
     """The options every command shares (cli/options.py declares them)."""

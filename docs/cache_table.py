@@ -1,13 +1,14 @@
 """The cache-methods table and plot of docs/accelerate.md: every method calibrated to each target, benched in one run.
 
     .venv/bin/python docs/cache_table.py [--models tiny-digits,tiny-digits-text] [--targets 1.5,2,2.5]
-        [--methods auto,forecast,...] [--work out/cache-table] [--plot docs/cache-methods.png]
+        [--methods auto,forecast,...] [--work out/cache-table] [--plot docs/cache-methods.svg] [--caption TEXT]
 
 For each model and target it runs `ditkit cache MODEL -o WORK/MODEL-METHOD-TARGET --method METHOD
 --target-speedup TARGET --threads 1` for every method (a method that cannot reach the target exits 2 and is
 listed as such), then one `ditkit bench MODEL <every output> --threads 1 --json` per model and target, and
 prints the markdown table (speedup per image, PSNR/SSIM vs the uncached images on the same seeds, judge
-accuracy, FD) under the commands that made it; the plot is PSNR against measured speedup for every method.
+accuracy, FD) under the commands that made it; the plot (docs/cache_plot.py) is PSNR against bench's speedup per
+image for every method, from every bench report in WORK.
 """
 from __future__ import annotations
 
@@ -36,6 +37,7 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("out/cache-table"))
     ap.add_argument("--plot", type=Path, default=None)
     ap.add_argument("--reuse", action="store_true", help="keep cache outputs already in --work")
+    ap.add_argument("--caption", default="", help="the plot's caption (its commands, machine and date)")
     a = ap.parse_args()
     a.work.mkdir(parents=True, exist_ok=True)
     rows, commands = [], []
@@ -92,28 +94,12 @@ def main() -> None:
               f"({f(r['base_fd'], 2)}) |")
     print("\ncommands:\n" + "\n".join(commands))
     (a.work / "rows.json").write_text(json.dumps(rows, indent=1))
-    if a.plot is not None:
-        import matplotlib
+    if a.plot is not None:  # docs/cache_plot.py: PSNR against speedup per image, from the bench reports
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import cache_plot
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        models = sorted({r["model"] for r in rows})
-        fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 4.2), squeeze=False)
-        for ax, model in zip(axes[0], models):
-            for m in sorted({r["method"].split(" ")[0] for r in rows if r["model"] == model and "error" not in r}):
-                pts = sorted((r["speedup"], r["psnr"]) for r in rows if r["model"] == model and "error" not in r
-                             and r["method"].split(" ")[0] == m and r["psnr"] is not None)
-                if pts:
-                    ax.plot(*zip(*pts), marker="o", label=m)
-            ax.set_title(model)
-            ax.set_xlabel("speedup per image (CPU, 1 thread)")
-            ax.set_ylabel("PSNR vs uncached (dB)")
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(a.plot, dpi=80)
-
+        reports = [json.loads(p.read_text()) for p in sorted(a.work.glob("bench-*.json"))]
+        cache_plot.plot(cache_plot.points(reports), a.plot, a.caption)
 
 if __name__ == "__main__":
     main()

@@ -152,22 +152,32 @@ def _cat(a: dict, b: dict) -> dict:
 @torch.no_grad()
 def denoise(family: Family, transformer, sched, noise: torch.Tensor, cond: dict, uncond: dict | None,
             guidance: float, steps: int, on_step: Callable[[], None] | None = None,
-            predict: Callable | None = None) -> torch.Tensor:
+            predict: Callable | None = None, snapshot: Callable | None = None,
+            start: tuple[int, torch.Tensor] | None = None) -> torch.Tensor:
     """Run the reverse process from `noise` (B, C, h, w); returns the final latents.
 
     `predict(latents, t, cond) -> output` replaces the transformer call (e.g. an onnxruntime session).
+    `snapshot(i, latents, sched)` sees the state before step i; `start=(i, latents)` with a copy of that `sched`
+    (its timesteps set, its state at step i) runs steps i.. only: the same final latents, bit for bit.
     """
     predict = predict or (lambda x, t, c: family.predict(transformer, x, t, c, guidance))
     p = next(transformer.parameters(), None) if transformer is not None else None
     dtype = p.dtype if p is not None else torch.float32
     device = noise.device
-    _set_timesteps(sched, steps, noise, device)
-    latents = noise * getattr(sched, "init_noise_sigma", 1.0)  # flow schedulers start at unit noise
+    if start is None:
+        _set_timesteps(sched, steps, noise, device)
+        first, latents = 0, noise * getattr(sched, "init_noise_sigma", 1.0)  # flow schedulers: unit noise
+    else:
+        first, latents = start
     scale = getattr(sched, "scale_model_input", lambda x, t: x)
     cfg = uncond is not None
     both = _cat(cond, uncond) if cfg else cond
     with row_floor(transformer):
-        for t in sched.timesteps:
+        for i, t in enumerate(sched.timesteps):
+            if i < first:
+                continue
+            if snapshot is not None:
+                snapshot(i, latents, sched)
             x = scale(latents, t)
             x = torch.cat([x, x]) if cfg else x
             tt = t.expand(x.shape[0]).to(device)

@@ -14,7 +14,7 @@ from ditkit.formats.errors import ConfigError
 
 from .. import distributed
 from ..flops import call_flops
-from ..generate import generate
+from ..generate import generate, judge_labels
 from ..image_metrics import load_metrics, ratios, score_all
 from ..info import count_params
 from ..metrics import MatmulProbe, memory_method, module_bytes, peak_growth, psnr, ssim
@@ -47,8 +47,12 @@ def bench(bundles: list, cfg: BenchConfig, embeddings=None,
             and base_defaults.get("prompts"):
         cfg = replace(cfg, prompts=list(base_defaults["prompts"]))  # the base's own prompt set, for every model
     subjects = [_Subject(n, b, cfg, device, dtype, embeddings) for n, b in zip(_names(bundles), bundles)]
-    judge = next((b.judge for b in bundles if b.judge is not None), None)
-    if judge is not None and bundles[0].family.conditioning != "class":
+    # the judge (the base's, else the first variant's) scores a model's images against the class each condition
+    # names: the label, or the class word of a prompt (its bundle's `prompt_labels`); prompts naming no single
+    # class leave the judge out
+    judged = next((b for b in bundles if b.judge is not None), None)
+    judge = None if judged is None else judged.judge
+    if judge is not None and judge_labels(judged, list(getattr(subjects[0], "values", None) or [])) is None:
         judge = None
     _check_gates(cfg, subjects, judge)
     metric_models = load_metrics(cfg.metrics)  # local weights only; a missing file fails here, before any work
@@ -73,7 +77,7 @@ def bench(bundles: list, cfg: BenchConfig, embeddings=None,
     context = _context_latency(subjects, cfg, embeddings, world_size, log) if cfg.parallel == "context" else None
     if rank != 0:
         return bundles, None
-    quality = _quality(subjects, images, judge)
+    quality = _quality(subjects, images, judge, judged)
     if metric_models:
         made = {s.name: images[s.name] for s in subjects if images.get(s.name) is not None}
         values = score_all(metric_models, made, {s.name: getattr(s, "conditions", None) for s in subjects},
@@ -219,7 +223,7 @@ def _interleave(names, batch_sizes, calls, warmup, repeats, timer, log, what, ta
                        after_round=None if probe is None else lambda: probe.record(timer(probe)))
 
 
-def _quality(subjects, images, judge) -> dict[str, dict]:
+def _quality(subjects, images, judge, judged=None) -> dict[str, dict]:
     """Per model: its images compared with the base's on identical seeds, and judged."""
     from ..judge import score
 
@@ -239,8 +243,9 @@ def _quality(subjects, images, judge) -> dict[str, dict]:
             else:
                 q.identical = bool(np.array_equal(ref, img))
                 q.psnr, q.ssim = round(psnr(ref, img), 4), round(ssim(ref, img), 6)
-        if judge is not None:
-            js = score(judge, img, s.conditions)
+        labels = None if judge is None else judge_labels(judged, list(s.conditions))
+        if labels is not None:
+            js = score(judge, img, labels)
             q.judge_accuracy, q.judge_fd = round(js.accuracy, 6), round(js.fd, 6)
         out[s.name] = asdict(q)
     return out

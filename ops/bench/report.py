@@ -60,6 +60,7 @@ class BenchConfig(OpConfig):
     # under a launcher: "images" shares the quality images between the processes; "context" splits every image's
     # tokens across them and times that too (ops/parallel.py)
     parallel: str = "images"
+    cache: bool = True  # apply each bundle's step-caching policy (ditkit cache) where it fits; --no-cache: off
 
     def __post_init__(self):
         check_options(self)  # floats finite, seeds and counts in range (formats/errors.py)

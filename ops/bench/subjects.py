@@ -30,7 +30,7 @@ class _Subject:
         self.gcfg = GenerateConfig(labels=cfg.labels, prompts=cfg.prompts, num_images=cfg.num_images or None,
                                    steps=cfg.steps, sampler=cfg.sampler, seed=cfg.seed,
                                    batch_size=cfg.quality_batch_size, device=device, dtype=cfg.dtype,
-                                   parallel=cfg.parallel)
+                                   parallel=cfg.parallel, cache=cfg.cache)
         self.seed, self.dtype = cfg.seed, dtype
         self.cond = None  # (cond, uncond) rows per condition value, when this model has real conditioning
         if self.makes_images or fam.conditioning == "class" or embeddings is not None:
@@ -73,7 +73,8 @@ class _Subject:
         c, u = self._rows(b)
         noise = image_noise(self.seed, list(range(b)), self.shape).to(self.device)
 
-        make_predict, _ = step_predictor(bundle, self.sampler, self.steps, self.guidance)  # feedback or cache, if any
+        make_predict, _ = step_predictor(bundle, self.sampler, self.steps, self.guidance,  # feedback or cache, if any
+                                         cache=self.gcfg.cache)
 
         def run():
             sched = make_scheduler(fam, bundle.scheduler, self.sampler)

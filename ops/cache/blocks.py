@@ -15,10 +15,6 @@ def unsupported(bundle) -> str | None:
     return None
 
 
-def fit(records, steps) -> dict:
-    return {}
-
-
 def params(fitted, value, steps) -> dict:
     return {"skip": value}
 

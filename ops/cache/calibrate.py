@@ -11,9 +11,10 @@ speedup and the calibration size):
      (process CPU time on one thread, interleaved, medians); a run that leaves a share w of the block work
      (multiply-accumulates of the blocks' Linear layers that really ran, counted under any method's hooks)
      is predicted to cost steps * (t_skip_all + w * (t_full - t_skip_all)) + t_decode;
-  3. the search: the method's one knob (threshold or interval) is bisected (integers: scanned) on the
-     calibration trajectories to the smallest setting whose predicted speedup reaches the goal (`blocks`
-     widens its per-step ranges in greedy rounds instead, see `_greedy`);
+  3. the search: the method's one knob (threshold, interval or count) is bisected on the calibration
+     trajectories to the slowest setting whose predicted speedup reaches the goal, each setting run once per
+     method (a later search at another goal starts from the bracket the earlier ones found; `blocks` widens its
+     per-step ranges in greedy rounds instead, see `_greedy`);
   4. the check: one image's denoise + decode is timed with and without the method (what bench reports per
      image); a measured speedup short of the target raises the goal by the shortfall and the search goes on
      (MEASURE_ATTEMPTS searches at most);
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
+import copy
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -172,18 +174,21 @@ class _Calib:
     def sched(self):
         return make_scheduler(self.fam, self.bundle.scheduler, self.sampler)
 
-    def denoise(self, predict=None, rows=None) -> torch.Tensor:
+    def denoise(self, predict=None, rows=None, snapshot=None, start=None) -> torch.Tensor:
+        """The calibration set's final latents; `start=(i, latents, sched)` resumes at step i (ops.sample.denoise)."""
         first = lambda d: None if d is None or rows is None else {k: v[rows] for k, v in d.items()}  # noqa: E731
         noise = self.noise if rows is None else self.noise[rows]
         cond = self.cond if rows is None else first(self.cond)
         uncond = self.uncond if rows is None else first(self.uncond)
-        return denoise(self.fam, self.tr, self.sched(), noise, cond, uncond, self.guidance, self.steps,
-                       predict=predict)
+        sched = self.sched() if start is None else copy.deepcopy(start[2])
+        return denoise(self.fam, self.tr, sched, noise, cond, uncond, self.guidance, self.steps,
+                       predict=predict, snapshot=snapshot, start=None if start is None else start[:2])
 
     def record(self) -> tuple[torch.Tensor, list[dict]]:
-        """The uncached run's final latents and, per step, t, the chain residual, the probe input, the output."""
+        """The uncached run's final latents and, per step, t, the chain residual, the probe input, the output,
+        and the sampler's state before the step (`start`, what `sensitivity` resumes from)."""
         sc = StackCache(self.fam, self.tr)
-        recs, cur = [], {}
+        recs, cur, starts = [], {}, []
         sc.record = lambda h0, e0, r_h, r_e: cur.update(r_h=r_h.detach(), r_e=None if r_e is None else r_e.detach())
         probe = getattr(sc.blocks[0], self.fam.cache_probe, None)
 
@@ -202,19 +207,23 @@ class _Calib:
         handle = probe.register_forward_pre_hook(on_probe, with_kwargs=True) if probe is not None else None
         try:
             with sc.hooked():
-                ref = self.denoise(predict)
+                ref = self.denoise(predict, snapshot=lambda i, x, sched: starts.append(
+                    (i, x.clone(), copy.deepcopy(sched))))
         finally:
             if handle is not None:
                 handle.remove()
+        for rec, st in zip(recs, starts):
+            rec["start"] = st
         return ref, recs
 
     def sensitivity(self, ref: torch.Tensor, recs: list[dict]) -> None:
         """recs[s]["weight"]: how much the final latents move per unit of chain-residual error at step s, measured
-        by reusing step s-1's residual at step s alone (the error a cache makes there) on the uncached run."""
+        by reusing step s-1's residual at step s alone (the error a cache makes there) on the uncached run; each
+        such run resumes from the uncached run's state before step s (steps before s are the uncached ones)."""
         sc = StackCache(self.fam, self.tr)
         scale = float(torch.stack([r["r_h"].norm() for r in recs]).mean()) or 1.0
         for s in range(1, len(recs)):
-            prev, step = recs[s - 1], {"i": 0}
+            prev, step = recs[s - 1], {"i": s}
 
             def decide(h, e, s=s, prev=prev):
                 if step["i"] != s or prev["r_h"].shape != h.shape:
@@ -228,7 +237,7 @@ class _Calib:
                 return out
             sc.decide = decide
             with sc.hooked():
-                out = self.denoise(predict)
+                out = self.denoise(predict, start=recs[s]["start"])
             err = float((prev["r_h"] - recs[s]["r_h"]).norm()) / scale
             recs[s]["weight"] = _rel(out, ref) / max(err, 1e-12)
         recs[0]["weight"] = max((r["weight"] for r in recs[1:]), default=1.0)
@@ -387,45 +396,54 @@ def _knob_values(knob, steps):
     return None
 
 
-def _search_knob(c: _Calib, mod, fitted: dict, goal: float, spd_of, err_of) -> tuple[dict, float]:
-    """The slowest setting of `mod`'s knob whose predicted speedup reaches `goal`: (params, predicted). A method
-    with `candidates` offers several settings per knob value; the one with the least error runs."""
-    knob = mod.KNOB
-    if hasattr(mod, "candidates"):
-        mod = _Best(mod, err_of)
-    ints = _knob_values(knob, c.steps)
-    if ints is not None:  # scanned from the slow end
-        for v in ints:
-            p = mod.params(fitted, v, c.steps)
-            s = spd_of(p)
-            if s >= goal:
-                return p, s
-        raise _Short(f"{knob.name} up to its end reaches {s:.2f}x predicted")
-    lo, hi = math.log(knob.lo), math.log(knob.hi)
-    p_hi = mod.params(fitted, knob.hi, c.steps)
-    s_hi = spd_of(p_hi)
+def _search_knob(c: _Calib, mod, fitted: dict, goal: float, spd_of, err_of, seen: dict) -> tuple[dict, float]:
+    """The slowest setting of `mod`'s knob whose predicted speedup reaches `goal`: (params, predicted).
+
+    Bisection along the knob from its slow end to its fast end (integer knobs over their values, float knobs on a
+    log scale to 1/2**BISECT of the range), the predicted speedup taken to grow along it. `seen` (knob position ->
+    predicted speedup, kept across the searches of one method) narrows the first bracket, so a search again at a
+    raised or lowered goal runs only what it has not. A method with `candidates` offers several settings per knob
+    value that do the same block work (forecast: schedules of n full steps): the first one is what the bisection
+    times, and at the value found the one with the least calibration error among those reaching the goal runs."""
+    knob, steps = mod.KNOB, c.steps
+    first = ((lambda v: mod.candidates(fitted, v, steps)[0]) if hasattr(mod, "candidates")
+             else (lambda v: mod.params(fitted, v, steps)))
+    ints = _knob_values(knob, steps)
+    if ints is not None:  # positions 0..len-1, slow to fast
+        value = lambda k: ints[int(k)]  # noqa: E731
+        lo, hi, width = -1.0, float(len(ints) - 1), 1.0
+    else:
+        value = math.exp
+        lo, hi = math.log(knob.lo), math.log(knob.hi)
+        width = (hi - lo) / 2 ** BISECT
+
+    def spd(k):
+        if k not in seen:
+            seen[k] = spd_of(first(value(k)))
+        return seen[k]
+    s_hi = spd(hi)
     if s_hi < goal:
-        raise _Short(f"{knob.name} {knob.hi} reaches {s_hi:.2f}x predicted")
-    best = (p_hi, s_hi)
-    for _ in range(BISECT):
+        raise _Short(f"{knob.name} {value(hi):.4g} reaches {s_hi:.2f}x predicted, short of the {goal:.2f}x goal")
+    # the tightest bracket the earlier searches of this method know
+    lo = max([k for k, v in seen.items() if v < goal and k < hi] + [lo])
+    hi = min(k for k, v in seen.items() if v >= goal)
+    while hi - lo > width:
         mid = (lo + hi) / 2
-        p = mod.params(fitted, math.exp(mid), c.steps)
-        s = spd_of(p)
-        if s >= goal:
-            hi, best = mid, (p, s)
+        if ints is not None:
+            mid = float(math.floor(mid))
+            if mid <= lo:
+                break
+        if spd(mid) >= goal:
+            hi = mid
         else:
             lo = mid
-    return best
-
-
-class _Best:
-    """A method whose params at a knob value are its candidate with the least calibration error."""
-
-    def __init__(self, mod, err_of):
-        self.mod, self.err_of = mod, err_of
-
-    def params(self, fitted, value, steps):
-        return min(self.mod.candidates(fitted, value, steps), key=self.err_of)
+    v = value(hi)
+    if not hasattr(mod, "candidates"):
+        p = mod.params(fitted, v, steps)
+        return p, spd_of(p)
+    ok = [p for p in mod.candidates(fitted, v, steps) if spd_of(p) >= goal] or [first(v)]
+    p = min(ok, key=err_of)
+    return p, spd_of(p)
 
 
 def _calibrate_knob(c: _Calib, name: str, cfg: CacheConfig, cost: dict, ref, recs, ref_macs) -> dict:
@@ -443,11 +461,15 @@ def _calibrate_knob(c: _Calib, name: str, cfg: CacheConfig, cost: dict, ref, rec
         return memo[key]
     spd_of = lambda p: _work_speedup(run(p)[1], c.steps, cost)  # noqa: E731
     err_of = lambda p: _rel(run(p)[0], ref)  # noqa: E731
-    goal, checks, kept = cfg.target_speedup, [], None
+    goal, checks, kept, seen = cfg.target_speedup, [], None, {}
     for _ in range(MEASURE_ATTEMPTS):
         try:
-            p, pred = _search_knob(c, mod, fitted, goal, spd_of, err_of)
-        except _Short:
+            p, pred = _search_knob(c, mod, fitted, goal, spd_of, err_of, seen)
+        except _Short as e:
+            if kept is None and checks:  # the goal was raised by a short measurement
+                m = checks[-1]
+                raise _Short(f"{e}, raised after {m['predicted_speedup']:.2f}x predicted measured "
+                             f"{m['measured_speedup']:.2f}x") from None
             if kept is None:
                 raise
             break

@@ -19,10 +19,6 @@ def unsupported(bundle) -> str | None:
     return None
 
 
-def fit(records, steps) -> dict:
-    return {}
-
-
 def params(fitted, value, steps) -> dict:
     return {"threshold": float(value)}
 

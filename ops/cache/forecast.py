@@ -26,10 +26,6 @@ NEEDS_SENSITIVITY = True  # the calibration measures each step's weight (calibra
 KNOB = Knob("full_steps", 2, 0, integer=True, faster_when_higher=False)  # hi 0: the step count
 
 
-def unsupported(bundle) -> str | None:
-    return None
-
-
 def _flat(rec) -> torch.Tensor:
     parts = [rec["r_h"].flatten().float()]
     if rec.get("r_e") is not None:

@@ -12,10 +12,6 @@ SOURCE = "diffusers"
 KNOB = Knob("threshold", 1e-3, 5.0)
 
 
-def unsupported(bundle) -> str | None:
-    return None
-
-
 def fit(records, steps) -> dict:
     ratios = [1.0]
     for prev, cur in zip(records, records[1:]):

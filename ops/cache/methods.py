@@ -3,9 +3,9 @@
 A method module provides:
   SOURCE: "ditkit" (written here) or "diffusers" (diffusers.hooks driven with a cache context, ops/cache/stack.py);
   KNOB: the one setting the calibration searches to reach the target speedup (a threshold or an interval);
-  unsupported(bundle) -> str | None: why the method cannot run on this bundle;
+  unsupported(bundle) -> str | None: why the method cannot run on this bundle (optional: runs everywhere);
   fit(records, steps) -> dict: what the method learns from the uncached calibration trajectories before the
-      search (TeaCache's polynomial, MagCache's magnitude ratios, ditkit's forecast errors); {} if nothing;
+      search (TeaCache's polynomial, MagCache's magnitude ratios, ditkit's forecast errors) (optional: {});
   params(fitted, value, steps) -> dict: the JSON-able settings at knob `value` (what the manifest stores);
   runtime(bundle, params, steps, guidance) -> () -> predict: a factory of the stateful transformer-call
       replacement for one denoise run.
@@ -40,7 +40,24 @@ class Knob:
     faster_when_higher: bool = True  # a higher value skips more
 
 
+def _runs_everywhere(bundle) -> str | None:
+    return None
+
+
+def _fits_nothing(records, steps) -> dict:
+    return {}
+
+
+# what a method module may leave out: `method` gives it these
+DEFAULTS = {"unsupported": _runs_everywhere, "fit": _fits_nothing}
+
+
 def method(name: str):
+    """The module of method `name`, with DEFAULTS for what it leaves out."""
     if name not in CACHE_METHODS:
         raise choice_error("cache method", name, CACHE_METHODS)
-    return importlib.import_module(CACHE_METHODS[name])
+    mod = importlib.import_module(CACHE_METHODS[name])
+    for attr, default in DEFAULTS.items():
+        if not hasattr(mod, attr):
+            setattr(mod, attr, default)
+    return mod

@@ -9,14 +9,6 @@ SOURCE = "diffusers"
 KNOB = Knob("skip_range", 2, 0, integer=True)  # hi 0: up to the step count
 
 
-def unsupported(bundle) -> str | None:
-    return None
-
-
-def fit(records, steps) -> dict:
-    return {}
-
-
 def params(fitted, value, steps) -> dict:
     return {"skip_range": int(value)}
 

@@ -10,14 +10,6 @@ SOURCE = "diffusers"
 KNOB = Knob("cache_interval", 1, 0, integer=True)  # hi 0: up to the step count
 
 
-def unsupported(bundle) -> str | None:
-    return None
-
-
-def fit(records, steps) -> dict:
-    return {}
-
-
 def params(fitted, value, steps) -> dict:
     return {"cache_interval": int(value)}
 

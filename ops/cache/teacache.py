@@ -19,10 +19,6 @@ KNOB = Knob("threshold", 1e-3, 20.0)
 DEGREE = 4  # the authors' polynomial degree
 
 
-def unsupported(bundle) -> str | None:
-    return None
-
-
 def _rel_l1(a, b) -> float:
     return float((a - b).abs().mean() / b.abs().mean().clamp_min(1e-12))
 
