@@ -7,6 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from ditkit.formats.errors import ConfigError
 from ditkit.ops.quantize import QUANT_SCHEMES, QuantizeConfig, check_hardware, quantize
 
 from .options import ConfigOpt, DeviceOpt, FamilyOpt, ForceOpt, JsonOpt, ModelArg, OutOpt, SeedOpt, ThreadsOpt
@@ -32,6 +33,11 @@ def quantize_cmd(
     calib_batches: Annotated[int, typer.Option(help="Calibration batches (seeds seed, seed+1, ...).")] = 4,
     calib_batch_size: Annotated[int, typer.Option(help="Samples per calibration batch.")] = 2,
     seed: SeedOpt = 0,
+    lora: Annotated[Optional[list[Path]], typer.Option(
+        help="A LoRA adapter .safetensors fused into the float weights before quantizing (repeatable); the report "
+             "gives the fuse error and the quantization SQNR.")] = None,
+    lora_scale: Annotated[Optional[list[float]], typer.Option(help="Scale of the adapters (one, or one per "
+                                                                   "--lora; default 1).")] = None,
     device: DeviceOpt = "cpu",
     family: FamilyOpt = None,
     config: ConfigOpt = None,
@@ -45,8 +51,19 @@ def quantize_cmd(
                          calib_batch_size=calib_batch_size, seed=seed)
     cfg.device = check_hardware(cfg)  # fp8 on CPU etc. fails here, before any loading
     common = Common(src, family=family, config=config, force=force, json_=json_, threads=threads)
-    run_op(common, partial(quantize, progress=log), cfg, name="quantize", outputs=[out], device=cfg.device,
+    if lora_scale and not lora:
+        raise ConfigError("--lora-scale needs --lora ADAPTER")
+    op = partial(fused, lora, lora_scale or []) if lora else partial(quantize, progress=log)
+    run_op(common, op, cfg, name="quantize", outputs=[out], inputs=list(lora or []), device=cfg.device,
            write=partial(write, out), rows=rows, title=f"quantize ({cfg.scheme}) -> {out}")
+
+
+def fused(paths: list[Path], scales: list[float], bundle, cfg):
+    """--lora: the adapters read, fused into the float weights, then the model quantized (ops.quantize_fused)."""
+    from ditkit.formats.lora import load_adapter
+    from ditkit.ops.quantize import quantize_fused
+
+    return quantize_fused(bundle, cfg, [load_adapter(p) for p in paths], scales, progress=log)
 
 
 def write(out: Path, run: Run, variant, report) -> dict:

@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Callable
 
 from ditkit.formats.checkpoint import CheckpointStore
-from ditkit.formats.errors import ConfigError, HardwareError
+from ditkit.formats.errors import ConfigError, HardwareError, UnsupportedModelError
+from ditkit.formats.quantized import is_quantized
 
 from .lora import (TARGETS, LoraConfig, adapter_scales, cache_key, encode_data, extract_adapter, fuse_lora,
                    linear_modules, lora_train, native_size)
@@ -64,6 +65,11 @@ def lora_train_job(bundle, cfg: LoraConfig, *, data: Path, ckpt: Path, resume: b
     from ditkit.ops import distributed, memory
 
     rank0 = distributed.world()[0] == 0
+    if fuse and is_quantized(bundle.transformer):  # refused before any training: fuse_lora would refuse after it
+        raise UnsupportedModelError(f"--fuse-into: {bundle.name} is quantized (the adapter trains against its "
+                                    "quantized weights, QLoRA); drop --fuse-into and use the adapter with generate "
+                                    "--lora, or fuse it into the float model and quantize that: ditkit quantize FLOAT "
+                                    "--lora ADAPTER")
     emb = load_embeddings(embeddings) if embeddings else None
     folder = read_image_folder(data, size=native_size(bundle))
     made = ckpt if rank0 and not ckpt.exists() else None  # removed again if the memory check refuses the job

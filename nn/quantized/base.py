@@ -29,6 +29,7 @@ class Kind:
     rebuild: Callable  # (spec: dict, tensors: dict, device) -> quantized module
     doc: str = ""
     nbytes: Callable | None = None  # (quantized module) -> bytes of its tensors, where tensors() would copy
+    dequantize: Callable | None = None  # (quantized module) -> its float weight as the kernel sees it, fp32
 
 
 def tag(module: nn.Module, kind: str, kernel: str, spec: dict, fallback: bool = False) -> nn.Module:
@@ -57,3 +58,29 @@ def int8_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     scale = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12)  # (N,)
     q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
     return q, scale
+
+
+class _DequantizedGrad(torch.autograd.Function):
+    """y = the quantized kernel's output; dL/dx = dL/dy W with W the dequantized weight (QLoRA's backward).
+
+    The weight is frozen (no gradient for it); the kernels whose forward autograd cannot see into (torch.ao's
+    packed int8 GEMM, torch._int_mm, torch._scaled_mm: their inputs are cast to int8 / fp8 first) still pass
+    the gradient on to the layers before them, so an adapter anywhere in a quantized model trains."""
+
+    @staticmethod
+    def forward(ctx, x, run, weight):
+        ctx.weight, ctx.dtype = weight, x.dtype  # weight: () -> (N, K) float, called in backward only
+        with torch.no_grad():
+            return run(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        w = ctx.weight().to(g.device, g.dtype)  # (N, K)
+        return (g @ w).to(ctx.dtype), None, None  # (..., N) @ (N, K) -> (..., K)
+
+
+def input_differentiable(x: torch.Tensor, run: Callable, weight: Callable) -> torch.Tensor:
+    """run(x), differentiable w.r.t. x through the dequantized weight where autograd needs it (training)."""
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _DequantizedGrad.apply(x, run, weight)
+    return run(x)

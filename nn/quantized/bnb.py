@@ -195,7 +195,21 @@ def rebuild_linear4(spec: dict, t: dict, device: str) -> nn.Module:
     return _linear4(dict(spec), device, t=t, bias=t.get("bias"))
 
 
+def dequantize_int8(m) -> torch.Tensor:
+    """LLM.int8()'s weight as its matmul sees it: int8 rows x SCB / 127 (the outlier columns are activations')."""
+    scb = m.weight.SCB if m.weight.SCB is not None else m.state.SCB
+    return m.weight.data.float() * (scb.float() / 127.0)[:, None]
+
+
+def dequantize_linear4(m) -> torch.Tensor:
+    if m.weight.device.type == "cpu":
+        return dequantize_flat(m.weight, torch.float32)
+    return _bnb().functional.dequantize_4bit(m.weight.data, m.weight.quant_state).float()
+
+
 KIND_BNB_INT8 = Kind(INT8, nn.Linear, make_int8, int8_tensors, rebuild_int8,
-                     "bitsandbytes LLM.int8(): int8 weights (per row), int8 activations with fp16 outliers")
+                     "bitsandbytes LLM.int8(): int8 weights (per row), int8 activations with fp16 outliers",
+                     dequantize=dequantize_int8)
 KIND_BNB_4BIT = Kind(LINEAR4, nn.Linear, make_linear4, linear4_tensors, rebuild_linear4,
-                     "bitsandbytes 4-bit weights (nf4/fp4, blocks of 64, double-quantized absmax)")
+                     "bitsandbytes 4-bit weights (nf4/fp4, blocks of 64, double-quantized absmax)",
+                     dequantize=dequantize_linear4)

@@ -13,7 +13,7 @@ from torch import nn
 
 from ditkit.nn.dtypes import DTYPES
 
-from .base import Kind, float_bias, linear_spec, tag
+from .base import Kind, float_bias, input_differentiable, linear_spec, tag
 
 KIND = "fp8-linear"
 FP8 = torch.float8_e4m3fn
@@ -32,6 +32,12 @@ class Fp8Linear(nn.Module):
         self.register_buffer("bias", bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return input_differentiable(x, self._forward, self.dequantized)
+
+    def dequantized(self) -> torch.Tensor:
+        return self.weight.float() * self.weight_scale  # (N, K)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features).float()  # (M, K)
         a = (x2.abs().amax() / FP8_MAX).clamp(min=1e-12)  # () dynamic per-tensor activation scale
@@ -91,4 +97,5 @@ def check_device(device: str) -> str | None:
     return None
 
 
-KIND_FP8 = Kind(KIND, nn.Linear, make, tensors, rebuild, "float8 e4m3 weights and activations, per-tensor scales")
+KIND_FP8 = Kind(KIND, nn.Linear, make, tensors, rebuild, "float8 e4m3 weights and activations, per-tensor scales",
+                dequantize=lambda m: m.dequantized())

@@ -17,13 +17,14 @@ On disk both are the same tensors: weight int8 (N, K), weight_scale fp32 (N,), b
 """
 from __future__ import annotations
 
+import functools
 import warnings
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Kind, float_bias, int8_rows, linear_spec, tag
+from .base import Kind, float_bias, input_differentiable, int8_rows, linear_spec, tag
 
 KIND = "int8-dynamic-linear"
 
@@ -54,6 +55,35 @@ def cpu_engine(in_features: int, out_features: int, conditioning: bool) -> str:
     return next((e for e in ("fbgemm", "x86") if e in engines), torch.backends.quantized.engine)
 
 
+@functools.cache
+def ao_linear_class() -> type:
+    """torch.ao's dynamic int8 Linear, differentiable w.r.t. its input (its own packed GEMM has no autograd
+    formula: gradients stopped there, silently). Its name stays DynamicQuantizedLinear (torch.ao's _get_name)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao's deprecation notices
+        from torch.ao.nn.quantized.dynamic import Linear as DynamicQuantizedLinear
+
+    class Int8DynamicLinear(DynamicQuantizedLinear):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return input_differentiable(x, super().forward, self.dequantized)
+
+        def dequantized(self) -> torch.Tensor:
+            return self._weight_bias()[0].dequantize()  # (N, K) fp32
+
+        def _save_to_state_dict(self, destination, prefix, keep_vars):
+            """The on-disk tensors (weight int8, weight_scale, bias), not torch.ao's packed tuple and dtype."""
+            for k, v in tensors(self).items():
+                destination[prefix + k] = v
+
+        @property
+        def qweight(self) -> torch.Tensor:
+            """The int8 weight (N, K), by the name peft looks for a quantized layer's device under (torch.ao's
+            `weight` is a method)."""
+            return self._weight_bias()[0].int_repr()
+
+    return Int8DynamicLinear
+
+
 def _ao_linear(q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, spec: dict) -> nn.Module:
     n, k = q.shape
     engine = spec.get("engine") or torch.backends.quantized.engine  # files from before "engine": the default
@@ -63,10 +93,8 @@ def _ao_linear(q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, 
     try:
         torch.backends.quantized.engine = engine  # set_weight_bias packs the weight for this backend
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # torch.ao's deprecation notices (import, quantized tensor creation)
-            from torch.ao.nn.quantized.dynamic import Linear as DynamicQuantizedLinear
-
-            m = DynamicQuantizedLinear(k, n, bias_=bias is not None, dtype=torch.qint8)
+            warnings.simplefilter("ignore")  # torch.ao's deprecation notices (quantized tensor creation)
+            m = ao_linear_class()(k, n, bias_=bias is not None, dtype=torch.qint8)
             qw = torch._make_per_channel_quantized_tensor(q, scale.double(), torch.zeros(n, dtype=torch.long), 0)
             m.set_weight_bias(qw, bias)
     finally:
@@ -87,6 +115,12 @@ class Int8MMLinear(nn.Module):
         self.register_buffer("bias", bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return input_differentiable(x, self._forward, self.dequantized)
+
+    def dequantized(self) -> torch.Tensor:
+        return self.weight.float() * self.weight_scale[:, None]  # (N, K)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features).float()  # (M, K)
         m = x2.shape[0]
@@ -95,7 +129,7 @@ class Int8MMLinear(nn.Module):
             xq = torch.round(x2 / a).clamp(-127, 127).to(torch.int8)
             y = torch._int_mm(xq, self.weight.t()).float() * a * self.weight_scale  # (M, N)
         else:  # shapes cuBLASLt's int8 GEMM refuses: dequantized weight, same numbers to within fp32 rounding
-            y = F.linear(x2, self.weight.float() * self.weight_scale[:, None])
+            y = F.linear(x2, self.dequantized())
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
@@ -140,5 +174,9 @@ def rebuild(spec: dict, t: dict, device: str) -> nn.Module:
     return _module(t["weight"], t["weight_scale"].float(), t.get("bias"), device, dict(spec))
 
 
+def dequantize(m: nn.Module) -> torch.Tensor:
+    return m.dequantized()
+
+
 KIND_INT8_DYNAMIC = Kind(KIND, nn.Linear, make, tensors, rebuild,
-                         "int8 weights (per output row) x int8 activations (dynamic)", nbytes)
+                         "int8 weights (per output row) x int8 activations (dynamic)", nbytes, dequantize)

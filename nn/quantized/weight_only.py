@@ -33,7 +33,10 @@ class Int8WeightOnlyLinear(nn.Module):
         self.register_buffer("weight_scale", scale)  # (N,) fp32
         self.register_buffer("bias", bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def dequantized(self) -> torch.Tensor:
+        return self.weight.float() * self.weight_scale[:, None]  # (N, K)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # differentiable w.r.t. x as it is (F.linear)
         dt = self.compute_dtype or x.dtype
         w = self.weight.to(dt) * self.weight_scale.to(dt)[:, None]  # (N, K)
         y = F.linear(x.to(dt), w, None if self.bias is None else self.bias.to(dt))
@@ -98,6 +101,6 @@ def rebuild_embedding(spec: dict, t: dict, device: str) -> nn.Module:
 
 
 KIND_INT8_WEIGHT = Kind(LINEAR, nn.Linear, make_linear, linear_tensors, rebuild_linear,
-                        "int8 weights (per output row), float activations")
+                        "int8 weights (per output row), float activations", dequantize=lambda m: m.dequantized())
 KIND_INT8_EMBEDDING = Kind(EMBEDDING, nn.Embedding, make_embedding, embedding_tensors, rebuild_embedding,
                            "int8 table rows with a scale per row")

@@ -20,7 +20,7 @@ generator, so --resume continues exactly.
 from __future__ import annotations
 
 from .adapters import (ADAPTER_NAME, _inject, adapter_names, adapter_scales, apply_lora, base_digest, extract_adapter,
-                       fuse_lora, unload_lora)
+                       fuse_lora, fuse_lora_, unload_lora)
 from .config import RESUMABLE_CHANGES, LoraConfig, LoraReport
 from .data import TRIGGER_SLOT, add_trigger, cache_key, encode_data, encode_images, native_size, strip_trigger
 from .loss import estimate_peak_memory, make_loss
@@ -29,5 +29,5 @@ from .train import lora_train
 
 __all__ = ["ADAPTER_NAME", "RESUMABLE_CHANGES", "TARGETS", "TRIGGER_SLOT", "LoraConfig", "LoraReport", "Target",
            "_inject", "adapter_names", "adapter_scales", "add_trigger", "apply_lora", "base_digest", "cache_key",
-           "encode_data", "encode_images", "estimate_peak_memory", "extract_adapter", "fuse_lora", "linear_modules",
+           "encode_data", "encode_images", "estimate_peak_memory", "extract_adapter", "fuse_lora", "fuse_lora_", "linear_modules",
            "lora_train", "make_loss", "native_size", "resolve_targets", "strip_trigger", "unload_lora"]

@@ -8,8 +8,9 @@ import hashlib
 import torch
 from torch import nn
 
-from ditkit.formats.errors import ConfigError, FormatError
+from ditkit.formats.errors import ConfigError, FormatError, UnsupportedModelError
 from ditkit.formats.lora import Adapter, adapter_from_peft_state, effective_scale, match
+from ditkit.formats.quantized import is_quantized
 
 from .config import LoraConfig
 from .targets import linear_modules
@@ -49,6 +50,10 @@ def _inject(tr: nn.Module, modules: list[str], rank: int, alpha: float, name: st
 
     conf = PeftLoraConfig(r=rank, lora_alpha=alpha, target_modules=list(modules), lora_dropout=0.0, bias="none",
                           init_lora_weights=True)
+    if is_quantized(tr):  # ditkit's own quantized Linears: the adapter in float beside them (QLoRA)
+        from ditkit.nn.quantized.lora import custom_modules
+
+        conf._register_custom_module(custom_modules())
     inject_adapter_in_model(conf, tr, adapter_name=name)
 
 
@@ -56,7 +61,9 @@ def base_digest(tr: nn.Module) -> str:
     """sha256 over the base weights (LoRA factors excluded; peft's base_layer names folded back)."""
     h = hashlib.sha256()
     sd = tr.state_dict()
-    items = sorted((k.replace(".base_layer.", "."), v) for k, v in sd.items() if ".lora_" not in k)
+    items = sorted((k.replace(".base_layer.", "."), v) for k, v in sd.items()
+                   if ".lora_" not in k and isinstance(v, torch.Tensor))  # torch.ao's packed tuple: its tensors
+    # are in the module's own entries (weight, weight_scale, bias: nn/quantized/torch_dynamic.py)
     for k, v in items:
         h.update(k.encode())
         h.update(v.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes() if v.numel() else b"")
@@ -66,7 +73,7 @@ def base_digest(tr: nn.Module) -> str:
 def apply_lora(bundle, adapter: Adapter | list[Adapter], scale: float | list[float] = 1.0):
     """Load adapter(s) into the bundle's transformer (in place), each active with its own scale; returns the
     bundle. An adapter for another family, or with keys that match no module, raises FormatError."""
-    from peft import set_peft_model_state_dict
+    from peft.tuners.tuners_utils import BaseTunerLayer
 
     adapters = adapter if isinstance(adapter, list) else [adapter]
     scales = adapter_scales(scale, len(adapters))
@@ -81,13 +88,21 @@ def apply_lora(bundle, adapter: Adapter | list[Adapter], scale: float | list[flo
     for i, (ad, s) in enumerate(zip(adapters, scales)):
         name = f"lora{len(names)}"
         _inject(tr, ad.modules, ad.rank, ad.alpha, name)
-        p = next(tr.parameters())
-        state = {k: v.to(p.device) for k, v in ad.peft_state_dict().items()}
-        res = set_peft_model_state_dict(tr, state, adapter_name=name)
-        bad = [k for k in res.unexpected_keys if ".lora_" in k]
-        missing = [k for k in res.missing_keys if f".{name}." in k]
-        if bad or missing:
-            raise FormatError(f"adapter {ad.path or i} did not load: {(bad or missing)[:5]}")
+        # the factors copied in place (not load_state_dict: torch.ao's int8 modules cannot load a partial state)
+        bad = []
+        with torch.no_grad():
+            for m in ad.modules:
+                layer = tr.get_submodule(m)
+                if not isinstance(layer, BaseTunerLayer) or name not in layer.lora_A:
+                    bad.append(m)
+                    continue
+                for factor, w in ((layer.lora_A[name].weight, ad.A[m]), (layer.lora_B[name].weight, ad.B[m])):
+                    if factor.shape != w.shape:
+                        bad.append(m)
+                        break
+                    factor.copy_(w.to(factor.device, factor.dtype))
+        if bad:
+            raise FormatError(f"adapter {ad.path or i} did not load: {bad[:5]}")
         for _, layer in _lora_layers(tr):
             if name in layer.lora_A:
                 layer.set_scale(name, float(s))
@@ -148,10 +163,24 @@ def unload_lora(bundle):
 def fuse_lora(bundle, adapter: Adapter | list[Adapter], scale: float | list[float] = 1.0):
     """A new bundle whose transformer holds W + scale * (alpha / rank) * B A (the input is left untouched), with
     the sampler of a `distill --as-lora` adapter (apply_sampling)."""
-    adapters = adapter if isinstance(adapter, list) else [adapter]
-    scales = adapter_scales(scale, len(adapters))
+    if is_quantized(bundle.transformer):
+        raise UnsupportedModelError(f"{bundle.name} is quantized: fusing an adapter into its weights would dequantize, "
+                                    "add and requantize them. Use it unfused (generate --lora runs it beside the "
+                                    "quantized weights), or fuse it into the float model and quantize that "
+                                    "(ditkit quantize FLOAT --lora ADAPTER)")
     tr = copy.deepcopy(bundle.transformer)
     unload_lora(dataclasses.replace(bundle, transformer=tr))
+    fused = dataclasses.replace(bundle, transformer=tr)
+    return fuse_lora_(fused, adapter, scale)
+
+
+def fuse_lora_(bundle, adapter: Adapter | list[Adapter], scale: float | list[float] = 1.0):
+    """fuse_lora in place (no copy of the transformer: DiT-XL/2 is 2.7 GB); the transformer holds no adapters."""
+    adapters = adapter if isinstance(adapter, list) else [adapter]
+    scales = adapter_scales(scale, len(adapters))
+    tr = bundle.transformer
+    if is_quantized(tr) or _lora_layers(tr):
+        raise UnsupportedModelError(f"{bundle.name}: fuse_lora_ takes a float model without adapters")
     mods = linear_modules(tr)
     for ad, s in zip(adapters, scales):
         if ad.family is not None and ad.family != bundle.family.name:
@@ -164,7 +193,7 @@ def fuse_lora(bundle, adapter: Adapter | list[Adapter], scale: float | list[floa
                 delta = (ad.B[m].double() @ ad.A[m].double()) * effective_scale(ad.alpha, ad.rank, s)
                 lin.weight.copy_((lin.weight.double() + delta.to(lin.weight.device)).to(lin.weight.dtype))
     # a few-step adapter's sampler comes along (new components / manifest dicts: the input keeps its own)
-    return apply_sampling(dataclasses.replace(bundle, transformer=tr), adapters)
+    return apply_sampling(bundle, adapters)
 
 
 def extract_adapter(bundle, cfg: LoraConfig, info: dict | None = None) -> Adapter:

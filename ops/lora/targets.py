@@ -8,6 +8,7 @@ from typing import Callable
 from torch import nn
 
 from ditkit.formats.errors import UnsupportedModelError
+from ditkit.nn.quantized import KIND_ATTR, KINDS
 
 
 def _attention_types() -> tuple[type, ...]:
@@ -24,14 +25,23 @@ def _base(module: nn.Module) -> nn.Module:
     return module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
 
 
+def _is_linear(m: nn.Module) -> bool:
+    """An nn.Linear, or a quantized module that replaced one (its adapter runs beside it: nn/quantized/lora.py)."""
+    if isinstance(m, nn.Linear):
+        return True
+    kind = KINDS.get(getattr(m, KIND_ATTR, None) or "")
+    return kind is not None and kind.source is nn.Linear
+
+
 def linear_modules(tr: nn.Module) -> dict[str, tuple[int, int]]:
-    """{name: (out_features, in_features)} of every Linear (LoRA-wrapped ones by their own name)."""
+    """{name: (out_features, in_features)} of every Linear, quantized ones included (LoRA-wrapped ones by their
+    own name)."""
     out = {}
     for name, m in tr.named_modules():
         if ".base_layer" in name or re.search(r"\.lora_[AB]\.", name + "."):
             continue
         b = _base(m)
-        if isinstance(b, nn.Linear) and not name.endswith((".lora_A", ".lora_B")):
+        if _is_linear(b) and not name.endswith((".lora_A", ".lora_B")):
             out[name] = (b.out_features, b.in_features)
     return out
 

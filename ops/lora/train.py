@@ -6,7 +6,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ditkit.formats.errors import ConfigError, UnsupportedModelError
+from ditkit.formats.errors import ConfigError
 
 from ..training import train
 from .adapters import ADAPTER_NAME, _inject, _lora_layers, adapter_names, base_digest
@@ -30,10 +30,8 @@ def lora_train(bundle, cfg: LoraConfig, data, store=None, resume: bool = False, 
     if adapter_names(tr):
         raise ConfigError("the model already carries LoRA adapters; fuse them first (lora-train --fuse-into) "
                           "or train on the plain base")
-    from ditkit.formats import quantized
-
-    if quantized.is_quantized(tr):
-        raise UnsupportedModelError("lora-train needs a full-precision base; train on the model before quantizing")
+    # a quantized base trains as QLoRA: frozen quantized weights, float adapter, gradients through the quantized
+    # forward (each quantized kind is differentiable w.r.t. its input: nn/quantized/base.input_differentiable)
     if isinstance(data, dict):
         tensors, info = data, dict(data_info or {})
     else:
