@@ -119,16 +119,16 @@ class FsdpEngine:
         mesh = init_device_mesh(device.type, (self.world,))
         mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
               if mixed_precision == "bf16" and device.type == "cuda" else MixedPrecisionPolicy())
-        # 1. the copy that trains (hooks on the module's blocks, e.g. recover's feature capture, come along);
-        #    the module's own storage is freed right after
-        model = copy.deepcopy(module)
-        self.release()
+        # 1. the copy that trains: the module's structure, hooks (recover's feature capture) and buffers, sharing
+        #    its parameters until fully_shard puts shards in their place; the module's own storage is freed then
+        model = copy.deepcopy(module, memo={id(p): p for p in module.parameters()})
         # 2. bottom-up: every block its own unit (all-gathered, then freed, one at a time), then the root;
         #    units(model): the family's list (Family.shard_units), innermost first
         for b in (units or blocks)(model):
             if next(b.parameters(), None) is not None:
                 fully_shard(b, mesh=mesh, mp_policy=mp)
         fully_shard(model, mesh=mesh, mp_policy=mp)
+        self.release()
         self.model = model
         self.named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
