@@ -16,7 +16,7 @@ from ditkit.ops.runtime import resolve_device
 from . import output
 from .options import (CheckpointDirOpt, CheckpointEveryOpt, ConfigOpt, DeviceOpt, FamilyOpt, ForceOpt,
                       GradAccumOpt, GradCheckpointingOpt, JsonOpt, MixedPrecisionOpt, ModelArg, OptionalOutOpt,
-                      ResumeOpt, SeedOpt, ThreadsOpt, ValidateEveryOpt, WarmupStepsOpt)
+                      ResumeOpt, SeedOpt, ShardingOpt, ThreadsOpt, ValidateEveryOpt, WarmupStepsOpt)
 from .run import Common, Run, log, run_op
 
 MODE_HELP = "; ".join(f"{name}: {m.help}" for name, m in DISTILL_MODES.items())
@@ -91,6 +91,7 @@ def distill_cmd(
                                                             f"({_default('', 'ema_decay')}).")] = None,
     mixed_precision: MixedPrecisionOpt = "no",
     grad_checkpointing: GradCheckpointingOpt = False,
+    sharding: ShardingOpt = "ddp",
     pool_size: Annotated[Optional[int], typer.Option(help=f"Teacher trajectories precomputed as inputs "
                                                           f"({_default('', 'pool_size')}).")] = None,
     val_images: Annotated[Optional[int], typer.Option(help="Validation images (100 with a judge, else 8).")] = None,
@@ -112,7 +113,7 @@ def distill_cmd(
     cfg = DistillConfig(mode=check_mode(mode), steps=steps, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps,
                         ema_decay=ema_decay, weight_decay=weight_decay, grad_accum=grad_accum,
                         max_grad_norm=max_grad_norm, mixed_precision=mixed_precision,
-                        grad_checkpointing=grad_checkpointing, checkpoint_every=checkpoint_every,
+                        grad_checkpointing=grad_checkpointing, sharding=sharding, checkpoint_every=checkpoint_every,
                         validate_every=validate_every, seed=seed, pool_size=pool_size, output_weight=output_weight,
                         feature_weight=feature_weight, cfg_weight=cfg_weight, mask_outliers=mask_outliers,
                         gt_weight=gt_weight if images is not None or gt_weight is not None else None,
@@ -139,6 +140,9 @@ def check_mode(mode: str | None) -> str:
 
 
 def check_options(cfg: DistillConfig, images: Path | None, out: Path | None) -> None:
+    from ditkit.ops import distributed, sharding
+
+    sharding.check_run(cfg.sharding, cfg.mixed_precision, cfg.device, distributed.world()[1])
     if images is not None and cfg.mode != "recover":
         raise ConfigError(f"--images does not apply to --mode {cfg.mode} (it is data-free)")
     if out is None:

@@ -16,7 +16,7 @@ from ditkit.ops.runtime import resolve_device
 from . import output
 from .options import (CheckpointDirOpt, CheckpointEveryOpt, ConfigOpt, DeviceOpt, FamilyOpt, ForceOpt,
                       GradAccumOpt, GradCheckpointingOpt, JsonOpt, MixedPrecisionOpt, ModelArg, ResumeOpt, SeedOpt,
-                      ThreadsOpt, ValidateEveryOpt, WarmupStepsOpt)
+                      ShardingOpt, ThreadsOpt, ValidateEveryOpt, WarmupStepsOpt)
 from .run import Common, Run, log, run_op, split_csv
 
 TARGET_HELP = "; ".join(f"{k}: {t.help}" for k, t in TARGETS.items())
@@ -39,6 +39,7 @@ def lora_train_cmd(
     grad_accum: GradAccumOpt = 1,
     mixed_precision: MixedPrecisionOpt = "no",
     grad_checkpointing: GradCheckpointingOpt = False,
+    sharding: ShardingOpt = "ddp",
     ema_decay: Annotated[float, typer.Option(help="EMA of the adapter (0 = off).")] = 0.0,
     trigger: Annotated[Optional[str], typer.Option(help="Text families: a word added to every caption "
                                                         "(or put where a caption says {trigger}).")] = None,
@@ -84,7 +85,10 @@ def lora_train_cmd(
                      grad_checkpointing=grad_checkpointing, ema_decay=ema_decay, checkpoint_every=checkpoint_every,
                      validate_every=validate_every, validation_images=validation_images,
                      validation_steps=validation_steps, seed=seed, trigger=trigger, caption_dropout=caption_dropout,
-                     prior_images=prior_images, prior_weight=prior_weight, device=device)
+                     prior_images=prior_images, prior_weight=prior_weight, sharding=sharding, device=device)
+    from ditkit.ops import distributed, sharding as shard_modes
+
+    shard_modes.check_run(cfg.sharding, cfg.mixed_precision, device, distributed.world()[1])
     ckpt = checkpoint_dir(out, checkpoint_dir_)
     job = dict(data=data, ckpt=ckpt, resume=resume, force=force, embeddings=embeddings, fuse=fuse_into is not None)
     run_op(common, partial(train, job), cfg, name="lora-train", outputs=[out, fuse_into], work_dirs=[ckpt],

@@ -64,6 +64,10 @@ GradAccumOpt = Annotated[int, typer.Option(help="Gradient accumulation: micro-ba
 MixedPrecisionOpt = Annotated[str, typer.Option(help="no, bf16 or fp16 (CUDA).")]
 GradCheckpointingOpt = Annotated[bool, typer.Option("--grad-checkpointing", help="Recompute activations in "
                                                     "backward (less memory).")]
+ShardingOpt = Annotated[str, typer.Option(
+    help="Under torchrun: ddp (every process holds the whole model and optimizer state) or fsdp (PyTorch FSDP2: "
+         "parameters, gradients, optimizer state and EMA sharded across the processes; 2+ processes, bf16 mixed "
+         "precision on CUDA). Checkpoints are the same either way (docs/scale.md).")]
 ValidateEveryOpt = Annotated[int, typer.Option(help="Validate every N steps (0 = at the end only).")]
 CheckpointEveryOpt = Annotated[int, typer.Option(help="Checkpoint every N steps.")]
 CheckpointDirOpt = Annotated[Optional[Path], typer.Option(

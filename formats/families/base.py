@@ -129,6 +129,12 @@ class Family:
     def blocks(self, transformer: nn.Module) -> nn.ModuleList:
         return getattr(transformer, self.blocks_attr)
 
+    def shard_units(self, transformer: nn.Module) -> list[nn.Module]:
+        """What `--sharding fsdp` shards as units, innermost first (ops/sharding.py; the root is the last unit):
+        every block of the stacks. A family whose forward calls a block's submodule from outside that block's own
+        forward lists the submodule too (before its block), so that it is gathered when it runs."""
+        return [b for s in self.stacks if hasattr(transformer, s.attr) for b in getattr(transformer, s.attr)]
+
     def is_full_precision(self, module_name: str) -> bool:
         return any(re.search(p, module_name) for p in self.full_precision)
 

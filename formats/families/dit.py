@@ -39,6 +39,12 @@ class DiTFamily(Family):
                               f"(0) nor diffusers' (1); restore the ditkit.json saved with these weights")
         for proj in time_projs(transformer):
             proj.downscale_freq_shift = shift
+    def shard_units(self, transformer):
+        # diffusers' DiT forward calls block 0's timestep/label embedding again for the final layer
+        head = [b.norm1.emb for b in getattr(transformer, "transformer_blocks", [])[:1]
+                if hasattr(getattr(b, "norm1", None), "emb")]
+        return head + super().shard_units(transformer)
+
     def num_classes(self, transformer) -> int:
         return transformer.config.num_embeds_ada_norm
 

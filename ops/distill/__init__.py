@@ -84,6 +84,7 @@ class DistillConfig(OpConfig):
     checkpoint_every: int = 100
     validate_every: int = 0  # 0: validate once, at the end
     seed: int = 0
+    sharding: str = "ddp"  # ops/sharding.SHARDING (fsdp: under a launcher, 2+ processes)
     pool_size: int | None = None  # teacher trajectories precomputed as training inputs
     # recover
     output_weight: float | None = None
@@ -156,6 +157,9 @@ class DistillConfig(OpConfig):
             raise ConfigError(f"--guidance must be >= 0 (got {self.guidance})")
         if self.warmup_steps < 0:
             raise ConfigError(f"--warmup-steps must be >= 0 (got {self.warmup_steps})")
+        if self.sharding == "fsdp" and not m.copies_student:
+            raise ConfigError(f"--sharding fsdp does not apply to --mode {self.mode}: it trains one block's copy "
+                              "beside the frozen model, which FSDP would not shrink; use --sharding ddp")
         self.train_config()  # validates the loop's fields (steps, batch, lr, accumulation ...)
         micro = self.batch_size // self.grad_accum
         if micro < 1:
@@ -167,7 +171,7 @@ class DistillConfig(OpConfig):
 
 
 # fields that may change between an interrupted run and its --resume
-RESUMABLE_CHANGES = ("steps", "checkpoint_every", "validate_every", "val_images", "device")
+RESUMABLE_CHANGES = ("steps", "checkpoint_every", "validate_every", "val_images", "device", "sharding")
 
 
 @dataclass
@@ -188,6 +192,7 @@ class DistillReport:
     validation: dict  # the student (EMA weights) at its defaults on the same seeds
     plan: dict = field(default_factory=dict)
     details: dict = field(default_factory=dict)  # the mode's own (pool, mapping, grid ...)
+    sharding: dict = field(default_factory=dict)  # mode, processes, this process's param + optimizer state bytes
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -293,7 +298,7 @@ def distill(student_bundle, cfg: DistillConfig, teacher_bundle=None, store=None,
     trained = sum(p.numel() for p in job.model.parameters() if p.requires_grad)
     plan = {"mode": cfg.mode, **job.plan, "params_trained": trained, "steps": cfg.steps,
             "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum, "lr": cfg.lr, "ema_decay": cfg.ema_decay,
-            "mixed_precision": cfg.mixed_precision, "device": device,
+            "mixed_precision": cfg.mixed_precision, "sharding": cfg.sharding, "device": device,
             "peak_memory_estimate": common.describe_bytes(mem["total_estimate"]), "memory": mem,
             "student_defaults": job.defaults, "validation": f"{n_val} images every "
             f"{cfg.validate_every or cfg.steps} steps ({'judge' if has_judge else 'PSNR vs teacher'})"}
@@ -306,7 +311,7 @@ def distill(student_bundle, cfg: DistillConfig, teacher_bundle=None, store=None,
     record = {**cfg.to_dict(), "teacher_sha256": teacher_sha}
     try:
         result = train(job.model, job.loss_fn, tcfg, store=store, resume=resume, validate=validator,
-                       on_step=progress, config_record=record)
+                       on_step=progress, config_record=record, shard_units=student_bundle.family.shard_units)
     finally:
         job.close()
     job.model.requires_grad_(False).eval()
@@ -323,7 +328,7 @@ def distill(student_bundle, cfg: DistillConfig, teacher_bundle=None, store=None,
         params_trained=trained, steps=result.step,
         batch_size=cfg.batch_size, resumed_from=result.resumed_from, final_loss=result.final_loss,
         seconds=round(time.perf_counter() - t0, 2), train_seconds=result.seconds, defaults=job.defaults,
-        baseline=base, validation=result.validation, plan=plan, details=details)
+        baseline=base, validation=result.validation, plan=plan, details=details, sharding=result.sharding)
     return result_out, report
 
 

@@ -36,6 +36,7 @@ class LoraConfig(OpConfig):
     validation_images: int = 8
     validation_steps: int | None = None  # sampling steps of validation images; None: the model's default
     seed: int = 0
+    sharding: str = "ddp"  # ops/sharding.SHARDING (fsdp: under a launcher, 2+ processes)
     trigger: str | None = None  # text families: added to every caption (or put where a caption says {trigger})
     caption_dropout: float = 0.1  # text families: share of steps' images trained on the empty prompt (CFG)
     prior_images: int = 0  # prior preservation: images the base generates itself (DreamBooth), 0 = off
@@ -83,7 +84,7 @@ class LoraConfig(OpConfig):
 
 # fields that may change between a run and its --resume
 RESUMABLE_CHANGES = ("steps", "checkpoint_every", "validate_every", "validation_images", "validation_steps",
-                     "device")
+                     "device", "sharding")
 
 
 @dataclass
@@ -107,6 +108,7 @@ class LoraReport:
     validation: dict = field(default_factory=dict)
     loss_first: float | None = None  # mean loss of the first 10% of this run's steps
     loss_last: float | None = None  # mean loss of the last 10%
+    sharding: dict = field(default_factory=dict)  # mode, processes, this process's param + optimizer state bytes
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -94,7 +94,7 @@ def lora_train(bundle, cfg: LoraConfig, data, store=None, resume: bool = False, 
     if resume and store is not None and store.exists():
         _check_resume(store, record, cfg)
     result = train(tr, loss_fn, cfg.train_config(), store=store, resume=resume, validate=validate,
-                   on_step=on_step, config_record=record)
+                   on_step=on_step, config_record=record, shard_units=fam.shard_units)
     tr.requires_grad_(False)
     after = base_digest(tr)
     losses = [r["loss"] for r in result.log]
@@ -106,7 +106,7 @@ def lora_train(bundle, cfg: LoraConfig, data, store=None, resume: bool = False, 
         seconds=result.seconds, resumed_from=result.resumed_from, data=info, peak_memory_mb=_in_mb(mem),
         base_unchanged=before == after, validation=result.validation,
         loss_first=float(np.mean(losses[:k])) if losses else None,
-        loss_last=float(np.mean(losses[-k:])) if losses else None)
+        loss_last=float(np.mean(losses[-k:])) if losses else None, sharding=result.sharding)
     return bundle, report
 
 
