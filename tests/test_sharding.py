@@ -88,9 +88,9 @@ def test_distill_fsdp_matches_one_process_resumes_and_halves_state(tiny_dir, tmp
           f"{max_diff(w1, weights(tmp_path / 'alone')):.3g}; state bytes {d1['sharding']} / {d2['sharding']}")
 
 
-def test_lora_fsdp_matches_ddp(tiny_dir, tmp_path, cli):
-    """lora-train trains in train mode, where DiT drops class labels with each process's own seeded global RNG (as
-    under ddp), so 2 processes are compared with 2 ddp processes; the bytes with 1 process."""
+def test_lora_fsdp_and_ddp_match_one_process(tiny_dir, tmp_path, cli):
+    """lora-train on 2 processes (fsdp, and ddp) ends where 1 process does at the same global batch: DiT's class-label
+    dropout is drawn from the shared batch generator (ops/lora/loss._LabelDropout), not each process's own RNG."""
     src = tiny_dir("dit")
     data = make_data(tmp_path / "data", load_bundle(src), labels=True)
     args = ["lora-train", src, "--data", data, "--steps", "3", "--batch-size", "4", "--rank", "2",
@@ -103,14 +103,27 @@ def test_lora_fsdp_matches_ddp(tiny_dir, tmp_path, cli):
     assert ddp.returncode == 0 and two.returncode == 0, (ddp.stderr[-2000:], two.stderr[-2000:])
     d1, d2 = one.json(), json.loads(two.stdout)
     assert d2["base_unchanged"] is True and d2["steps"] == 3
-    a, b = load_adapter(tmp_path / "ddp.safetensors"), load_adapter(tmp_path / "two.safetensors")
+    a, b = load_adapter(tmp_path / "one.safetensors"), load_adapter(tmp_path / "two.safetensors")
+    c = load_adapter(tmp_path / "ddp.safetensors")
     assert max(float(v.abs().max()) for v in a.B.values()) > 1e-4  # trained (B starts at zero)
     diff = max(max_diff(a.A, b.A), max_diff(a.B, b.B))
-    assert diff < TOL, diff
+    diff_ddp = max(max_diff(a.A, c.A), max_diff(a.B, c.B))
+    assert diff < TOL and diff_ddp < TOL, (diff, diff_ddp)
+    # killed after step 2 under fsdp, then --resume under fsdp: the uninterrupted adapter
+    killed = launch(*args, "--sharding", "fsdp", "--checkpoint-every", "1", "-o", tmp_path / "k.safetensors", stop_at=2)
+    assert killed.returncode != 0 and "--resume" in killed.stderr, killed.stderr[-3000:]
+    assert not (tmp_path / "k.safetensors").exists()
+    resumed = launch(*args, "--sharding", "fsdp", "--checkpoint-every", "1", "-o", tmp_path / "k.safetensors",
+                     "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert json.loads(resumed.stdout)["resumed_from"] == 2
+    k = load_adapter(tmp_path / "k.safetensors")
+    diff_resumed = max(max_diff(b.A, k.A), max_diff(b.B, k.B))
+    assert diff_resumed < 1e-6, diff_resumed
     # the frozen base is sharded too: each process holds about half
     ratio = d2["sharding"]["state_bytes"] / d1["sharding"]["state_bytes"]
     assert 0.45 < ratio <= 0.6, (d1["sharding"], d2["sharding"])
-    print(f"\nmeasured: lora fsdp-2 vs ddp-2 {diff:.3g}; state bytes {d1['sharding']} / {d2['sharding']}")
+    print(f"\nmeasured: lora fsdp-2 vs 1 {diff:.3g}, ddp-2 vs 1 {diff_ddp:.3g}, resumed vs uninterrupted {diff_resumed:.3g}; state bytes {d1['sharding']} / {d2['sharding']}")
 
 
 def test_refusals_write_nothing(tiny_dir, tmp_path, cli):

@@ -1,6 +1,8 @@
 """The denoising loss lora-train minimizes, and the peak memory a run will need."""
 from __future__ import annotations
 
+import contextlib
+
 import dataclasses
 from typing import Callable
 
@@ -43,6 +45,41 @@ def _rows(tensors: dict, prefix: str, idx: torch.Tensor) -> dict:
     return {k[len(prefix):]: v[idx] for k, v in tensors.items() if k.startswith(prefix)}
 
 
+class _LabelDropout:
+    """Class-label dropout drawn from the batch generator (the same on every process, so N processes train what one
+    does at the same global batch), at the rate of the model's own diffusers LabelEmbedding(s) (DiT: 0.1). Their
+    own dropout, which draws from each process's global RNG (and in DiT once per block), is switched off around the
+    forward and put back after."""
+
+    def __init__(self, tr: torch.nn.Module):
+        from diffusers.models.embeddings import LabelEmbedding
+
+        self.embedders = [m for m in tr.modules() if isinstance(m, LabelEmbedding)]
+        self.rate = max((float(m.dropout_prob) for m in self.embedders), default=0.0)
+
+    def draw(self, labels: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        if self.rate <= 0:
+            return labels
+        dropped = torch.rand(labels.shape[0], generator=g) < self.rate
+        return torch.where(dropped, self.embedders[0].num_classes, labels)
+
+    @staticmethod
+    @contextlib.contextmanager
+    def off(model: torch.nn.Module):
+        """`model`: what trains (under fsdp a sharded copy, with its own embedders)."""
+        from diffusers.models.embeddings import LabelEmbedding
+
+        embedders = [m for m in model.modules() if isinstance(m, LabelEmbedding)]
+        saved = [m.dropout_prob for m in embedders]
+        try:
+            for m in embedders:
+                m.dropout_prob = 0.0
+            yield
+        finally:
+            for m, rate in zip(embedders, saved):
+                m.dropout_prob = rate
+
+
 def make_loss(bundle, tensors: dict, cfg: LoraConfig) -> Callable:
     """loss_fn(model, generator, rank, world) for ops.training.train: the denoising loss of the family."""
     fam, tr = bundle.family, bundle.transformer
@@ -50,6 +87,7 @@ def make_loss(bundle, tensors: dict, cfg: LoraConfig) -> Callable:
     micro = cfg.batch_size // cfg.grad_accum
     guidance = float(bundle.defaults()["guidance"])
     p_dtype = next(tr.parameters()).dtype
+    label_drop = _LabelDropout(tr)
 
     def one(model, g, rank, world, prefix):
         mean, std = tensors[prefix + "latent_mean"], tensors[prefix + "latent_std"]
@@ -64,10 +102,11 @@ def make_loss(bundle, tensors: dict, cfg: LoraConfig) -> Callable:
             t_int = torch.randint(0, len(acp), (micro,), generator=g)
         drop = torch.rand(micro, generator=g) < cfg.caption_dropout
         mine = slice(rank, None, world)
+        labels = label_drop.draw(tensors[prefix + "labels"][idx], g) if fam.conditioning == "class" else None
         idx, z, noise, drop = idx[mine], z[mine], noise[mine], drop[mine]
-        # 2. condition rows (text: the empty prompt for the dropped ones; class: the model drops labels itself)
+        # 2. condition rows (text: the empty prompt for the dropped ones; class: the null label, drawn above)
         if fam.conditioning == "class":
-            cond = {"class_labels": tensors[prefix + "labels"][idx]}
+            cond = {"class_labels": labels[mine]}
         else:
             cond = _rows(tensors, prefix + "cond.", idx)
             unc = {k[len(prefix + "uncond."):]: v for k, v in tensors.items() if k.startswith(prefix + "uncond.")}
@@ -88,7 +127,8 @@ def make_loss(bundle, tensors: dict, cfg: LoraConfig) -> Callable:
             target = a.sqrt() * noise - (1 - a).sqrt() * z if kind == "v_prediction" else noise
         p = next(tr.parameters())
         cond = {k: (v.to(p.device, p_dtype) if v.is_floating_point() else v.to(p.device)) for k, v in cond.items()}
-        pred = fam.predict(_Call(model, tr), x.to(p.device, p_dtype), t.to(p.device), cond, guidance)
+        with label_drop.off(model):
+            pred = fam.predict(_Call(model, tr), x.to(p.device, p_dtype), t.to(p.device), cond, guidance)
         return torch.nn.functional.mse_loss(pred.float(), target.to(p.device))
 
     def loss_fn(model, g, rank, world):
