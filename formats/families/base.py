@@ -16,7 +16,8 @@ instance of it, `FAMILY`, and provides:
   `cache_probe` (the first block's attention submodule, which step caching's TeaCache indicator reads),
   `block_returns` (what a block class diffusers' hooks do not know returns), and the
   methods `latent_channels`, `latent_size`, `image_tokens`, `hidden_size`, `uses_cfg`, `width_unsupported`,
-  `depth_config`, `config_from_state`;
+  `depth_config`, `config_from_state` (and, for MLP-only width pruning, `mlp_hidden`, `mlp_multiple`,
+  `mlp_config`);
 - `tiny_config()` (and `init_unset_` where the constructor leaves a parameter unset): the constructor arguments
   of a tiny random model (2 blocks, hidden 32-64) that the test
   suite builds for every registered family.
@@ -126,6 +127,19 @@ class Family:
         """The residual width D (activation estimates)."""
         c = transformer.config
         return int(c.num_attention_heads * c.attention_head_dim)
+
+    def mlp_hidden(self, transformer: nn.Module) -> int:
+        """MLP hidden units per block, as diffusers builds them from the config (width pruning's 'F' groups)."""
+        return self.width.mlp_mult * self.hidden_size(transformer)
+
+    def mlp_multiple(self, transformer: nn.Module) -> int:
+        """The MLP hidden width a config can write is a multiple of this (MLP-only width pruning rounds down)."""
+        return 1
+
+    def mlp_config(self, transformer: nn.Module, hidden: int) -> dict:
+        """Config fields that make diffusers build every MLP with `hidden` units, the width D unchanged (width
+        pruning of a family whose WidthSpec is mlp_only)."""
+        raise NotImplementedError(f"{self.name} declares no MLP width field")
 
     def width_unsupported(self, transformer: nn.Module) -> str | None:
         """Why this transformer (a variant of the family) cannot be width-pruned, or None."""

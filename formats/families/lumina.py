@@ -16,12 +16,14 @@ Time: both are flow-matching models with Lumina's convention, t = 0 the noise an
 sampler's plain classifier-free guidance on every channel (LuminaPipeline applies it to the first 3 channels
 only, "for exact reproducibility"; Lumina2Pipeline adds cfg truncation and renormalization: neither is copied).
 
-Width pruning is refused (one line, `width_unsupported`): both use grouped-query attention (num_kv_heads key/value
-heads, each shared by a group of query heads), so a head cut must keep whole groups and shrink num_kv_heads with
-them; Lumina-Next adds per-head gates and q/k LayerNorms across all heads, and both size their SwiGLU MLP as
-multiple_of-rounded 2/3 x 4D (Lumina-Next) or 4D (Lumina 2), not mult x D. The cutter's spaces (one head count,
-one head size, MLP = mult x D, formats/families/coupling.py) cannot say that. RoPE itself acts within a head, so
-whole-head cuts would keep it intact. Depth pruning removes from `layers` (the refiners share one config field,
+Width pruning cuts the SwiGLU MLPs' hidden units only (WidthSpec.mlp_only): linear_1 and linear_3 outputs
+(the gate and the value) with linear_2's inputs, the same units in every block (refiners included), by
+importance; the heads, head_dim (RoPE acts within each head) and the width D stay. The new width is written
+as ffn_dim_multiplier (multiple_of kept, the width rounded down to it), which LuminaFeedForward reads in every
+block. Head cuts are not done: head_dim is hidden_size // num_attention_heads, so a head cut is a cut of D
+(D' = h' x head_dim), and with grouped-query attention (num_kv_heads key/value heads, each shared by a group of
+query heads) it must keep whole groups or the same query heads per group; Lumina-Next adds a per-head gate and
+q/k LayerNorms across all heads. Depth pruning removes from `layers` (the refiners share one config field,
 num_refiner_layers, and stay).
 """
 from __future__ import annotations
@@ -31,10 +33,13 @@ from functools import lru_cache
 
 import torch
 
+from ..errors import ConfigError
 from .base import Family
+from .coupling import WidthSpec
 
-GQA = ("grouped-query attention (num_kv_heads key/value heads, each shared by a group of query heads) and SwiGLU MLPs "
-       "rounded to multiple_of (not expressible in the width cutter's head and MLP spaces)")
+# the final projection's outputs are the latent channels; the embedder's outputs the residual stream
+HEADS_STAY = ("head cuts would cut the width D (head_dim = hidden_size / heads, RoPE on head_dim) across "
+              "grouped-query key/value heads; not done")
 
 
 def _cond(tokens: int, dim: int, batch: int, generator) -> dict:
@@ -52,8 +57,23 @@ class _Lumina(Family):
     def hidden_size(self, transformer):
         return int(transformer.config.hidden_size)
 
-    def width_unsupported(self, transformer):
-        return GQA
+    ffn_base: int = 4  # LuminaFeedForward's inner_dim before ffn_dim_multiplier: ffn_base x D // ffn_div
+    ffn_div: int = 1
+
+    def mlp_hidden(self, transformer):
+        return int(self.blocks(transformer)[0].feed_forward.linear_1.out_features)
+
+    def mlp_multiple(self, transformer):
+        return int(transformer.config.multiple_of)
+
+    def mlp_config(self, transformer, hidden):
+        # LuminaFeedForward: inner = multiple_of x ceil(int(ffn_dim_multiplier x base) / multiple_of)
+        m = int(transformer.config.multiple_of)
+        base = self.ffn_base * int(transformer.config.hidden_size) // self.ffn_div
+        mult = next((r for r in (hidden / base, (hidden + 0.5) / base) if m * -(-int(r * base) // m) == hidden), None)
+        if mult is None:
+            raise ConfigError(f"an MLP width of {hidden} is not a multiple of the config's multiple_of {m}")
+        return {"ffn_dim_multiplier": mult}
 
     def lumina_time(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         return (1 - t / 1000).to(like.device, like.dtype)  # Lumina: 0 = noise, 1 = image
@@ -68,6 +88,8 @@ def _rope(head_dim: int, linear_factor: float) -> torch.Tensor:
 
 
 class LuminaNextFamily(_Lumina):
+    ffn_base, ffn_div = 8, 3  # int(4 x 2 x D / 3)
+
     def dummy_cond(self, transformer, batch, generator, tokens=8):
         return _cond(tokens, transformer.config.cross_attention_dim, batch, generator)
 
@@ -131,6 +153,8 @@ FAMILY = LuminaNextFamily(
     default_steps=30,
     default_guidance=4.0,
     blocks_attr="layers",
+    width=WidthSpec(sincos_residual=False, patch_embed="patch_embedder.proj", ignored=("norm_out.linear_2",),
+                    mlp_only=HEADS_STAY),
     block_returns=(0, None),  # LuminaNextDiTBlock returns the hidden states alone; diffusers' hooks do not list it
     # embedders in, final adaLN out; inside the blocks (int8 weight-only there, no activation quantization) the
     # SwiGLU down projection, whose input is a product of two projections (heavy-tailed), and the q/k/v
@@ -155,6 +179,8 @@ LUMINA2 = Lumina2Family(
     default_steps=30,
     default_guidance=4.0,
     blocks_attr="layers",
+    width=WidthSpec(sincos_residual=False, patch_embed="x_embedder", ignored=("norm_out.linear_2",),
+                    mlp_only=HEADS_STAY),
     cache_probe="attn",  # Lumina2TransformerBlock's one attention reads the modulated hidden states
     block_returns=(0, None),  # Lumina2TransformerBlock returns the hidden states alone; diffusers' hooks do not list it
     full_precision=(r"^x_embedder$", r"^time_caption_embed\.", r"^norm_out\."),
