@@ -17,7 +17,11 @@ What the library is told, because it cannot infer it:
   text and image tokens (Flux, SD3's joint attention), a chunk of PixArt's (B, 6, D) modulation along its
   chunk axis, or a crop of SD3's position table would be read as a channel split and mapped to the wrong
   indices. `TokenGraph` treats such ops, on any axis but the last of a 3-D or larger tensor, as elementwise
-  in channel space, and maps a (B, n x D) -> (B, n, D) view (PixArt's modulation) chunk-major.
+  in channel space, and maps a (B, n x D) -> (B, n, D) view (PixArt's modulation) chunk-major. A split on
+  dim 1 of a convolution's (B, C, H, W) output is a channel split and stays Torch-Pruning's (Sana's GLUMBConv
+  chunks its depthwise conv's 2 x h channels into value and gate); such a group has no output side with its
+  channels one to one, so it is rooted at the pointwise conv's inputs.
+Families whose WidthSpec is `mlp_only` get their MLP groups only ('F'); the other groups are not read.
 """
 from __future__ import annotations
 

@@ -27,6 +27,11 @@ hessian = GroupHessianImportance (OBD), lamp = LAMPImportance; group reduction "
 loss. ditkit keeps the plan (one head count, MLP 4 x D', residual width D', sin-cos alignment) and the
 surgery: slicing the state dict and rebuilding from the rewritten config makes the pruned model the one that
 reloads, by construction.
+
+Families whose WidthSpec is `mlp_only` (Lumina-Next, Lumina 2, Sana) have configs that write the MLP width
+beside D (ffn_dim_multiplier, a float mlp_ratio) but tie head_dim to D: there `--ratio r` removes round(r x h) of
+the h MLP hidden units of every MLP (rounded down to what the config writes, `Family.mlp_multiple`), heads and
+D stay, and `Family.mlp_config` rewrites the config (`run_mlp`).
 """
 from __future__ import annotations
 
