@@ -34,25 +34,16 @@ from functools import lru_cache
 import torch
 
 from ..errors import ConfigError
-from .base import Family
+from .base import Family, encode_masked, masked_text_cond
 from .coupling import WidthSpec
 
-# the final projection's outputs are the latent channels; the embedder's outputs the residual stream
 HEADS_STAY = ("head cuts would cut the width D (head_dim = hidden_size / heads, RoPE on head_dim) across "
               "grouped-query key/value heads; not done")
 
 
-def _cond(tokens: int, dim: int, batch: int, generator) -> dict:
-    return {"prompt_embeds": torch.randn(batch, tokens, dim, generator=generator),
-            "prompt_attention_mask": torch.ones(batch, tokens, dtype=torch.long)}
-
-
 class _Lumina(Family):
     def encode_prompts(self, pipe, prompts, device):
-        pe, pm, npe, npm = pipe.encode_prompt(prompts, do_classifier_free_guidance=True, negative_prompt="",
-                                              device=device)
-        return ({"prompt_embeds": pe, "prompt_attention_mask": pm},
-                {"prompt_embeds": npe, "prompt_attention_mask": npm})
+        return encode_masked(pipe, prompts, device)
 
     def hidden_size(self, transformer):
         return int(transformer.config.hidden_size)
@@ -91,7 +82,7 @@ class LuminaNextFamily(_Lumina):
     ffn_base, ffn_div = 8, 3  # int(4 x 2 x D / 3)
 
     def dummy_cond(self, transformer, batch, generator, tokens=8):
-        return _cond(tokens, transformer.config.cross_attention_dim, batch, generator)
+        return masked_text_cond(batch, tokens, transformer.config.cross_attention_dim, generator)
 
     def init_unset_(self, transformer):
         with torch.no_grad():
@@ -124,7 +115,7 @@ class LuminaNextFamily(_Lumina):
 
 class Lumina2Family(_Lumina):
     def dummy_cond(self, transformer, batch, generator, tokens=8):
-        return _cond(tokens, transformer.config.cap_feat_dim, batch, generator)
+        return masked_text_cond(batch, tokens, transformer.config.cap_feat_dim, generator)
 
     def predict(self, transformer, latents, t, cond, guidance=1.0):
         out = transformer(
@@ -142,50 +133,49 @@ class Lumina2Family(_Lumina):
                     axes_lens=(64, 32, 32), cap_feat_dim=24)
 
 
+def _width(patch_embed: str) -> WidthSpec:
+    # the final projection's outputs are the latent channels; the embedder's outputs the residual stream
+    return WidthSpec(sincos_residual=False, patch_embed=patch_embed, ignored=("norm_out.linear_2",),
+                     mlp_only=HEADS_STAY)
+
+
+# what the two adapters declare alike (block_returns: neither block class is in diffusers' hook registry, and
+# each returns the hidden states alone)
+COMMON = dict(conditioning="text", prediction="flow", samplers=("flow-euler",), default_sampler="flow-euler",
+              default_steps=30, default_guidance=4.0, blocks_attr="layers", block_returns=(0, None),
+              modulation=(r"\.norm1\.linear$",), mlp_types=("LuminaFeedForward",))
+
+
 FAMILY = LuminaNextFamily(
     name="lumina",
     transformer_class="LuminaNextDiT2DModel",
     pipeline_class="LuminaPipeline",
-    conditioning="text",
-    prediction="flow",
-    samplers=("flow-euler",),
-    default_sampler="flow-euler",
-    default_steps=30,
-    default_guidance=4.0,
-    blocks_attr="layers",
-    width=WidthSpec(sincos_residual=False, patch_embed="patch_embedder.proj", ignored=("norm_out.linear_2",),
-                    mlp_only=HEADS_STAY),
-    block_returns=(0, None),  # LuminaNextDiTBlock returns the hidden states alone; diffusers' hooks do not list it
+    **COMMON,
+    width=_width("patch_embedder.proj"),
     # embedders in, final adaLN out; inside the blocks (int8 weight-only there, no activation quantization) the
     # SwiGLU down projection, whose input is a product of two projections (heavy-tailed), and the q/k/v
     # projections, whose errors the q/k LayerNorm across heads and the sandwich RMSNorms carry at full scale: the
     # lowest-SQNR layers of `ditkit quantize` on the tiny model (int8-dynamic 30.0 dB -> 36.1 dB)
     full_precision=(r"^patch_embedder\.", r"^time_caption_embed\.", r"^norm_out\.", r"\.feed_forward\.linear_2$",
                     r"\.attn[12]\.to_(q|k|v)$"),
-    modulation=(r"\.norm1\.linear$",),
     gguf_keep_float=("patch_embedder.", "time_caption_embed.", "norm_out.", "pad_token"),
-    onnx_unsupported="its patch embedder builds a Python list per batch row ([(h, w)] * batch), which pins the "
-                     "batch, and its RoPE table is a complex tensor input",
+    # torch.export 2.13 (dynamic batch): "Constraints violated (batch)! ... your code specialized it to be a
+    # constant (2)"
+    onnx_unsupported="torch.export specializes the batch to the traced size (its patch embedder returns "
+                     "[(height, width)] * batch_size), and its RoPE table is a complex tensor input",
 )
 
 LUMINA2 = Lumina2Family(
     name="lumina2",
     transformer_class="Lumina2Transformer2DModel",
     pipeline_class="Lumina2Pipeline",
-    conditioning="text",
-    prediction="flow",
-    samplers=("flow-euler",),
-    default_sampler="flow-euler",
-    default_steps=30,
-    default_guidance=4.0,
-    blocks_attr="layers",
-    width=WidthSpec(sincos_residual=False, patch_embed="x_embedder", ignored=("norm_out.linear_2",),
-                    mlp_only=HEADS_STAY),
+    **COMMON,
+    width=_width("x_embedder"),
     cache_probe="attn",  # Lumina2TransformerBlock's one attention reads the modulated hidden states
-    block_returns=(0, None),  # Lumina2TransformerBlock returns the hidden states alone; diffusers' hooks do not list it
     full_precision=(r"^x_embedder$", r"^time_caption_embed\.", r"^norm_out\."),
-    modulation=(r"\.norm1\.linear$",),
     gguf_keep_float=("x_embedder.", "time_caption_embed.", "norm_out."),
-    onnx_unsupported="it reads the caption lengths from the mask as Python numbers (mask.sum(1).tolist()) and "
-                     "loops over the batch rows",
+    # torch.export 2.13, fixed resolution too: "TypeError: unhashable type: non-nested SymInt" at
+    # transformer_lumina2.py `use_mask = len(set(seq_lengths)) > 1`: the lengths are data-dependent at any batch
+    onnx_unsupported="it reads the caption lengths from the mask as Python numbers (mask.sum(1).tolist()), puts "
+                     "them in a set and loops over the batch rows; torch.export cannot trace data-dependent lengths",
 )

@@ -21,16 +21,13 @@ from __future__ import annotations
 import torch
 
 from ..errors import ConfigError
-from .base import Family, split_learned_sigma
+from .base import Family, encode_masked, masked_text_cond, split_learned_sigma
 from .coupling import WidthSpec
 
 
 class SanaFamily(Family):
     def encode_prompts(self, pipe, prompts, device):
-        pe, pm, npe, npm = pipe.encode_prompt(prompts, do_classifier_free_guidance=True, negative_prompt="",
-                                              device=device)
-        return ({"prompt_embeds": pe, "prompt_attention_mask": pm},
-                {"prompt_embeds": npe, "prompt_attention_mask": npm})
+        return encode_masked(pipe, prompts, device)
 
     def uses_cfg(self, transformer, guidance):
         return guidance > 1.0 and not transformer.config.get("guidance_embeds", False)
@@ -47,11 +44,7 @@ class SanaFamily(Family):
         return {"mlp_ratio": ratio}
 
     def dummy_cond(self, transformer, batch, generator, tokens=8):
-        d = transformer.config.caption_channels
-        return {
-            "prompt_embeds": torch.randn(batch, tokens, d, generator=generator),
-            "prompt_attention_mask": torch.ones(batch, tokens, dtype=torch.long),
-        }
+        return masked_text_cond(batch, tokens, transformer.config.caption_channels, generator)
 
     def predict(self, transformer, latents, t, cond, guidance=1.0):
         c = transformer.config
@@ -86,6 +79,7 @@ FAMILY = SanaFamily(
     default_steps=20,
     default_guidance=4.5,
     blocks_attr="transformer_blocks",
+    mlp_types=(),  # GLUMBConv: convolutions, no Linear for LoRA's mlp target
     width=WidthSpec(sincos_residual=False, patch_embed="patch_embed.proj",
                     mlp_only="a head cut would cut the width D, and the cross-attention has its own head count and "
                              "size; not done"),
