@@ -99,6 +99,16 @@ def test_adapter_provides_what_the_ops_ask(family):
         assert all(any(re.fullmatch(p, n) for n in names) for p in (*fam.width.ignored, fam.width.patch_embed))
         assert all(f in tr.config for f in fam.width.width_fields)
         assert fam.width_unsupported(tr) is None
+        if fam.width.mlp_only is not None:  # the MLP width the config writes rebuilds that width
+            h = fam.mlp_hidden(tr) - fam.mlp_multiple(tr)
+            config = {k: v for k, v in tr.config.items() if not k.startswith("_")}  # as ops/prune/rebuild.py
+            small = type(tr).from_config({**config, **fam.mlp_config(tr, h)})
+            assert fam.mlp_hidden(small) == h and fam.hidden_size(small) == fam.hidden_size(tr)
+    # LoRA's mlp target: the family's MLP classes exist and its blocks hold them
+    import diffusers.models.attention as attention
+
+    types = tuple(getattr(attention, t) for t in fam.mlp_types)
+    assert not types or any(isinstance(m, types) for m in tr.modules()), f"{family}: no {fam.mlp_types} module"
     # quantize / LoRA: the regexes name real modules
     for pattern in (*fam.full_precision, *fam.modulation):
         assert any(re.search(pattern, n) for n in names), f"{family}: {pattern} matches no module"

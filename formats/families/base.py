@@ -11,13 +11,15 @@ instance of it, `FAMILY`, and provides:
 - where they differ from the defaults here: `stacks` (the block lists depth pruning removes from, with their
   config fields), `width` (what width pruning must be told beside the coupling Torch-Pruning's graph
   finds, formats/families/coupling.py; None refuses width pruning), `full_precision` and `modulation`
-  (module-name regexes for quantize and LoRA), `two_stream` (blocks that carry a text stream beside the image
-  stream), `gguf_keep_float` (tensors a GGUF file keeps in F32), `onnx_unsupported` (why ONNX export refuses),
+  (module-name regexes for quantize and LoRA), `mlp_types` (its MLP classes, LoRA's `mlp` target),
+  `two_stream` (blocks that carry a text stream beside the image stream), `gguf_keep_float` (tensors a GGUF
+  file keeps in F32), `onnx_unsupported` (why ONNX export refuses),
   `cache_probe` (the first block's attention submodule, which step caching's TeaCache indicator reads),
   `block_returns` (what a block class diffusers' hooks do not know returns), `context_plan` (where
   `--parallel context` splits and gathers the image tokens; None refuses it), and the
   methods `latent_channels`, `latent_size`, `image_tokens`, `hidden_size`, `uses_cfg`, `width_unsupported`,
-  `depth_config`, `config_from_state`;
+  `depth_config`, `config_from_state` (and, for MLP-only width pruning, `mlp_hidden`, `mlp_multiple`,
+  `mlp_config`);
 - `tiny_config()` (and `init_unset_` where the constructor leaves a parameter unset): the constructor arguments
   of a tiny random model (2 blocks, hidden 32-64) that the test
   suite builds for every registered family.
@@ -76,6 +78,8 @@ class Family:
     # module-name regexes that stay in full precision (embeddings, modulation producers, final projection)
     full_precision: tuple[str, ...] = ()
     modulation: tuple[str, ...] = ()  # module-name regexes of adaLN modulation linears
+    # the MLP module classes of its blocks (in diffusers.models.attention): the LoRA `mlp` target's Linears
+    mlp_types: tuple[str, ...] = ("FeedForward",)
     vae_scale_fallback: int = 8  # latent downscale when a bundle has no VAE
     # block lists in execution order (depth pruning, distillation's block mapping); None: blocks_attr alone,
     # its length in the config's num_layers; () refuses depth pruning
@@ -151,6 +155,19 @@ class Family:
         c = transformer.config
         return int(c.num_attention_heads * c.attention_head_dim)
 
+    def mlp_hidden(self, transformer: nn.Module) -> int:
+        """MLP hidden units per block, as diffusers builds them from the config (width pruning's 'F' groups)."""
+        return self.width.mlp_mult * self.hidden_size(transformer)
+
+    def mlp_multiple(self, transformer: nn.Module) -> int:
+        """The MLP hidden width a config can write is a multiple of this (MLP-only width pruning rounds down)."""
+        return 1
+
+    def mlp_config(self, transformer: nn.Module, hidden: int) -> dict:
+        """Config fields that make diffusers build every MLP with `hidden` units, the width D unchanged (width
+        pruning of a family whose WidthSpec is mlp_only)."""
+        raise NotImplementedError(f"{self.name} declares no MLP width field")
+
     def width_unsupported(self, transformer: nn.Module) -> str | None:
         """Why this transformer (a variant of the family) cannot be width-pruned, or None."""
         return None
@@ -210,6 +227,21 @@ class Family:
     def tiny_config(self) -> dict:
         """Constructor arguments of a tiny random model of this family (2 blocks, hidden 32-64) for CPU tests."""
         raise NotImplementedError(f"{self.name} has no tiny_config")
+
+
+def masked_text_cond(batch: int, tokens: int, dim: int, generator: torch.Generator) -> Cond:
+    """Random prompt embeddings with an all-ones mask: the dummy conditions of the families that take
+    (prompt_embeds, prompt_attention_mask) (PixArt's T5, Sana's and Lumina's Gemma)."""
+    return {"prompt_embeds": torch.randn(batch, tokens, dim, generator=generator),
+            "prompt_attention_mask": torch.ones(batch, tokens, dtype=torch.long)}
+
+
+def encode_masked(pipe, prompts: list[str], device, **kwargs) -> tuple[Cond, Cond]:
+    """(cond, uncond) from a pipeline whose encode_prompt returns (embeds, mask, negative embeds, negative mask)."""
+    pe, pm, npe, npm = pipe.encode_prompt(prompts, do_classifier_free_guidance=True, negative_prompt="",
+                                          device=device, **kwargs)
+    return ({"prompt_embeds": pe, "prompt_attention_mask": pm},
+            {"prompt_embeds": npe, "prompt_attention_mask": npm})
 
 
 def split_learned_sigma(out: torch.Tensor, channels: int) -> torch.Tensor:

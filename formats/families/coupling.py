@@ -17,6 +17,10 @@ class WidthSpec:
     unwrapped: tuple[tuple[str, int], ...] = ()  # name regexes of tensors outside standard modules, pruning dim
     ignored_params: tuple[str, ...] = ()  # parameter-name regexes that act on a fixed axis (head_dim norms)
     patch_embed: str = "pos_embed.proj"  # the module whose outputs are the residual stream (sin-cos alignment)
+    # None: heads, the width D and the MLP are cut together (D' = h' x head_dim, the usual configs). A reason:
+    # only the MLP hidden units are cut (heads and D kept), the family's `mlp_config` writes the new MLP width,
+    # and the plan says why heads stay
+    mlp_only: str | None = None
 
     def config(self, d: int) -> dict:
         """The config fields besides num_attention_heads for the new width d."""

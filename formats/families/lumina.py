@@ -16,12 +16,14 @@ Time: both are flow-matching models with Lumina's convention, t = 0 the noise an
 sampler's plain classifier-free guidance on every channel (LuminaPipeline applies it to the first 3 channels
 only, "for exact reproducibility"; Lumina2Pipeline adds cfg truncation and renormalization: neither is copied).
 
-Width pruning is refused (one line, `width_unsupported`): both use grouped-query attention (num_kv_heads key/value
-heads, each shared by a group of query heads), so a head cut must keep whole groups and shrink num_kv_heads with
-them; Lumina-Next adds per-head gates and q/k LayerNorms across all heads, and both size their SwiGLU MLP as
-multiple_of-rounded 2/3 x 4D (Lumina-Next) or 4D (Lumina 2), not mult x D. The cutter's spaces (one head count,
-one head size, MLP = mult x D, formats/families/coupling.py) cannot say that. RoPE itself acts within a head, so
-whole-head cuts would keep it intact. Depth pruning removes from `layers` (the refiners share one config field,
+Width pruning cuts the SwiGLU MLPs' hidden units only (WidthSpec.mlp_only): linear_1 and linear_3 outputs
+(the gate and the value) with linear_2's inputs, the same units in every block (refiners included), by
+importance; the heads, head_dim (RoPE acts within each head) and the width D stay. The new width is written
+as ffn_dim_multiplier (multiple_of kept, the width rounded down to it), which LuminaFeedForward reads in every
+block. Head cuts are not done: head_dim is hidden_size // num_attention_heads, so a head cut is a cut of D
+(D' = h' x head_dim), and with grouped-query attention (num_kv_heads key/value heads, each shared by a group of
+query heads) it must keep whole groups or the same query heads per group; Lumina-Next adds a per-head gate and
+q/k LayerNorms across all heads. Depth pruning removes from `layers` (the refiners share one config field,
 num_refiner_layers, and stay).
 """
 from __future__ import annotations
@@ -31,29 +33,38 @@ from functools import lru_cache
 
 import torch
 
-from .base import Family
+from ..errors import ConfigError
+from .base import Family, encode_masked, masked_text_cond
+from .coupling import WidthSpec
 
-GQA = ("grouped-query attention (num_kv_heads key/value heads, each shared by a group of query heads) and SwiGLU MLPs "
-       "rounded to multiple_of (not expressible in the width cutter's head and MLP spaces)")
-
-
-def _cond(tokens: int, dim: int, batch: int, generator) -> dict:
-    return {"prompt_embeds": torch.randn(batch, tokens, dim, generator=generator),
-            "prompt_attention_mask": torch.ones(batch, tokens, dtype=torch.long)}
+HEADS_STAY = ("head cuts would cut the width D (head_dim = hidden_size / heads, RoPE on head_dim) across "
+              "grouped-query key/value heads; not done")
 
 
 class _Lumina(Family):
     def encode_prompts(self, pipe, prompts, device):
-        pe, pm, npe, npm = pipe.encode_prompt(prompts, do_classifier_free_guidance=True, negative_prompt="",
-                                              device=device)
-        return ({"prompt_embeds": pe, "prompt_attention_mask": pm},
-                {"prompt_embeds": npe, "prompt_attention_mask": npm})
+        return encode_masked(pipe, prompts, device)
 
     def hidden_size(self, transformer):
         return int(transformer.config.hidden_size)
 
-    def width_unsupported(self, transformer):
-        return GQA
+    ffn_base: int = 4  # LuminaFeedForward's inner_dim before ffn_dim_multiplier: ffn_base x D // ffn_div
+    ffn_div: int = 1
+
+    def mlp_hidden(self, transformer):
+        return int(self.blocks(transformer)[0].feed_forward.linear_1.out_features)
+
+    def mlp_multiple(self, transformer):
+        return int(transformer.config.multiple_of)
+
+    def mlp_config(self, transformer, hidden):
+        # LuminaFeedForward: inner = multiple_of x ceil(int(ffn_dim_multiplier x base) / multiple_of)
+        m = int(transformer.config.multiple_of)
+        base = self.ffn_base * int(transformer.config.hidden_size) // self.ffn_div
+        mult = next((r for r in (hidden / base, (hidden + 0.5) / base) if m * -(-int(r * base) // m) == hidden), None)
+        if mult is None:
+            raise ConfigError(f"an MLP width of {hidden} is not a multiple of the config's multiple_of {m}")
+        return {"ffn_dim_multiplier": mult}
 
     def lumina_time(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         return (1 - t / 1000).to(like.device, like.dtype)  # Lumina: 0 = noise, 1 = image
@@ -68,8 +79,10 @@ def _rope(head_dim: int, linear_factor: float) -> torch.Tensor:
 
 
 class LuminaNextFamily(_Lumina):
+    ffn_base, ffn_div = 8, 3  # int(4 x 2 x D / 3)
+
     def dummy_cond(self, transformer, batch, generator, tokens=8):
-        return _cond(tokens, transformer.config.cross_attention_dim, batch, generator)
+        return masked_text_cond(batch, tokens, transformer.config.cross_attention_dim, generator)
 
     def init_unset_(self, transformer):
         with torch.no_grad():
@@ -102,7 +115,7 @@ class LuminaNextFamily(_Lumina):
 
 class Lumina2Family(_Lumina):
     def dummy_cond(self, transformer, batch, generator, tokens=8):
-        return _cond(tokens, transformer.config.cap_feat_dim, batch, generator)
+        return masked_text_cond(batch, tokens, transformer.config.cap_feat_dim, generator)
 
     def predict(self, transformer, latents, t, cond, guidance=1.0):
         out = transformer(
@@ -120,46 +133,49 @@ class Lumina2Family(_Lumina):
                     axes_lens=(64, 32, 32), cap_feat_dim=24)
 
 
+def _width(patch_embed: str) -> WidthSpec:
+    # the final projection's outputs are the latent channels; the embedder's outputs the residual stream
+    return WidthSpec(sincos_residual=False, patch_embed=patch_embed, ignored=("norm_out.linear_2",),
+                     mlp_only=HEADS_STAY)
+
+
+# what the two adapters declare alike (block_returns: neither block class is in diffusers' hook registry, and
+# each returns the hidden states alone)
+COMMON = dict(conditioning="text", prediction="flow", samplers=("flow-euler",), default_sampler="flow-euler",
+              default_steps=30, default_guidance=4.0, blocks_attr="layers", block_returns=(0, None),
+              modulation=(r"\.norm1\.linear$",), mlp_types=("LuminaFeedForward",))
+
+
 FAMILY = LuminaNextFamily(
     name="lumina",
     transformer_class="LuminaNextDiT2DModel",
     pipeline_class="LuminaPipeline",
-    conditioning="text",
-    prediction="flow",
-    samplers=("flow-euler",),
-    default_sampler="flow-euler",
-    default_steps=30,
-    default_guidance=4.0,
-    blocks_attr="layers",
-    block_returns=(0, None),  # LuminaNextDiTBlock returns the hidden states alone; diffusers' hooks do not list it
+    **COMMON,
+    width=_width("patch_embedder.proj"),
     # embedders in, final adaLN out; inside the blocks (int8 weight-only there, no activation quantization) the
     # SwiGLU down projection, whose input is a product of two projections (heavy-tailed), and the q/k/v
     # projections, whose errors the q/k LayerNorm across heads and the sandwich RMSNorms carry at full scale: the
     # lowest-SQNR layers of `ditkit quantize` on the tiny model (int8-dynamic 30.0 dB -> 36.1 dB)
     full_precision=(r"^patch_embedder\.", r"^time_caption_embed\.", r"^norm_out\.", r"\.feed_forward\.linear_2$",
                     r"\.attn[12]\.to_(q|k|v)$"),
-    modulation=(r"\.norm1\.linear$",),
     gguf_keep_float=("patch_embedder.", "time_caption_embed.", "norm_out.", "pad_token"),
-    onnx_unsupported="its patch embedder builds a Python list per batch row ([(h, w)] * batch), which pins the "
-                     "batch, and its RoPE table is a complex tensor input",
+    # torch.export 2.13 (dynamic batch): "Constraints violated (batch)! ... your code specialized it to be a
+    # constant (2)"
+    onnx_unsupported="torch.export specializes the batch to the traced size (its patch embedder returns "
+                     "[(height, width)] * batch_size), and its RoPE table is a complex tensor input",
 )
 
 LUMINA2 = Lumina2Family(
     name="lumina2",
     transformer_class="Lumina2Transformer2DModel",
     pipeline_class="Lumina2Pipeline",
-    conditioning="text",
-    prediction="flow",
-    samplers=("flow-euler",),
-    default_sampler="flow-euler",
-    default_steps=30,
-    default_guidance=4.0,
-    blocks_attr="layers",
+    **COMMON,
+    width=_width("x_embedder"),
     cache_probe="attn",  # Lumina2TransformerBlock's one attention reads the modulated hidden states
-    block_returns=(0, None),  # Lumina2TransformerBlock returns the hidden states alone; diffusers' hooks do not list it
     full_precision=(r"^x_embedder$", r"^time_caption_embed\.", r"^norm_out\."),
-    modulation=(r"\.norm1\.linear$",),
     gguf_keep_float=("x_embedder.", "time_caption_embed.", "norm_out."),
-    onnx_unsupported="it reads the caption lengths from the mask as Python numbers (mask.sum(1).tolist()) and "
-                     "loops over the batch rows",
+    # torch.export 2.13, fixed resolution too: "TypeError: unhashable type: non-nested SymInt" at
+    # transformer_lumina2.py `use_mask = len(set(seq_lengths)) > 1`: the lengths are data-dependent at any batch
+    onnx_unsupported="it reads the caption lengths from the mask as Python numbers (mask.sum(1).tolist()), puts "
+                     "them in a set and loops over the batch rows; torch.export cannot trace data-dependent lengths",
 )

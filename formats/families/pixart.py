@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import ContextPlan, Family, split_learned_sigma
+from .base import ContextPlan, Family, encode_masked, masked_text_cond, split_learned_sigma
 from .coupling import WidthSpec
 from .keys import _BLOCK, _WB
 
@@ -15,11 +15,8 @@ WIDTH = WidthSpec(
 
 class PixArtFamily(Family):
     def encode_prompts(self, pipe, prompts, device):
-        pe, pm, npe, npm = pipe.encode_prompt(prompts, do_classifier_free_guidance=True, negative_prompt="",
-                                              device=device, max_sequence_length=pipe.tokenizer.model_max_length
-                                              if pipe.tokenizer.model_max_length < 10**6 else 120)
-        return ({"prompt_embeds": pe, "prompt_attention_mask": pm},
-                {"prompt_embeds": npe, "prompt_attention_mask": npm})
+        n = pipe.tokenizer.model_max_length
+        return encode_masked(pipe, prompts, device, max_sequence_length=n if n < 10**6 else 120)
 
     def width_unsupported(self, transformer):
         if getattr(transformer, "use_additional_conditions", False):
@@ -27,11 +24,7 @@ class PixArtFamily(Family):
         return None
 
     def dummy_cond(self, transformer, batch, generator, tokens=8):
-        d = transformer.config.caption_channels
-        return {
-            "prompt_embeds": torch.randn(batch, tokens, d, generator=generator),
-            "prompt_attention_mask": torch.ones(batch, tokens, dtype=torch.long),
-        }
+        return masked_text_cond(batch, tokens, transformer.config.caption_channels, generator)
 
     def predict(self, transformer, latents, t, cond, guidance=1.0):
         b, _, h, w = latents.shape

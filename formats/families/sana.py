@@ -7,39 +7,44 @@ Gemma-2 hidden states and their mask (precomputed: no text encoder ships here). 
 unconditional call. The autoencoder is DC-AE (AutoencoderDC, 32x); the sampler and the VAE helpers read its
 scale from the VAE config.
 
-Width pruning is refused (one line, `width_unsupported`): Sana's cross-attention has its own head count and head
-size (num_cross_attention_heads x cross_attention_head_dim) beside the linear self-attention's, and its MLP is
-GLUMBConv (1x1 conv to 2 x mlp_ratio x D gated channels, depthwise 3x3, 1x1 back) with a float mlp_ratio; the
-cutter's spaces (one head count, one head size, MLP = integer mult x D) cannot say either. The linear (ReLU-kernel)
-attention itself is per head, so whole-head cuts would be exact there.
+Width pruning cuts the GLUMBConv MLPs' hidden channels only (WidthSpec.mlp_only): GLUMBConv is a 1x1 conv to
+2 x h channels (value and gate halves), a depthwise 3x3 on those 2 x h, a chunk into the two halves, value x
+SiLU(gate), and a 1x1 conv back from h. Kept unit k takes the inverted conv's output rows k and h + k, the
+depthwise conv's channels k and h + k, and the pointwise conv's input column k (Torch-Pruning's dependency graph
+finds this from the chunk; ops/prune/graph.py keeps a conv's channel split as one). The new h is written as a
+float mlp_ratio (h = int(mlp_ratio x D)). Heads and the width D stay: a head cut must cut D (D = heads x
+attention_head_dim), and Sana's cross-attention has its own head count and head size
+(num_cross_attention_heads x cross_attention_head_dim) beside the linear self-attention's; not done.
 """
 from __future__ import annotations
 
 import torch
 
-from .base import Family, split_learned_sigma
+from ..errors import ConfigError
+from .base import Family, encode_masked, masked_text_cond, split_learned_sigma
+from .coupling import WidthSpec
 
 
 class SanaFamily(Family):
     def encode_prompts(self, pipe, prompts, device):
-        pe, pm, npe, npm = pipe.encode_prompt(prompts, do_classifier_free_guidance=True, negative_prompt="",
-                                              device=device)
-        return ({"prompt_embeds": pe, "prompt_attention_mask": pm},
-                {"prompt_embeds": npe, "prompt_attention_mask": npm})
+        return encode_masked(pipe, prompts, device)
 
     def uses_cfg(self, transformer, guidance):
         return guidance > 1.0 and not transformer.config.get("guidance_embeds", False)
 
-    def width_unsupported(self, transformer):
-        return ("a cross-attention with its own head count and size and GLUMBConv MLPs (gated depthwise convs, float "
-                "mlp_ratio; not expressible in the width cutter's head and MLP spaces)")
+    def mlp_hidden(self, transformer):
+        return int(self.blocks(transformer)[0].ff.conv_point.in_channels)
+
+    def mlp_config(self, transformer, hidden):
+        d = self.hidden_size(transformer)
+        # GLUMBConv: hidden = int(mlp_ratio x D); hidden / D unless float rounding floors it below
+        ratio = next((r for r in (hidden / d, (hidden + 0.5) / d) if int(r * d) == hidden), None)
+        if ratio is None:
+            raise ConfigError(f"mlp_ratio cannot write an MLP width of {hidden} at width {d}")
+        return {"mlp_ratio": ratio}
 
     def dummy_cond(self, transformer, batch, generator, tokens=8):
-        d = transformer.config.caption_channels
-        return {
-            "prompt_embeds": torch.randn(batch, tokens, d, generator=generator),
-            "prompt_attention_mask": torch.ones(batch, tokens, dtype=torch.long),
-        }
+        return masked_text_cond(batch, tokens, transformer.config.caption_channels, generator)
 
     def predict(self, transformer, latents, t, cond, guidance=1.0):
         c = transformer.config
@@ -74,6 +79,10 @@ FAMILY = SanaFamily(
     default_steps=20,
     default_guidance=4.5,
     blocks_attr="transformer_blocks",
+    mlp_types=(),  # GLUMBConv: convolutions, no Linear for LoRA's mlp target
+    width=WidthSpec(sincos_residual=False, patch_embed="patch_embed.proj",
+                    mlp_only="a head cut would cut the width D, and the cross-attention has its own head count and "
+                             "size; not done"),
     block_returns=(0, None),  # SanaTransformerBlock returns the hidden states alone; diffusers' hooks do not list it
     # patch embedder, timestep adaLN-single, caption projection + norm, the final projection
     full_precision=(r"^patch_embed\.", r"^time_embed\.", r"^caption_projection\.", r"^caption_norm$", r"^proj_out$"),

@@ -57,9 +57,11 @@ def attention_targets(family, tr) -> list[str]:
 
 
 def mlp_targets(family, tr) -> list[str]:
-    from diffusers.models.attention import FeedForward, LuminaFeedForward
+    import diffusers.models.attention as attention
 
-    names = set(_linears_under(tr, (FeedForward, LuminaFeedForward)))  # Sana's MLP is convolutions (GLUMBConv)
+    # the family's MLP classes (Family.mlp_types: FeedForward, Lumina's LuminaFeedForward; Sana's MLP is
+    # convolutions, so it has no Linear there)
+    names = set(_linears_under(tr, tuple(getattr(attention, t) for t in family.mlp_types)))
     blocks = [f"{n}.{i}" for n, c in tr.named_children() if isinstance(c, nn.ModuleList) for i in range(len(c))]
     for n in linear_modules(tr):  # Linears a block owns directly (Flux single-stream proj_mlp / proj_out)
         parent = n.rsplit(".", 1)[0]

@@ -69,7 +69,7 @@ class PruneConfig(OpConfig):
     TYPE: ClassVar[str] = "prune"
 
     method: str = "depth"
-    ratio: float | None = None  # depth: fraction of blocks removed; width: fraction of heads removed
+    ratio: float | None = None  # depth: fraction of blocks removed; width: of heads (of MLP units: mlp_only)
     keep: int | None = None  # depth: blocks to keep
     blocks: list[int] | None = None  # depth: block indices to remove, by hand
     sparsity: float | None = None  # magnitude: fraction of prunable weights zeroed

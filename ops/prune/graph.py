@@ -17,7 +17,11 @@ What the library is told, because it cannot infer it:
   text and image tokens (Flux, SD3's joint attention), a chunk of PixArt's (B, 6, D) modulation along its
   chunk axis, or a crop of SD3's position table would be read as a channel split and mapped to the wrong
   indices. `TokenGraph` treats such ops, on any axis but the last of a 3-D or larger tensor, as elementwise
-  in channel space, and maps a (B, n x D) -> (B, n, D) view (PixArt's modulation) chunk-major.
+  in channel space, and maps a (B, n x D) -> (B, n, D) view (PixArt's modulation) chunk-major. A split on
+  dim 1 of a convolution's (B, C, H, W) output is a channel split and stays Torch-Pruning's (Sana's GLUMBConv
+  chunks its depthwise conv's 2 x h channels into value and gate); such a group has no output side with its
+  channels one to one, so it is rooted at the pointwise conv's inputs.
+Families whose WidthSpec is `mlp_only` get their MLP groups only ('F'); the other groups are not read.
 """
 from __future__ import annotations
 
@@ -53,6 +57,15 @@ def _in_shape(grad_fn):
     return None
 
 
+def _conv_channel_split(grad_fn, shape) -> bool:
+    """A split / slice on dim 1 of a 4-D tensor a convolution made: channels in the CNN layout, which
+    Torch-Pruning maps itself."""
+    if len(shape) != 4 or _saved_dim(grad_fn, 4) != 1:
+        return False
+    nxt = [f for f, _ in getattr(grad_fn, "next_functions", ()) if f is not None]
+    return bool(nxt) and nxt[0].name().startswith("ConvolutionBackward")
+
+
 def _out_shape(grad_fn):
     meta = getattr(grad_fn, "_input_metadata", None)
     return tuple(meta[0].shape) if meta else None
@@ -83,6 +96,8 @@ class TokenGraph(tp.DependencyGraph):
             shape = _in_shape(g) or _out_shape(g)
             if shape is None or len(shape) < 3:
                 continue
+            if _conv_channel_split(g, shape):
+                continue  # a conv's (B, C, H, W) output split on C (Sana's GLUMBConv gate): a real channel split
             if _saved_dim(g, len(shape)) != len(shape) - 1:  # along tokens / chunks, not channels
                 op = tpops._ElementWiseOp(self._op_id, g.name())
                 self._op_id += 1
@@ -146,6 +161,7 @@ class Space:
 
 
 _OUT = (tpf.prune_linear_out_channels, tpf.prune_conv_out_channels)
+_IN = (tpf.prune_linear_in_channels, tpf.prune_conv_in_channels)
 
 
 def _params(graph, item, names: dict, pnames: dict, unwrapped_dims: dict) -> list[tuple[str, int]]:
@@ -180,7 +196,7 @@ def _params(graph, item, names: dict, pnames: dict, unwrapped_dims: dict) -> lis
     return [(pre + k, d) for k, d in out]
 
 
-def _is_head_member(name: str, mod, tr) -> bool:
+def _is_head_member(name: str, tr) -> bool:
     parent_name, _, leaf = name.rpartition(".")
     if leaf not in ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj"):
         return False
@@ -249,39 +265,53 @@ def spaces(fam, tr, graph: TokenGraph | None = None) -> list[Space]:
         return _spaces(fam, tr, graph)
 
 
+def _root(group, names):
+    """(size, name, module, handler) of the module whose channels are the group's one to one: an output side
+    (a Linear / Conv2d's outputs), else an input side (GLUMBConv's pointwise conv: the gated hidden channels,
+    each of which is two of the inverted conv's outputs); None when neither exists."""
+    outs, ins = [], []
+    for it in group:
+        mod, fn = it.dep.target.module, it.dep.handler
+        if not isinstance(mod, (nn.Linear, nn.Conv2d)) or mod not in names:
+            continue
+        if fn in _OUT:
+            n = mod.weight.shape[0]
+            if len(set(it.idxs)) == n and len(set(it.root_idxs)) == n:
+                outs.append((n, names[mod], mod, fn))
+        elif fn in _IN and getattr(mod, "groups", 1) == 1:
+            n = mod.weight.shape[1]
+            if len(set(it.idxs)) == n and len(set(it.root_idxs)) == n:
+                ins.append((n, names[mod], mod, fn))
+    roots = outs or ins
+    return min(roots, key=lambda r: (r[0], r[1])) if roots else None
+
+
 def _spaces(fam, tr, graph) -> list[Space]:
     spec = fam.width
     names = {m: n for n, m in tr.named_modules()}
     pnames = {p: n for n, p in tr.named_parameters()}
     udims = {n: _unwrapped_dim(spec, n) for n in pnames.values()}
     ignored = [m for n, m in tr.named_modules() if any(re.fullmatch(p, n) for p in spec.ignored)]
-    d = tr.config.num_attention_heads * tr.config.attention_head_dim
+    d, f = fam.hidden_size(tr), fam.mlp_hidden(tr)
     found = []
     for group in graph.get_all_groups(ignored_layers=ignored):
-        # root the group at a module whose outputs are its channels one to one
-        roots = []
-        for it in group:
-            mod, fn = it.dep.target.module, it.dep.handler
-            if isinstance(mod, (nn.Linear, nn.Conv2d)) and fn in _OUT and mod in names:
-                n_out = mod.weight.shape[0]
-                if len(set(it.idxs)) == n_out and len(set(it.root_idxs)) == n_out:
-                    roots.append((n_out, names[mod], mod, fn))
-        if not roots:
+        root = _root(group, names)
+        if root is None:
             continue
-        size, root_name, root, fn = min(roots, key=lambda r: (r[0], r[1]))
+        size, root_name, root, fn = root
         g = graph.get_pruning_group(root, fn, list(range(size)))
-        members: dict[tuple[str, int], list[tuple[int, int]]] = {}
-        head = False
-        for it in g:
-            mod = it.dep.target.module
-            if not isinstance(mod, nn.Parameter) and mod in names and it.dep.handler in _OUT:
-                head = head or _is_head_member(names[mod], mod, tr)
-            for key in _params(graph, it, names, pnames, udims):
-                members.setdefault(key, []).extend(zip(it.root_idxs, it.idxs))
-        kind = "H" if head else "F" if size == spec.mlp_mult * d and size != d else "D" if size == d else None
+        head = any(not isinstance(it.dep.target.module, nn.Parameter) and it.dep.target.module in names
+                   and it.dep.handler in _OUT and _is_head_member(names[it.dep.target.module], tr) for it in g)
+        kind = "H" if head else "F" if size == f and size != d else "D" if size == d else None
+        if spec.mlp_only is not None and kind != "F":
+            continue  # heads and the width D stay: their groups are not cut, so not read
         if kind is None:
             raise UnsupportedModelError(f"width pruning: the dependency graph groups {size} channels at {root_name}, "
-                                        f"neither the width {d} nor the MLP's {spec.mlp_mult * d}")
+                                        f"neither the width {d} nor the MLP's {f}")
+        members: dict[tuple[str, int], list[tuple[int, int]]] = {}
+        for it in g:
+            for key in _params(graph, it, names, pnames, udims):
+                members.setdefault(key, []).extend(zip(it.root_idxs, it.idxs))
         space = Space(f"{kind}:{root_name}", kind, size, group=g)
         for key, pairs in members.items():
             per = [sorted({i for r, i in pairs if r == c}) for c in range(size)]

@@ -27,6 +27,11 @@ hessian = GroupHessianImportance (OBD), lamp = LAMPImportance; group reduction "
 loss. ditkit keeps the plan (one head count, MLP 4 x D', residual width D', sin-cos alignment) and the
 surgery: slicing the state dict and rebuilding from the rewritten config makes the pruned model the one that
 reloads, by construction.
+
+Families whose WidthSpec is `mlp_only` (Lumina-Next, Lumina 2, Sana) have configs that write the MLP width
+beside D (ffn_dim_multiplier, a float mlp_ratio) but tie head_dim to D: there `--ratio r` removes round(r x h) of
+the h MLP hidden units of every MLP (rounded down to what the config writes, `Family.mlp_multiple`), heads and
+D stay, and `Family.mlp_config` rewrites the config (`run_mlp`).
 """
 from __future__ import annotations
 
@@ -130,8 +135,22 @@ def new_heads(heads: int, ratio: float) -> int:
     return h
 
 
+def new_mlp(fam, tr, ratio: float) -> int:
+    """MLP-only width pruning: the hidden units each MLP keeps (a multiple of what the config can write)."""
+    f, m = fam.mlp_hidden(tr), fam.mlp_multiple(tr)
+    f_new = (f - round(ratio * f)) // m * m
+    if f_new < m:
+        raise ConfigError(f"--ratio {ratio} removes all {f} MLP hidden units; use a smaller --ratio")
+    if f_new == f:
+        raise ConfigError(f"--ratio {ratio} removes no MLP hidden unit of {f} (the config writes multiples of {m}); "
+                          "raise it")
+    fam.mlp_config(tr, f_new)  # a width the config cannot write raises here, before any work
+    return f_new
+
+
 def check(bundle, cfg):
-    """(the family's spec, the new head count); rejects what cannot be width-pruned before any work."""
+    """(the family's spec, the new head count, or the new MLP width of an mlp_only family); rejects what cannot
+    be width-pruned before any work."""
     fam, tr = bundle.family, bundle.transformer
     spec = fam.width
     why = fam.width_unsupported(tr)
@@ -141,6 +160,8 @@ def check(bundle, cfg):
                                     "use --method depth")
     if why:
         raise UnsupportedModelError(f"width pruning of {fam.name}: {why} are not supported; use --method depth")
+    if spec.mlp_only is not None:
+        return spec, new_mlp(fam, tr, cfg.ratio)
     heads, hd = tr.config.num_attention_heads, tr.config.attention_head_dim
     h_new = new_heads(heads, cfg.ratio)
     if spec.sincos_residual and (h_new * hd) % 4:
@@ -157,9 +178,49 @@ def _label(s) -> str:
     return name
 
 
+def _scored(bundle, cfg, calib, say):
+    fam, tr = bundle.family, bundle.transformer
+    if say:
+        say("width: tracing the dependency graph (torch-pruning)")
+    spaces = graph.spaces(fam, tr)
+    graph.check_cover(spaces, tr.state_dict())
+    scorer, cleanup = _scorer(bundle, calib, cfg.importance)
+    try:
+        scores = {s.name: scorer(s.group) for s in spaces}
+    finally:
+        cleanup()
+    return spaces, {n: sc.detach().float().cpu() for n, sc in scores.items() if sc is not None}
+
+
+def run_mlp(bundle, cfg, calib: Calibration, say=None):
+    """MLP-only width pruning (WidthSpec.mlp_only): every MLP keeps the same f' hidden units, by importance;
+    heads and the width D stay. (pruned transformer, plan)."""
+    fam, tr = bundle.family, bundle.transformer
+    spec, f_new = check(bundle, cfg)
+    f, d = fam.mlp_hidden(tr), fam.hidden_size(tr)
+    spaces, scores = _scored(bundle, cfg, calib, say)
+    if not spaces:
+        raise UnsupportedModelError(f"width pruning of {fam.name}: the dependency graph found no MLP of {f} units")
+    keep = {s.name: top(scores.get(s.name, torch.zeros(s.size)), f_new) for s in spaces}
+    updates = fam.mlp_config(tr, f_new)
+    pruned = rebuild(tr, updates, slice_state(tr.state_dict(), spaces, keep))
+    heads = tr.config.num_attention_heads
+    plan = {
+        "heads": [heads, heads], "head_dim": d // heads, "width": [d, d], "mlp_hidden": [f, f_new],
+        "importance": cfg.importance, "scope": "uniform", "cut": f"MLP hidden units only: {spec.mlp_only}",
+        "coupling": f"torch-pruning DependencyGraph, {len(spaces)} groups", "config": updates,
+        "removed_heads": {}, "removed_channels": {},
+        "removed_mlp_units": {_label(s): [i for i in range(s.size) if i not in set(keep[s.name].tolist())]
+                              for s in spaces},
+    }
+    return pruned, plan
+
+
 def run(bundle, cfg, calib: Calibration, say=None):
     """(pruned transformer, plan)."""
     fam, tr = bundle.family, bundle.transformer
+    if fam.width is not None and fam.width.mlp_only is not None:
+        return run_mlp(bundle, cfg, calib, say)
     spec, h_new = check(bundle, cfg)
     heads, hd = tr.config.num_attention_heads, tr.config.attention_head_dim
     d, d_new = heads * hd, h_new * hd
