@@ -194,6 +194,8 @@ def train(model: torch.nn.Module, loss_fn: Callable[[torch.nn.Module, torch.Gene
             stopping = loop.any_rank(stop.signum is not None)  # every process stops at the same step
             if (step + 1) % cfg.checkpoint_every == 0 or done or stopping:
                 checkpoint(step + 1)
+                # a signal that came while this checkpoint was written stops here too: the step is saved
+                stopping = loop.any_rank(stop.signum is not None)
             if stopping and not done:
                 raise Interrupted(f"interrupted at step {step + 1}/{cfg.steps}; a checkpoint was saved: "
                                   "rerun the same command with --resume to continue")
