@@ -21,17 +21,11 @@ from ditkit.ops.generate import GenerateConfig, generate
 from ditkit.ops.lora import apply_lora
 from ditkit.ops.metrics import psnr
 from ditkit.ops.sample import denoise
+from test_distill import FAST, _inputs
 from test_lora import diffusers_pipe, outputs, random_adapter
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-FAST = dict(steps=3, batch_size=4, pool_size=4, val_images=2, lr=1e-3, ema_decay=0.0, warmup_steps=0)
-
-
-def _inputs(family, tiny_dir, tiny_embeddings):
-    bundle = load_bundle(tiny_dir(family))
-    emb = load_embeddings(tiny_embeddings(family)) if family != "dit" else None
-    return bundle, emb
 
 
 @pytest.mark.parametrize("prediction", ["epsilon", "v_prediction", "sample"])

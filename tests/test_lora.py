@@ -58,6 +58,9 @@ def outputs(bundle, seed=0):
 
 
 def random_adapter(bundle, rank=4, alpha=8.0, targets=("attention",), seed=0) -> Adapter:
+    from ditkit.ops.lora import TARGETS
+
+    targets = [t for t in targets if TARGETS[t].modules(bundle.family, bundle.transformer)]  # Sana: no Linear MLP
     mods = resolve_targets(bundle.family, bundle.transformer, targets)
     lin = linear_modules(bundle.transformer)
     g = torch.Generator().manual_seed(seed)

@@ -10,12 +10,13 @@ from torch import nn
 
 import tiny
 from conftest import FAMILY_NAMES
+from test_lora import random_adapter as lora_random_adapter
 from ditkit.formats.errors import UnsupportedModelError
 from ditkit.formats.layouts import load_bundle, save_quantized
 from ditkit.formats.lora import Adapter, load_adapter, save_adapter
 from ditkit.nn.quantized import KINDS
 from ditkit.nn.quantized.lora import QuantizedLoraLinear
-from ditkit.ops.lora import apply_lora, fuse_lora, linear_modules, resolve_targets
+from ditkit.ops.lora import apply_lora, fuse_lora, resolve_targets
 from ditkit.ops.quantize import QuantizeConfig, quantize, quantize_fused
 
 CPU_SCHEMES = ["int8-dynamic", "int8-weight-only", "bnb-int8", "bnb-nf4", "bnb-fp4"]
@@ -37,16 +38,8 @@ def outputs(bundle, seed=7):
         return fam.predict(tr, x, torch.tensor([100.0, 800.0]), c)
 
 
-def random_adapter(bundle, targets=("attention", "mlp"), rank=4, alpha=8.0, seed=0) -> Adapter:
-    from ditkit.ops.lora import TARGETS
-
-    targets = [t for t in targets if TARGETS[t].modules(bundle.family, bundle.transformer)]  # Sana: no Linear MLP
-    mods = resolve_targets(bundle.family, bundle.transformer, targets)
-    lin = linear_modules(bundle.transformer)
-    g = torch.Generator().manual_seed(seed)
-    A = {m: torch.randn(rank, lin[m][1], generator=g) * 0.1 for m in mods}
-    B = {m: torch.randn(lin[m][0], rank, generator=g) * 0.1 for m in mods}
-    return Adapter(A=A, B=B, rank=rank, alpha=alpha, family=bundle.family.name, targets=list(targets))
+def random_adapter(bundle, targets=("attention", "mlp"), **kw) -> Adapter:
+    return lora_random_adapter(bundle, targets=targets, **kw)
 
 
 def check_within_quantization_error(ref, ref_lora, quant, quant_lora):
