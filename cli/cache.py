@@ -26,6 +26,10 @@ def cache_cmd(
     prompt: PromptOpt = None,
     embeddings: EmbeddingsOpt = None,
     seed: SeedOpt = 1234,
+    no_timing: Annotated[bool, typer.Option(
+        "--no-timing", help="Count FLOPs instead of timing: the policy depends only on the model, the settings and "
+                            "the seed, not on the machine's load (reproducible builds); the speedup reported is "
+                            "then the FLOP prediction, an upper bound (no per-call overhead), not measured.")] = False,
     family: FamilyOpt = None,
     config: ConfigOpt = None,
     threads: ThreadsOpt = None,
@@ -36,7 +40,8 @@ def cache_cmd(
     from ditkit.ops.cache import CacheConfig
 
     cfg = CacheConfig(target_speedup=target_speedup, method=method, images=images, steps=steps, sampler=sampler,
-                      guidance=guidance, prompts=list(prompt) if prompt else None, seed=seed)
+                      guidance=guidance, prompts=list(prompt) if prompt else None, seed=seed,
+                      timing=not no_timing)
     common = Common(src, family=family, config=config, force=force, json_=json_, threads=threads)
     run_op(common, partial(calibrate, embeddings), cfg, inputs=[embeddings], name="cache", outputs=[out], write=partial(write, out), rows=rows,
            title=f"cache -> {out}")
@@ -46,7 +51,8 @@ def calibrate(embeddings, bundle, cfg):
     from ditkit.formats.embeddings import load_embeddings
     from ditkit.ops.cache import cache
 
-    log(f"calibrating {cfg.method} on {cfg.images} seeded trajectories (target {cfg.target_speedup}x)")
+    log(f"calibrating {cfg.method} on {cfg.images} seeded trajectories (target {cfg.target_speedup}x"
+        + ("" if cfg.timing else ", FLOP cost model, not timed") + ")")
     return cache(bundle, cfg, load_embeddings(embeddings) if embeddings else None, log=log)
 
 
@@ -68,6 +74,7 @@ def rows(doc: dict) -> dict:
     else:
         rows["params"] = {k: v for k, v in p.items() if not isinstance(v, list)}
     for m in doc["methods"]:
-        rows[f"method {m['method']}"] = m.get("skipped") or (
-            f"{m['measured_speedup']:.2f}x measured, PSNR {m['image_psnr']} dB, {m.get('params')}")
+        speed = (f"{m['measured_speedup']:.2f}x measured" if m.get("measured_speedup") is not None
+                 else f"{m.get('predicted_speedup', 0):.2f}x predicted (FLOPs)")
+        rows[f"method {m['method']}"] = m.get("skipped") or f"{speed}, PSNR {m['image_psnr']} dB, {m.get('params')}"
     return rows

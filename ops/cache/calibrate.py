@@ -18,6 +18,10 @@ speedup and the calibration size):
   4. the check: one image's denoise + decode is timed with and without the method (what bench reports per
      image); a measured speedup short of the target raises the goal by the shortfall and the search goes on
      (MEASURE_ATTEMPTS searches at most);
+  `timing=False` (`--no-timing`) counts instead of timing: the cost model of step 2 is the FLOPs of the same
+  three calls (FlopCounterMode) and step 4 is not run, so the policy depends only on the model, the settings
+  and the seed, never on the machine's load (reproducible builds); its speedup is the FLOP prediction, an
+  upper bound of what a run measures (it leaves out per-call overhead), and the report says so;
   5. the result: the setting found runs on the calibration trajectories, its decoded images against the
      uncached ones (PSNR). `--method auto` does 1-5 for every method that supports the bundle and keeps the
      best PSNR among those whose measured speedup reached the target.
@@ -71,6 +75,7 @@ class CacheConfig(OpConfig):
     prompts: list[str] | None = None  # text families: default the bundle's own prompts (its manifest defaults)
     seed: int = 1234  # calibration noise; a seed other than generate's default 0, so bench images are unseen
     timing_repeats: int = 9  # interleaved timing rounds of the cost model and the checks (medians)
+    timing: bool = True  # False: FLOP cost model, no end-to-end check (reproducible; the speedup is predicted)
 
     def __post_init__(self):
         check_options(self)  # floats finite, seeds and counts in range (formats/errors.py)
@@ -99,8 +104,8 @@ class CacheReport:
     num_blocks: int
     calibration_images: int
     target_speedup: float
-    predicted_speedup: float  # from the timed cost model
-    measured_speedup: float  # one image, end to end, CPU time (the last check)
+    predicted_speedup: float  # from the timed cost model (the FLOP one with timing off)
+    measured_speedup: float | None  # one image, end to end, CPU time (the last check); None with timing off
     flops_speedup: float | None  # blocks: from FlopCounterMode (no per-call overhead: an upper bound)
     block_work: float  # share of the blocks' work that runs (calibration set)
     skipped_block_steps: int  # blocks: sum over steps of skipped blocks; others: block calls not run
@@ -111,7 +116,8 @@ class CacheReport:
     methods: list = field(default_factory=list)  # per method calibrated: knob, speedups, PSNR (or why not)
     rounds: list = field(default_factory=list)  # blocks: per greedy round, predicted speedup and step error
     checks: list = field(default_factory=list)  # per search: predicted and measured (one image) speedup
-    cost_ms: dict = field(default_factory=dict)  # the timed cost model
+    cost_ms: dict = field(default_factory=dict)  # the timed cost model (ms values None with timing off)
+    cost_unit: str = "ms"  # what the predicted speedups were computed from: "ms" (timed) or "flops" (counted)
     policy: dict = field(default_factory=dict)
     seconds: float = 0.0
 
@@ -279,9 +285,9 @@ class _Calib:
         return out, meter.macs
 
 
-def _cost_model(c: _Calib, repeats: int) -> dict:
-    """Timed ms of one image's full call, its all-blocks-skipped call (same inputs) and the decode call that
-    a batch of one image makes."""
+def _cost_model(c: _Calib, repeats: int, timed: bool = True) -> dict:
+    """Timed ms (unless not `timed`) and FLOPs of one image's full call, its all-blocks-skipped call (same
+    inputs) and the decode call that a batch of one image makes; "unit" names the pair the predictions use."""
     captured = {}
 
     def predict(x, t, cond):
@@ -309,10 +315,19 @@ def _cost_model(c: _Calib, repeats: int) -> dict:
             finally:
                 sc.decide = None
         dec = lambda: decode(c.bundle.vae, lat)  # noqa: E731
-        med = cpu_ms({"full": full, "skip_all": skip_all, "decode": dec}, repeats)
+        med = (cpu_ms({"full": full, "skip_all": skip_all, "decode": dec}, repeats) if timed
+               else dict.fromkeys(("full", "skip_all", "decode")))
         flops = {k: call_flops(fn) for k, fn in (("full", full), ("skip_all", skip_all), ("decode", dec))}
     return {"full_ms": med["full"], "skip_all_ms": med["skip_all"], "decode_ms": med["decode"],
-            "flops_full": flops["full"], "flops_skip_all": flops["skip_all"], "flops_decode": flops["decode"]}
+            "flops_full": flops["full"], "flops_skip_all": flops["skip_all"], "flops_decode": flops["decode"],
+            "unit": "ms" if timed else "flops"}
+
+
+def _costs(cost: dict) -> tuple[float, float, float]:
+    """(full call, all-skipped call, decode) in the cost model's unit."""
+    if cost["unit"] == "ms":
+        return cost["full_ms"], cost["skip_all_ms"], cost["decode_ms"]
+    return cost["flops_full"], cost["flops_skip_all"], cost["flops_decode"]
 
 
 def _greedy(c: _Calib, skip: list, goal: float, spd, ranges, rounds: list) -> None:
@@ -364,7 +379,7 @@ def _speedup(skip: list, steps: int, n_blocks: int, full: float, skip_all: float
 
 def _work_speedup(work: float, steps: int, cost: dict) -> float:
     """Predicted speedup of a run that leaves a share `work` of the block work (step 2 of the module note)."""
-    full, skip_all, dec = cost["full_ms"], cost["skip_all_ms"], cost["decode_ms"]
+    full, skip_all, dec = _costs(cost)
     base = steps * full + dec
     return base / max(steps * (skip_all + work * max(full - skip_all, 0.0)) + dec, 1e-9)
 
@@ -473,6 +488,10 @@ def _calibrate_knob(c: _Calib, name: str, cfg: CacheConfig, cost: dict, ref, rec
             if kept is None:
                 raise
             break
+        if not cfg.timing:  # the FLOP prediction is the result: nothing to measure, nothing to correct
+            kept = (p, {"predicted_speedup": round(pred, 4), "measured_speedup": None})
+            checks.append(kept[1])
+            break
         with torch.no_grad():
             meas = _measured(c, mod.runtime(c.bundle, p, c.steps, c.guidance), cfg.timing_repeats)
         checks.append({"predicted_speedup": round(pred, 4), "measured_speedup": round(meas, 4)})
@@ -495,7 +514,7 @@ def _calibrate_knob(c: _Calib, name: str, cfg: CacheConfig, cost: dict, ref, rec
 
 def _calibrate_blocks(c: _Calib, cfg: CacheConfig, cost: dict, ref) -> dict:
     S, L = c.steps, c.n_blocks
-    spd = lambda skip: _speedup(skip, S, L, cost["full_ms"], cost["skip_all_ms"], cost["decode_ms"])  # noqa: E731
+    spd = lambda skip: _speedup(skip, S, L, *_costs(cost))  # noqa: E731
     fspd = lambda skip: _speedup(skip, S, L, cost["flops_full"], cost["flops_skip_all"], cost["flops_decode"])  # noqa
     if spd([None] + [(0, L)] * (S - 1)) < cfg.target_speedup:
         raise _Short("skipping every block at every step but the first is predicted short of the target")
@@ -505,6 +524,9 @@ def _calibrate_blocks(c: _Calib, cfg: CacheConfig, cost: dict, ref) -> dict:
     for attempt in range(MEASURE_ATTEMPTS):
         _greedy(c, skip, goal, spd, ranges, rounds)
         if spd(skip) < goal:
+            break
+        if not cfg.timing:
+            checks.append({"predicted_speedup": round(spd(skip), 4), "measured_speedup": None})
             break
         # the policy end to end, against the uncached run (what bench measures): the cost model misses
         # whatever a skipped step still costs, so a short measurement raises the goal and the search goes on
@@ -516,7 +538,7 @@ def _calibrate_blocks(c: _Calib, cfg: CacheConfig, cost: dict, ref) -> dict:
         if measured >= cfg.target_speedup:
             break
         goal = spd(skip) * cfg.target_speedup / measured
-    if not checks or checks[-1]["measured_speedup"] < cfg.target_speedup:
+    if not checks or (cfg.timing and checks[-1]["measured_speedup"] < cfg.target_speedup):
         got = f"{checks[-1]['measured_speedup']:.2f}x measured" if checks else f"{spd(skip):.2f}x predicted"
         raise _Short(f"reached only {got}")
     out = c.run(skip)
@@ -544,7 +566,7 @@ def cache(bundle, cfg: CacheConfig, embeddings=None, log=None) -> tuple[object, 
             raise ConfigError(f"--method {cfg.method}: {why}")
     c = _Calib(bundle, cfg, embeddings)
     S, L = c.steps, c.n_blocks
-    cost = _cost_model(c, cfg.timing_repeats)
+    cost = _cost_model(c, cfg.timing_repeats, timed=cfg.timing)
     best = _work_speedup(0.0, S, cost)
     if best < cfg.target_speedup:
         raise ConfigError(f"--target-speedup {cfg.target_speedup} is out of reach for this model: skipping every "
@@ -595,6 +617,7 @@ def cache(bundle, cfg: CacheConfig, embeddings=None, log=None) -> tuple[object, 
         flops_speedup=win.get("flops_speedup"), block_work=win["block_work"], skipped_block_steps=int(skipped),
         total_block_steps=S * L, latent_rel_error=win["latent_rel_error"], image_psnr=win["image_psnr"],
         params=win["params"], methods=[slim(r) for r in rows], rounds=win.get("rounds", []), checks=win["checks"],
-        cost_ms={k: (round(v, 4) if k.endswith("_ms") else v) for k, v in cost.items()},
+        cost_ms={k: (round(v, 4) if k.endswith("_ms") and v is not None else v) for k, v in cost.items()
+                 if k != "unit"}, cost_unit=cost["unit"],
         policy=policy.to_dict(), seconds=round(time.perf_counter() - t_start, 2))
     return bundle, report
