@@ -113,6 +113,11 @@ def _quiet_libraries() -> None:
         # bitsandbytes logs an optional-kernel miss on every import on CPUs with AVX512-BF16 ("pip install
         # kernels"); it falls back to its own kernels, so the line is noise on every command
         logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+        # importing transformers imports torchao when it is installed (the peers extra): torchao logs each of its
+        # optional CUDA extensions it cannot load and torch logs a deprecation of torchao's pytree registrations;
+        # `kernels` (bitsandbytes' optional kernel hub) logs that offline mode skips a trust check it cannot do
+        for name in ("torchao", "torch.utils._pytree", "kernels"):
+            logging.getLogger(name).setLevel(logging.ERROR)
     # diffusers' own progress bars are switched off where diffusers is first needed (cli/run.py: quiet_diffusers)
 
 

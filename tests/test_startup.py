@@ -40,3 +40,12 @@ def test_static_command_table_matches_the_modules():
     for name, (_, help_) in COMMANDS.items():
         doc = inspect.getdoc(command_function(name))
         assert help_ == " ".join(doc.split("\n\n")[0].split()), f"cli/main.py COMMANDS[{name!r}] help is stale"
+
+
+def test_a_command_prints_no_library_chatter_on_stderr():
+    """`ditkit info` on the embedded default: stdout has the table, stderr nothing (the libraries that log on
+    import, torchao through transformers, bitsandbytes, kernels, torch's pytree, are quieted in cli/main.py)."""
+    p = subprocess.run([sys.executable, "-m", "ditkit.cli.main", "info", "tiny-digits"], capture_output=True,
+                       text=True, timeout=300)
+    assert p.returncode == 0 and "tiny-digits" in p.stdout
+    assert p.stderr == "", p.stderr
