@@ -58,7 +58,10 @@ def lora_train_cmd(
     checkpoint_dir_: CheckpointDirOpt = None,
     resume: ResumeOpt = False,
     format_: Annotated[str, typer.Option("--format", help=f"Adapter layout: {' or '.join(ADAPTER_FORMATS)} "
-                                                          "(diffusers/PEFT keys, or kohya names + .alpha).")] = "peft",
+                                                          "(diffusers/PEFT keys; kohya names + .alpha; or original: the "
+                                                          "authors' module names, lora_unet_blocks_0_attn_qkv, as "
+                                                          "sd-scripts writes them and ComfyUI reads them; flux, sd3, "
+                                                          "pixart).")] = "peft",
     lora: Annotated[Optional[list[Path]], typer.Option(help="An existing adapter to fuse or re-export instead of "
                                                             "training (repeatable).")] = None,
     lora_scale: Annotated[Optional[list[float]], typer.Option(help="Scale of each --lora when fusing (one, or "
@@ -91,7 +94,7 @@ def lora_train_cmd(
     shard_modes.check_run(cfg.sharding, cfg.mixed_precision, device, distributed.world()[1])
     ckpt = checkpoint_dir(out, checkpoint_dir_)
     job = dict(data=data, ckpt=ckpt, resume=resume, force=force, embeddings=embeddings, fuse=fuse_into is not None)
-    run_op(common, partial(train, job), cfg, name="lora-train", outputs=[out, fuse_into], work_dirs=[ckpt],
+    run_op(common, partial(train, job, format_), cfg, name="lora-train", outputs=[out, fuse_into], work_dirs=[ckpt],
            inputs=[data, embeddings], prepare=partial(CheckpointStore(ckpt).check_run, resume, force), device=device,
            write=partial(write, out, fuse_into, format_, {"out": str(out), "format": format_, "checkpoint_dir": str(ckpt)}),
            rows=rows,
@@ -109,8 +112,12 @@ def check_mode(format_: str, data: Path | None, lora: list[Path] | None) -> bool
     return bool(lora)
 
 
-def train(job: dict, bundle, cfg):
+def train(job: dict, fmt: str, bundle, cfg):
+    from ditkit.formats.lora import authors_table
     from ditkit.ops.lora_train import lora_train_job
+
+    if fmt == "original":
+        authors_table(bundle.family.name)  # a family without an authors' layout is refused before training
 
     with output.progress("lora-train", cfg.steps) as bar:
         task = bar.add_task("train", total=cfg.steps)
@@ -130,7 +137,7 @@ def adapt(common: Common, paths: list[Path], scales, out: Path | None, fuse_into
     reexport, fuse = out is not None, fuse_into is not None
     run_op(common, lambda bundles, _: lora_adapt_job(bundles[0] if bundles else None, adapters, scales,
                                                      reexport=reexport, fuse=fuse), None,
-           name="lora-train", sources=[common.src] if needs_model(adapters, reexport, fuse) else [],
+           name="lora-train", sources=[common.src] if needs_model(adapters, reexport, fuse, fmt) else [],
            outputs=[out, fuse_into], inputs=paths, device=common.device, write=partial(write, out, fuse_into, fmt, {}),
            rows=rows, title="lora-train (fuse / export)")
 
@@ -142,7 +149,7 @@ def write(out: Path | None, fuse_into: Path | None, fmt: str, head: dict, run: R
 
     doc = {**head, **report.to_dict()}
     if job.adapter is not None:
-        save_adapter(out, job.adapter, fmt, force=run.common.force)
+        save_adapter(out, job.adapter, fmt, force=run.common.force, modules=job.modules)
         doc.update(out=str(out), format=fmt)
     if job.fused is not None:
         manifest = run.manifest({}, op="lora-fuse", config={"adapters": [a.summary() for a in job.adapters],

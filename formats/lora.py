@@ -17,6 +17,16 @@ kohya layout (`--format kohya`):
   the names diffusers' kohya converter maps back for flux ("lora_transformer_" + diffusers names); dit, pixart
   and sd3 files use the same scheme and load with ditkit.
 
+authors' layout (`--format original`; flux, sd3, pixart):
+    lora_unet_<authors' module with '.' -> '_'>.lora_down.weight / .lora_up.weight / .alpha
+  the names kohya's sd-scripts writes for Flux and SD3 (lora_unet_double_blocks_0_img_attn_qkv) and the names
+  ComfyUI finds for every model from its own state dict, PixArt's included (lora_unet_blocks_0_attn_qkv): the
+  only kohya-style names ComfyUI reads for PixArt. A module the authors fuse (qkv, kv_linear, Flux's linear1)
+  gets the pieces' lora_down stacked (rank n*r) and their lora_up block-diagonal, with alpha n*alpha, so
+  alpha / rank and the product are the pieces' exactly; (shift, scale) projections get their lora_up halves
+  swapped. Ranks then differ between modules, as kohya's block-wise dims do: reading pads every module to the
+  largest rank with zeros and folds each module's alpha / rank into its lora_up (`_pad_ranks`).
+
 Reading accepts both layouts and foreign files of either (alpha defaults to the rank when a file has none,
 as diffusers does, and the Adapter says so), with ComfyUI's `diffusion_model.` prefix too; module names in the
 authors' layouts (kohya / sd-scripts Flux LoRAs: lora_unet_double_blocks_0_img_attn_qkv, fused qkv; SD3's
@@ -40,7 +50,7 @@ from .manifest import version
 from .reading import loads, regular_file
 from .safetensors_check import read_header
 
-ADAPTER_FORMATS = ("peft", "kohya")
+ADAPTER_FORMATS = ("peft", "kohya", "original")
 PEFT_PREFIX = "transformer."
 KOHYA_PREFIXES = ("lora_transformer_", "lora_unet_")
 DIFFUSERS_META_KEY = "lora_adapter_metadata"  # diffusers.loaders.lora_base.LORA_ADAPTER_METADATA_KEY
@@ -126,13 +136,24 @@ def kohya_name(module: str) -> str:
     return KOHYA_PREFIXES[0] + module.replace(".", "_")
 
 
-def to_tensors(adapter: Adapter, fmt: str = "peft") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """(tensors, metadata) of the file `save_adapter` writes."""
+def to_tensors(adapter: Adapter, fmt: str = "peft",
+               modules: dict[str, tuple[int, int]] | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, metadata) of the file `save_adapter` writes; `modules` (the model's Linear layers {name: (out,
+    in)}) for fmt "original", whose fused modules need every piece's shape."""
     if fmt not in ADAPTER_FORMATS:
         raise ConfigError(f"unknown adapter format {fmt!r}, choose one of: {', '.join(ADAPTER_FORMATS)}")
     meta = {"format": "pt", **_ditkit_meta(adapter, fmt)}
     tensors: dict[str, torch.Tensor] = {}
-    if fmt == "peft":
+    if fmt == "original":
+        if modules is None:
+            raise ValueError("to_tensors(fmt='original') needs the model's Linear modules")
+        down, up, alphas, layout = to_authors_names(adapter, modules)
+        for name in down:
+            tensors[f"{name}.lora_down.weight"], tensors[f"{name}.lora_up.weight"] = down[name], up[name]
+            tensors[f"{name}.alpha"] = torch.tensor(alphas[name])
+        meta.update({"ss_network_dim": str(adapter.rank), "ss_network_alpha": repr(float(adapter.alpha)),
+                     "ss_network_module": "networks.lora", "key_layout": layout})
+    elif fmt == "peft":
         for m in adapter.modules:
             tensors[f"{PEFT_PREFIX}{m}.lora_A.weight"] = adapter.A[m]
             tensors[f"{PEFT_PREFIX}{m}.lora_B.weight"] = adapter.B[m]
@@ -151,14 +172,16 @@ def to_tensors(adapter: Adapter, fmt: str = "peft") -> tuple[dict[str, torch.Ten
     return {k: v.detach().cpu().contiguous() for k, v in tensors.items()}, meta
 
 
-def save_adapter(path: Path, adapter: Adapter, fmt: str = "peft", force: bool = False) -> Path:
-    """Write the adapter atomically to `path` (.safetensors) in `fmt` (peft or kohya)."""
+def save_adapter(path: Path, adapter: Adapter, fmt: str = "peft", force: bool = False,
+                 modules: dict[str, tuple[int, int]] | None = None) -> Path:
+    """Write the adapter atomically to `path` (.safetensors) in `fmt` (peft, kohya, or original with the model's
+    Linear `modules`)."""
     from safetensors.torch import save_file
 
     path = Path(path)
     if path.suffix != ".safetensors":
         raise ConfigError(f"adapter output {path} must end in .safetensors")
-    tensors, meta = to_tensors(adapter, fmt)
+    tensors, meta = to_tensors(adapter, fmt, modules)
     with atomic_file(path, force=force) as tmp:
         save_file(tensors, str(tmp), metadata=meta)
     return path
@@ -200,13 +223,20 @@ def load_adapter(path: Path) -> Adapter:
                           f"(first key: {keys[0]})")
     _check_pairs(A, B, path)
     ranks = {a.shape[0] for a in A.values()}
-    if len(ranks) != 1:
-        raise FormatError(f"adapter {path} mixes ranks {sorted(ranks)}; ditkit reads single-rank adapters")
-    rank = ranks.pop()
-    if rank < 1:
+    if min(ranks) < 1:
         raise FormatError(f"adapter {path} has rank 0 (empty lora_A matrices); it adapts nothing: re-train it")
     _check_values(A, B, path)
-    alpha, alpha_source = _alpha(meta, doc, alphas, rank, path)
+    if len(ranks) != 1:  # kohya block-wise dims, or a fused authors' module (--format original)
+        if fmt != "kohya":
+            raise FormatError(f"adapter {path} mixes ranks {sorted(ranks)}; ditkit reads mixed ranks only from "
+                              "kohya-style files (lora_down / lora_up / alpha per module)")
+        A, B = _pad_ranks(A, B, alphas, path)
+        rank = max(ranks)
+        alpha, alpha_source = float(rank), f"kohya .alpha per module (ranks {sorted(ranks)} padded to {rank})"
+        alphas = {}
+    else:
+        rank = ranks.pop()
+        alpha, alpha_source = _alpha(meta, doc, alphas, rank, path)
     if not math.isfinite(alpha):
         raise FormatError(f"adapter {path}: alpha ({alpha_source}) is {alpha}; it must be a finite number")
     if alphas and len(set(alphas.values())) > 1:  # per-module kohya alphas: fold each into its B
@@ -222,6 +252,22 @@ def load_adapter(path: Path) -> Adapter:
     return Adapter(A=A, B=B, rank=rank, alpha=alpha, family=doc.get("family") or meta.get("family") or None,
                    targets=list(targets or []), base_sha256=doc.get("base_sha256") or meta.get("base_sha256") or None,
                    info=info, path=path)
+
+
+def _pad_ranks(A: dict, B: dict, alphas: dict, path) -> tuple[dict, dict]:
+    """Mixed ranks: every module padded with zeros to the largest rank R, its alpha_m / r_m folded into its B (a
+    module without .alpha has alpha = its rank, kohya's default), so the adapter's one scale is R / R = 1."""
+    R = max(a.shape[0] for a in A.values())
+    A2, B2 = {}, {}
+    for m, a in A.items():
+        r = a.shape[0]
+        alpha = alphas.get(m, float(r))
+        if not math.isfinite(alpha):
+            raise FormatError(f"adapter {path}: {m}.alpha is {alpha}; it must be a finite number")
+        b = B[m] * (alpha / r)
+        A2[m] = torch.cat([a, a.new_zeros(R - r, a.shape[1])]) if r < R else a
+        B2[m] = torch.cat([b, b.new_zeros(b.shape[0], R - r)], dim=1) if r < R else b
+    return A2, B2
 
 
 def _check_values(A: dict, B: dict, path) -> None:
@@ -312,6 +358,53 @@ def _authors_tables():
 
     tables = [(f.name, None) for f in FAMILIES.values() if f.original_layout is not None]
     return tables + [("pixart", AUTHORS_LAYOUT)]
+
+
+def authors_table(family: str | None):
+    """The authors' key table (None: the family's own original layout) LoRA files use for `family`; ConfigError
+    for a family without one (checked before a training run that is to be written with --format original)."""
+    tables = dict(_authors_tables())
+    if family not in tables:
+        raise ConfigError(f"--format original: the {family or 'unknown'} family has no authors' LoRA layout "
+                          f"({', '.join(sorted(tables))} have one); use --format peft or kohya")
+    return tables[family]
+
+
+def to_authors_names(adapter: Adapter, modules: dict[str, tuple[int, int]]) -> tuple[dict, dict, dict, str]:
+    """The adapter (diffusers module names) in its family's authors' layout: (lora_down, lora_up, alpha) per
+    `lora_unet_<authors' module>` key, and the layout's name (the inverse of `from_authors_names`). A fused
+    authors' module stacks its pieces' lora_down and puts their lora_up on the block diagonal (a piece the
+    adapter does not train gets zero rows), with alpha scaled by the pieces stacked, so alpha / rank is kept."""
+    from . import original_keys
+    from .families.keys import SWAP
+
+    table = authors_table(adapter.family)
+    layout = original_keys.layout_name(adapter.family, layout=table)
+    groups = original_keys.module_groups(adapter.family, modules, table)
+    owner = {d: o for o, g in groups.items() for _, d in g}
+    stray = [m for m in adapter.modules if m not in owner]
+    if stray:
+        raise ConfigError(f"--format original: {', '.join(stray[:4])} {'has' if len(stray) == 1 else 'have'} no place "
+                          f"in the {layout} layout (is the adapter for this model?); use --format peft or kohya")
+    down, up, alphas = {}, {}, {}
+    for orig in sorted({owner[m] for m in adapter.modules}):
+        group = groups[orig]
+        present = [d for _, d in group if d in adapter.A]
+        a = torch.cat([adapter.A[d] for d in present])
+        r, blocks = adapter.rank, []
+        for _, d in group:
+            blk = a.new_zeros(modules[d][0], a.shape[0])
+            if d in adapter.B:
+                j = present.index(d) * r
+                blk[:, j:j + r] = adapter.B[d]
+            blocks.append(blk)
+        b = torch.cat(blocks)
+        if len(group) == 1 and group[0][0] == SWAP:
+            lo, hi = b.chunk(2, dim=0)
+            b = torch.cat([hi, lo])
+        name = KOHYA_PREFIXES[1] + orig.replace(".", "_")
+        down[name], up[name], alphas[name] = a, b, float(adapter.alpha) * len(present)
+    return down, up, alphas, layout
 
 
 def from_authors_names(adapter: Adapter, modules: dict[str, tuple[int, int]]) -> Adapter | None:

@@ -30,6 +30,7 @@ class LoraJob:
     fused: object = None  # the base bundle with the adapters fused in (None: not asked)
     adapters: list = field(default_factory=list)  # the adapters fused (for the fused bundle's manifest)
     scales: list = field(default_factory=list)
+    modules: dict | None = None  # the base's Linear layers {name: (out, in)}: what --format original lays out
 
 
 def checkpoint_dir(out: Path, given: Path | None) -> Path:
@@ -77,6 +78,7 @@ def lora_train_job(bundle, cfg: LoraConfig, *, data: Path, ckpt: Path, resume: b
     if force and not resume and store.has_run():
         store.start_over(keep=(CACHE,))  # the keyed data cache stays; the rest goes at the first write
     tensors, info = _data(bundle, folder, cfg, store, emb, rank0, log)
+    modules = linear_modules(bundle.transformer)  # before the adapter wraps them
 
     def on_plan(plan: dict) -> None:  # before the optimizer and step 1
         mem = plan["memory"]
@@ -99,7 +101,7 @@ def lora_train_job(bundle, cfg: LoraConfig, *, data: Path, ckpt: Path, resume: b
         "trigger": cfg.trigger, "lora_config": cfg.to_dict(),
         "report": {k: v for k, v in report.to_dict().items() if k in REPORTED},
         "data": {k: v for k, v in info.items() if k != "captions_used"}})
-    job = LoraJob(adapter=adapter, adapters=[adapter], scales=[1.0])
+    job = LoraJob(adapter=adapter, adapters=[adapter], scales=[1.0], modules=modules)
     if fuse and rank0:
         job.fused = fuse_lora(bundle, [adapter], [1.0])
     return job, report
@@ -124,16 +126,18 @@ def lora_adapt_job(bundle, adapters: list, scales: list[float], *, reexport: boo
     job = LoraJob(adapters=adapters, scales=scales)
     if reexport:
         job.adapter = adapters[0]
-        if job.adapter.info.get("source_format") == "kohya":  # kohya names are flat: resolve them against the model
-            job.adapter = match(job.adapter, linear_modules(bundle.transformer))
+        if bundle is not None:  # kohya's flat and the authors' names resolved to the model's modules
+            job.modules = linear_modules(bundle.transformer)
+            job.adapter = match(job.adapter, job.modules)
     if fuse:
         job.fused = fuse_lora(bundle, adapters, scales)
     return job, AdaptReport([a.summary() for a in adapters], scales)
 
 
-def needs_model(adapters: list, reexport: bool, fuse: bool) -> bool:
-    """Whether lora_adapt_job needs the base loaded (fusing, or re-exporting a kohya file)."""
-    return fuse or (reexport and adapters[0].info.get("source_format") == "kohya")
+def needs_model(adapters: list, reexport: bool, fuse: bool, fmt: str = "peft") -> bool:
+    """Whether lora_adapt_job needs the base loaded (fusing; re-exporting a kohya file, or into the authors'
+    layout, which needs the model's modules)."""
+    return fuse or (reexport and (fmt == "original" or adapters[0].info.get("source_format") == "kohya"))
 
 
 def check_train(out: Path | None, lora_scale) -> None:

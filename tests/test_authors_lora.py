@@ -141,3 +141,84 @@ def test_lora_train_fuses_a_kohya_bfl_lora(tmp_path, cli):
     with torch.no_grad():
         got, want = fam.predict(fused.transformer, x, t, cond, 3.5), fam.predict(ref, x, t, cond, 3.5)
     assert float((got - want).abs().max()) < 1e-4
+
+
+# -- ditkit writing the authors' layout (--format original): what ComfyUI and sd-scripts read --------------------
+
+WRITERS = {"pixart": (F.pixart_model, F.pixart), "flux": (F.flux_model, F.bfl_flux),
+           "sd3": (lambda: F.sd3_model(True, 16), F.stability_sd3)}
+
+
+def comfyui_merge(orig: dict, lora: dict) -> dict:
+    """What ComfyUI does with a `lora_unet_` file: each key names `diffusion_model.<module>` of the model's own
+    (authors') state dict, dots as underscores; W += alpha / rank * up @ down, rank = lora_down's rows."""
+    flat = {k[:-len(".weight")].replace(".", "_"): k for k in orig if k.endswith(".weight")}
+    state = dict(orig)
+    for k, down in lora.items():
+        if k.endswith(".lora_down.weight"):
+            name = k[:-len(".lora_down.weight")]
+            w = flat[name.removeprefix("lora_unet_")]
+            up, alpha = lora[f"{name}.lora_up.weight"], float(lora[f"{name}.alpha"])
+            state[w] = state[w] + (alpha / down.shape[0]) * (up @ down)
+    return state
+
+
+@pytest.mark.parametrize("family", WRITERS)
+def test_format_original_is_what_comfyui_merges_and_reads_back(family, tmp_path, cli):
+    """`lora-train CKPT --lora A --format original`: the authors' module names (fused qkv / kv_linear / linear1 as
+    one module, ranks stacked); merging it into the authors' weights as ComfyUI does equals ditkit's own adapter
+    on the diffusers model, and ditkit reads the file back (mixed ranks padded) to the same output."""
+    from safetensors.torch import load_file
+    from test_lora import random_adapter
+
+    from ditkit.formats.lora import save_adapter
+
+    make, writer = WRITERS[family]
+    model = make()
+    orig = writer(model)
+    ckpt = tmp_path / "model.safetensors"
+    save_file({k: v.contiguous() for k, v in orig.items()}, str(ckpt))
+    b = load_bundle(ckpt)
+    ad = random_adapter(b, targets=("attention", "mlp"))
+    save_adapter(tmp_path / "a.safetensors", ad)
+    r = cli("lora-train", ckpt, "--lora", tmp_path / "a.safetensors", "--format", "original",
+            "-o", tmp_path / "o.safetensors", "--json")
+    assert r.code == 0, r.err
+    lora = load_file(tmp_path / "o.safetensors")
+    fused = {"pixart": "lora_unet_blocks_0_attn_qkv", "flux": "lora_unet_double_blocks_0_img_attn_qkv",
+             "sd3": "lora_unet_joint_blocks_0_x_block_attn_qkv"}[family]
+    assert lora[f"{fused}.lora_down.weight"].shape[0] == 3 * ad.rank and float(lora[f"{fused}.alpha"]) == 3 * ad.alpha
+    assert all(k.startswith("lora_unet_") for k in lora)
+    _, conf, converted = authors.read(comfyui_merge(orig, lora), "<merged>")
+    ref = type(b.transformer).from_config(conf)
+    ref.load_state_dict(converted)
+    mine = apply_lora(load_bundle(ckpt), ad)
+    back_ad = load_adapter(tmp_path / "o.safetensors")
+    back = apply_lora(load_bundle(ckpt), back_ad)
+    fam = b.family
+    x, t, cond = fam.dummy_inputs(ref, 2, seed=1)
+    with torch.no_grad():
+        want, base = fam.predict(ref.eval(), x, t, cond, 3.5), fam.predict(b.transformer, x, t, cond, 3.5)
+        got, again = fam.predict(mine.transformer, x, t, cond, 3.5), fam.predict(back.transformer, x, t, cond, 3.5)
+    assert float((got - want).abs().max()) < 1e-5  # 4-6e-7 here
+    assert float((again - got).abs().max()) < 1e-5 and float((base - got).abs().max()) > 0.05  # effect 0.18-0.45
+    largest = max(v.shape[0] for k, v in lora.items() if k.endswith(".lora_down.weight"))  # flux linear1: 4 pieces
+    assert back_ad.rank == largest and "padded" in back_ad.info["alpha_source"]
+
+
+def test_format_original_refuses_a_family_without_an_authors_layout(tiny_dir, tmp_path, cli):
+    from test_lora import random_adapter
+
+    from ditkit.formats.lora import save_adapter
+
+    src = tiny_dir("dit")
+    save_adapter(tmp_path / "a.safetensors", random_adapter(load_bundle(src)))
+    r = cli("lora-train", src, "--lora", tmp_path / "a.safetensors", "--format", "original", "-o", tmp_path / "o.safetensors")
+    assert r.code == 2 and "the dit family has no authors' LoRA layout" in r.error_line and "--format peft" in r.error_line
+    assert not (tmp_path / "o.safetensors").exists()
+    g = torch.Generator().manual_seed(0)  # mixed ranks in a PEFT file (no per-module alpha): refused by name
+    save_file({"transformer.a.lora_A.weight": torch.randn(2, 8, generator=g), "transformer.a.lora_B.weight": torch.randn(8, 2),
+               "transformer.b.lora_A.weight": torch.randn(4, 8), "transformer.b.lora_B.weight": torch.randn(8, 4)},
+              str(tmp_path / "mixed.safetensors"))
+    r = cli("generate", src, "-o", tmp_path / "g", "--lora", tmp_path / "mixed.safetensors", "--steps", 1)
+    assert r.code == 2 and "mixes ranks [2, 4]" in r.error_line and not (tmp_path / "g").exists()
