@@ -16,7 +16,8 @@ from .run import Common, Run, log, run_op
 
 FORMAT_HELP = "; ".join(f"{f.name}: {f.help}" for f in EXPORT_FORMATS.values())
 SHOWN = {  # the table without --json; --json prints the whole report
-    "onnx": ("format", "family", "precision", "opset", "resolution", "resolution_note", "latent_hw", "dynamic_axes",
+    "onnx": ("format", "family", "precision", "opset", "batch", "resolution", "resolution_note", "latent_hw",
+             "dynamic_axes",
              "external_data", "graph_bytes", "lora_fused", "max_abs_error", "max_rel_error", "atol", "rtol", "passed",
              "failures", "seconds_export", "seconds_check"),
     "gguf": ("format", "family", "quant", "layout", "tensor_types", "num_blocks", "params", "lora_fused", "sqnr_db",

@@ -65,6 +65,11 @@ def flatten_call(signature: list[str], args: tuple, kwargs: dict) -> dict[str, A
     return flat
 
 
+def as_real(x):
+    """A complex tensor as torch.view_as_real (ONNX has no complex type); anything else as it is."""
+    return torch.view_as_real(x).contiguous() if isinstance(x, torch.Tensor) and x.is_complex() else x
+
+
 def rebuild_call(template: dict, values: dict[str, Any]) -> dict:
     """The inverse of flatten_call on a bound-arguments template: replace leaves by name."""
     def walk(name: str, value):
@@ -178,8 +183,15 @@ class OnnxTransformer(OnnxModule):
         if set(tensors) != set(self.input_names):
             raise ConfigError(f"{self.path.name} takes tensors {sorted(self.input_names)} but was called with "
                               f"{sorted(tensors)}; re-export it from a model called this way")
+        tensors = {k: as_real(v) for k, v in tensors.items()}
         first = tensors[self.input_names[0]]
-        out = self.run(tensors).to(first.device)
+        rows = self.spec.get("batch_inputs")  # a graph traced at batch 1: run the batch row by row
+        if rows and tensors[rows[0]].shape[0] != 1:
+            n = tensors[rows[0]].shape[0]
+            out = torch.cat([self.run({k: (v[i:i + 1] if k in rows else v) for k, v in tensors.items()})
+                             for i in range(n)]).to(first.device)
+        else:
+            out = self.run(tensors).to(first.device)
         if first.is_floating_point():
             out = out.to(first.dtype)
         if flat.get("return_dict", True):

@@ -13,7 +13,8 @@ instance of it, `FAMILY`, and provides:
   finds, formats/families/coupling.py; None refuses width pruning), `full_precision` and `modulation`
   (module-name regexes for quantize and LoRA), `mlp_types` (its MLP classes, LoRA's `mlp` target),
   `two_stream` (blocks that carry a text stream beside the image stream), `gguf_keep_float` (tensors a GGUF
-  file keeps in F32), `onnx_unsupported` (why ONNX export refuses),
+  file keeps in F32), `onnx_unsupported` (why ONNX export refuses), `onnx_fixed_batch` (why its graph is
+  traced at batch 1) and the `onnx_tracing` context (what the trace needs patched, e.g. complex RoPE),
   `cache_probe` (the first block's attention submodule, which step caching's TeaCache indicator reads),
   `block_returns` (what a block class diffusers' hooks do not know returns), `context_plan` (where
   `--parallel context` splits and gathers the image tokens; None refuses it), and the
@@ -91,8 +92,11 @@ class Family:
     # GGUF: key prefixes (in the file's layout) kept in F32 whatever the quant type (city96's keep-float lists:
     # the embedders in, the final layer out); general.architecture is the family name
     gguf_keep_float: tuple[str, ...] = ()
-    # why torch.export cannot trace the transformer with a dynamic batch (ONNX export refuses), or None
+    # why torch.export cannot trace the transformer at all (ONNX export refuses), or None
     onnx_unsupported: str | None = None
+    # why its graph cannot take a dynamic batch (the export is then traced at batch 1 and onnxruntime runs a
+    # batch row by row), or None: a dynamic batch axis
+    onnx_fixed_batch: str | None = None
     # the first block's attention submodule, whose input is the timestep-modulated, normalized hidden states
     # (TeaCache's indicator, ops/cache/teacache.py)
     cache_probe: str = "attn1"
@@ -217,6 +221,13 @@ class Family:
         cond = {k: v.to(p.device) for k, v in self.dummy_cond(transformer, batch, g).items()}
         cond = {k: (v.to(p.dtype) if v.is_floating_point() else v) for k, v in cond.items()}
         return latents, t, cond
+
+    def onnx_tracing(self):
+        """A context around torch.export of the transformer: what the trace needs changed (ONNX has no complex
+        tensors: a complex input travels as torch.view_as_real, and the code that reads it must take that)."""
+        import contextlib
+
+        return contextlib.nullcontext()
 
     # -- tests -----------------------------------------------------------------------------------
     def init_unset_(self, transformer: nn.Module) -> nn.Module:

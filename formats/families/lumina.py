@@ -28,6 +28,7 @@ num_refiner_layers, and stay).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from functools import lru_cache
 
@@ -81,6 +82,24 @@ def _rope(head_dim: int, linear_factor: float) -> torch.Tensor:
 class LuminaNextFamily(_Lumina):
     ffn_base, ffn_div = 8, 3  # int(4 x 2 x D / 3)
 
+    @contextlib.contextmanager
+    def onnx_tracing(self):
+        """LuminaAttnProcessor2_0 imports `apply_rotary_emb` from diffusers.models.embeddings at each call: while
+        the graph is traced, a real-valued RoPE table (the complex input as view_as_real) goes to `_rope_real`."""
+        import diffusers.models.embeddings as emb
+
+        real = emb.apply_rotary_emb
+
+        def apply(x, freqs_cis, use_real=True, **kw):
+            if not use_real and not freqs_cis.is_complex():
+                return _rope_real(x, freqs_cis)
+            return real(x, freqs_cis, use_real=use_real, **kw)
+        emb.apply_rotary_emb = apply
+        try:
+            yield
+        finally:
+            emb.apply_rotary_emb = real
+
     def dummy_cond(self, transformer, batch, generator, tokens=8):
         return masked_text_cond(batch, tokens, transformer.config.cross_attention_dim, generator)
 
@@ -96,7 +115,8 @@ class LuminaNextFamily(_Lumina):
         # LuminaPipeline's resolution rule: RoPE positions scaled linearly by sqrt(area / native area) (the
         # time-aware NTK branch applies at t >= scaling_watershed = 1.0 only), proportional attention on the
         # native token count
-        rope = _rope(transformer.head_dim, float(math.sqrt(h * w) / native)).to(latents.device)
+        # the table's top-left h x w (what the patch embedder slices; a smaller graph input for ONNX)
+        rope = _rope(transformer.head_dim, float(math.sqrt(h * w) / native))[:h, :w].to(latents.device)
         out = transformer(
             hidden_states=latents,
             timestep=self.lumina_time(t, latents),
@@ -111,6 +131,15 @@ class LuminaNextFamily(_Lumina):
     def tiny_config(self):
         return dict(sample_size=8, patch_size=2, in_channels=4, hidden_size=32, num_layers=2, num_attention_heads=2,
                     num_kv_heads=1, multiple_of=16, learn_sigma=True, qk_norm=True, cross_attention_dim=24)
+
+
+def _rope_real(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+    """diffusers' complex `apply_rotary_emb(x, freqs_cis, use_real=False)` in real arithmetic, freqs given as
+    torch.view_as_real (..., head_dim / 2, 2): what the ONNX graph computes (ONNX has no complex type)."""
+    cos, sin = freqs[..., 0].unsqueeze(2), freqs[..., 1].unsqueeze(2)
+    pairs = x.float().reshape(*x.shape[:-1], -1, 2)
+    a, b = pairs[..., 0], pairs[..., 1]
+    return torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1).flatten(3).type_as(x)
 
 
 class Lumina2Family(_Lumina):
@@ -161,8 +190,8 @@ FAMILY = LuminaNextFamily(
     gguf_keep_float=("patch_embedder.", "time_caption_embed.", "norm_out.", "pad_token"),
     # torch.export 2.13 (dynamic batch): "Constraints violated (batch)! ... your code specialized it to be a
     # constant (2)"
-    onnx_unsupported="torch.export specializes the batch to the traced size (its patch embedder returns "
-                     "[(height, width)] * batch_size), and its RoPE table is a complex tensor input",
+    onnx_fixed_batch="torch.export specializes the batch to the traced size (its patch embedder returns "
+                     "[(height, width)] * batch_size)",
 )
 
 LUMINA2 = Lumina2Family(

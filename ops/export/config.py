@@ -123,6 +123,8 @@ class ExportReport:
     # onnx
     opset: int | None = None
     resolution: str | None = None  # "dynamic" or "fixed"
+    batch: str | None = None  # "dynamic", or a graph traced at batch 1 that onnxruntime runs row by row
+    batch_note: str | None = None  # why the batch is fixed (the family's onnx_fixed_batch)
     resolution_note: str | None = None  # why fixed
     latent_hw: list[int] = field(default_factory=list)  # the traced (fixed: the only) latent size
     inputs: list[dict] = field(default_factory=list)  # name, dtype, shape (axis names for dynamic dims)

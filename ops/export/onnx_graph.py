@@ -53,7 +53,8 @@ def _export_onnx(bundle, cfg: ExportConfig, report: ExportReport, log: Callable[
             log(f"exporting the transformer at {trace_hw[0]}x{trace_hw[1]} latents, "
                 f"{'dynamic' if not last else 'fixed'} resolution (torch.export + torch.onnx, opset {cfg.opset})")
             try:
-                names, template, axes, files = _trace_transformer(fam, tr, trace_hw, other_hw, text, cfg.opset, path)
+                names, template, axes, files, batch_inputs = _trace_transformer(fam, tr, trace_hw, other_hw, text,
+                                                                               cfg.opset, path)
             except Exception as e:
                 if last:
                     raise UnsupportedModelError(f"torch.export could not export this {fam.name} transformer "
@@ -61,6 +62,7 @@ def _export_onnx(bundle, cfg: ExportConfig, report: ExportReport, log: Callable[
                 note = f"the dynamic-resolution export failed ({_first_line(e)})"
                 continue
             spec = _transformer_spec(fam, tr, names, template, axes, hw, not last)
+            spec["batch_inputs"] = batch_inputs  # None: dynamic batch; else run row by row (batch 1 graph)
             onnx_tr = OnnxTransformer(path, spec, _config_dict(tr), cfg.device)
             sizes = [hw] if last else [hw, trace_hw]
             cases = [(b, s, (text[0] if b == PARITY_BATCHES[0] else text[1]) if text else None)
@@ -76,6 +78,8 @@ def _export_onnx(bundle, cfg: ExportConfig, report: ExportReport, log: Callable[
             note = (f"the dynamic-resolution graph failed parity at {bad[0]['latent_hw'][0]}x"
                     f"{bad[0]['latent_hw'][1]} latents ({bad[0].get('error') or 'max abs %.2e' % bad[0]['max_abs']})")
             del onnx_tr
+        report.batch = "dynamic" if batch_inputs is None else "1 (onnxruntime runs a batch row by row)"
+        report.batch_note = fam.onnx_fixed_batch
         report.resolution = "fixed" if last else "dynamic"
         report.resolution_note = note if last else None
         report.latent_hw = list(hw)
@@ -134,6 +138,8 @@ def _transformer_spec(fam, tr, names, template, axes, hw, dynamic_res) -> dict:
     attributes = {}
     if hasattr(tr, "use_additional_conditions"):  # read by PixArt's predict
         attributes["use_additional_conditions"] = bool(tr.use_additional_conditions)
+    if isinstance(getattr(tr, "head_dim", None), int):  # read by Lumina-Next's predict (its RoPE table)
+        attributes["head_dim"] = tr.head_dim
     return {
         "file": "transformer.onnx", "family": fam.name,
         "signature": list(inspect.signature(tr.forward).parameters),

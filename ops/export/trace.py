@@ -129,6 +129,7 @@ def infer_axes(base: dict, variants: dict[str, dict], hw_pair: tuple | None) -> 
     """input -> {dim: axis name}: the dims whose size changed between the traced call and a variant call."""
     b = _tensor_shapes(base)
     axes: dict[str, dict[int, str]] = {}
+    tokens: dict[tuple[int, int], str] = {}  # a resolution-dependent size change -> its axis (one per change)
     for vname, call in variants.items():
         s = _tensor_shapes(call)
         for k, shape in b.items():
@@ -139,8 +140,8 @@ def infer_axes(base: dict, variants: dict[str, dict], hw_pair: tuple | None) -> 
                     name = AXIS_NAMES[vname]
                 elif hw_pair and len(shape) == 4 and d in (2, 3) and (x, y) == hw_pair[d - 2]:
                     name = ("latent_height", "latent_width")[d - 2]
-                else:
-                    name = "image_tokens"
+                else:  # dims that changed alike share an axis; other changes (a RoPE table's h and w) do not
+                    name = tokens.setdefault((x, y), "image_tokens" + (f"_{len(tokens) + 1}" if tokens else ""))
                 axes.setdefault(k, {})[d] = name
     return axes
 
@@ -229,22 +230,33 @@ def _text_tokens(fam, tr) -> tuple[int, int] | None:
 
 
 def _trace_transformer(fam, tr, trace_hw, other_hw, text, opset, path):
-    """Capture the calls, infer the axes, export. Returns (names, template, axes, files)."""
-    from ditkit.formats.onnx_bundle import flatten_call
+    """Capture the calls, infer the axes, export. Returns (names, template, axes, files, batch_inputs):
+    batch_inputs None for a dynamic batch axis, else the inputs whose dim 0 is the batch of a graph traced at
+    batch 1 (a family with `onnx_fixed_batch`: onnxruntime then runs a batch row by row). Complex inputs
+    travel as torch.view_as_real (the family's `onnx_tracing` makes the traced code take them so)."""
+    from ditkit.formats.onnx_bundle import as_real, flatten_call
 
     n_text = text[0] if text else None
-    base = capture_call(fam, tr, TRACE_BATCH, trace_hw, n_text)
-    variants = {"batch": capture_call(fam, tr, TRACE_BATCH + 1, trace_hw, n_text)}
+    batch = 1 if fam.onnx_fixed_batch else TRACE_BATCH
+    base = capture_call(fam, tr, batch, trace_hw, n_text)
+    variants = {"batch": capture_call(fam, tr, batch + 1, trace_hw, n_text)}
     if text:
-        variants["text"] = capture_call(fam, tr, TRACE_BATCH, trace_hw, text[1])
+        variants["text"] = capture_call(fam, tr, batch, trace_hw, text[1])
     if other_hw is not None:
-        variants["resolution"] = capture_call(fam, tr, TRACE_BATCH, other_hw, n_text)
+        variants["resolution"] = capture_call(fam, tr, batch, other_hw, n_text)
     pair = ((trace_hw[0], other_hw[0]), (trace_hw[1], other_hw[1])) if other_hw else None
     axes = infer_axes(base, variants, pair)
+    batch_inputs = None
+    if fam.onnx_fixed_batch:
+        batch_inputs = sorted(k for k, a in axes.items() if a.get(0) == AXIS_NAMES["batch"])
+        axes = {k: a for k, a in ((k, {d: n for d, n in a.items() if n != AXIS_NAMES["batch"]})
+                                  for k, a in axes.items()) if a}
     flat = flatten_call([], (), base)
     names = [k for k, v in flat.items() if isinstance(v, torch.Tensor)]
-    files = export_graph(_Call(tr, base, names), tuple(flat[k] for k in names), names, axes, opset, path, "sample")
-    return names, base, axes, files
+    with fam.onnx_tracing():
+        files = export_graph(_Call(tr, base, names), tuple(as_real(flat[k]) for k in names), names, axes, opset,
+                             path, "sample")
+    return names, base, axes, files, batch_inputs
 
 
 def _config_dict(module) -> dict:
