@@ -314,3 +314,19 @@ def test_guidance_direction_loss(tiny_dir):
             p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
     plain, weighted = loss(off, 0.0), loss(off, 1.0)
     assert weighted > plain > 0
+
+
+def test_a_text_bundle_distills_on_its_own_prompts_with_their_guidance_branch(tiny_dir):
+    """Without --embeddings, a text bundle that has prompts and a text encoder (tiny-digits-text) gives the
+    teacher's trajectories on its own prompts with their unconditional branch (guidance folded into the
+    student); a bundle with neither falls back to random embeddings without one."""
+    from ditkit.ops.distill.common import conditions
+
+    b = load_bundle("tiny-digits-text")
+    prompts = b.defaults()["prompts"]
+    c = conditions(b, 12, seed=0)
+    assert c.kind == "prompts" and c.values == [prompts[i % len(prompts)] for i in range(12)]
+    assert c.uncond is not None and c.cond["prompt_embeds"].shape[0] == 12
+    assert not torch.equal(c.cond["prompt_embeds"][0], c.cond["prompt_embeds"][1])  # two prompts, two rows
+    bare = conditions(load_bundle(tiny_dir("pixart")), 4, seed=0)  # no text encoder in the tiny pipeline
+    assert bare.kind == "random" and bare.uncond is None

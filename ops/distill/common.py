@@ -32,7 +32,7 @@ class Conditions:
     """`n` rows of conditioning (labels cycle through the model's classes, prompts through the file)."""
     cond: dict  # name -> (n, ...) tensor
     uncond: dict | None  # the classifier-free-guidance branch, None when there is none
-    kind: str  # "labels", "embeddings" or "random"
+    kind: str  # "labels", "embeddings", "prompts" (the bundle's own, through its text encoder) or "random"
     values: list  # per row: its label, or its prompt
 
     def rows(self, idx: torch.Tensor, uncond: bool = False) -> dict:
@@ -42,7 +42,8 @@ class Conditions:
 
 def conditions(bundle, n: int, seed: int, embeddings=None) -> Conditions:
     """Seeded conditions for `n` samples: balanced labels (class families), prompt rows (text families with
-    an embeddings file), or random embeddings without an unconditional branch."""
+    an embeddings file, else the bundle's own prompts through its text encoder, as generate uses them), or
+    random embeddings without an unconditional branch (a text bundle with neither)."""
     fam, tr = bundle.family, bundle.transformer
     if fam.conditioning == "class":
         n_classes = tr.config.num_embeds_ada_norm
@@ -51,11 +52,18 @@ def conditions(bundle, n: int, seed: int, embeddings=None) -> Conditions:
         labels = [pool[i % len(pool)] for i in range(n)]
         cond = {"class_labels": torch.tensor(labels)}
         return Conditions(cond, fam.null_cond(tr, cond), "labels", labels)
+    kind = "embeddings"
+    if embeddings is None and bundle.defaults().get("prompts") and any(
+            k.startswith("text_encoder") for k in bundle.components):
+        from ..generate import GenerateConfig
+        from ..geometry import conditions as encoded
+
+        embeddings, kind = encoded(bundle, GenerateConfig(), "cpu"), "prompts"
     if embeddings is not None:
         prompts, cond, uncond = embeddings
         rows = [i % len(prompts) for i in range(n)]
-        pick = lambda d: None if d is None else {k: v[rows] for k, v in d.items()}  # noqa: E731
-        return Conditions(pick(cond), pick(uncond), "embeddings", [prompts[r] for r in rows])
+        pick = lambda d: None if d is None else {k: v[rows].cpu() for k, v in d.items()}  # noqa: E731
+        return Conditions(pick(cond), pick(uncond), kind, [prompts[r] for r in rows])
     g = torch.Generator().manual_seed(image_seed(seed, POOL_STREAM - 1))
     return Conditions(fam.dummy_cond(tr, n, g), None, "random", [None] * n)
 
