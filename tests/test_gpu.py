@@ -138,6 +138,37 @@ def test_fp8_scaled_mm():
     assert report.sqnr_db is not None and report.sqnr_db >= 15.0, report.sqnr_db
 
 
+@pytest.mark.parametrize("scheme", ["fp8", "int8-dynamic", "bnb-nf4"])
+def test_a_lora_beside_cuda_quantized_weights_matches_float_plus_lora(scheme):
+    """QLoRA inference on CUDA kernels (fp8 is CUDA-only, so the CPU suite cannot cover it): the adapter runs in
+    float beside the quantized weight and lands within the scheme's own error of float + adapter (test_qlora's
+    rule)."""
+    if scheme == "fp8" and _capability() < (8, 9):
+        pytest.skip(f"fp8 needs compute capability >= 8.9; {torch.cuda.get_device_name(0)} has {_capability()}")
+    if scheme.startswith("bnb"):
+        pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed (make bench-cuda carries its wheel)")
+    from test_qlora import check_within_quantization_error, random_adapter
+
+    from ditkit.ops.lora.adapters import apply_lora
+
+    def out(b):
+        fam, tr = b.family, b.transformer
+        x, _, c = fam.dummy_inputs(tr, 2, seed=7)
+        with torch.no_grad():
+            return fam.predict(tr, x, torch.tensor([100.0, 800.0], device="cuda"), c).float().cpu()
+
+    flt = _load(device="cuda")
+    ref = out(flt)
+    ad = random_adapter(flt)
+    apply_lora(flt, ad, 0.8)
+    ref_lora = out(flt)
+    q, _ = _quantize(scheme)
+    quant = out(q)
+    apply_lora(q, ad, 0.8)
+    err_q, err_ql = check_within_quantization_error(ref, ref_lora, quant, out(q))
+    print(f"{scheme} on CUDA: quant {err_q:.1f} dB, quant + LoRA {err_ql:.1f} dB")
+
+
 def test_fp8_refused_below_capability_8_9():
     from ditkit.nn.quantized.fp8 import check_device
 
