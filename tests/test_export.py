@@ -188,6 +188,47 @@ def test_onnx_fixed_batch_family_runs_a_batch_row_by_row(family, tiny_dir, tiny_
     assert np.abs(ia.astype(int) - ib.astype(int)).max() <= 1  # the same images (uint8 rounding at most)
 
 
+def _mixed_lengths(cond: dict) -> dict:
+    """Row 0 keeps 5 caption tokens, row 2 keeps 3, the rest all: what a batch of real prompts looks like."""
+    m = cond["prompt_attention_mask"].clone()
+    m[0, 5:], m[-1, 3:] = 0, 0
+    return {**cond, "prompt_attention_mask": m}
+
+
+def test_lumina2_traceable_forward_equals_diffusers_with_mixed_caption_lengths():
+    """The forward the lumina2 ONNX export traces (no data-dependent Python lengths) gives diffusers' output when
+    the rows' caption lengths differ (the export's own parity run has all-ones masks)."""
+    fam = FAMILIES["lumina2"]
+    tr = fam.transformer_cls().from_config(fam.tiny_config()).eval()
+    x, t, cond = fam.dummy_inputs(tr, 3, seed=0)
+    cond = _mixed_lengths(cond)
+    with torch.no_grad():
+        want = fam.predict(tr, x, t, cond)
+        with fam.onnx_tracing():
+            got = fam.predict(tr, x, t, cond)
+    assert float((got - want).abs().max()) < 1e-5  # 4.8e-7 here (outputs of magnitude 1.9)
+
+
+def test_lumina2_onnx_graph_is_dynamic_and_equals_diffusers(tiny_dir, tiny_embeddings, cli, tmp_path):
+    r = cli("export", tiny_dir("lumina2"), "-o", tmp_path / "x", "--format", "onnx", "--json")
+    assert r.code == 0, r.err
+    doc = r.json()
+    assert doc["passed"] and doc["max_abs_error"] < 1e-5 and doc["batch"] == "dynamic" and doc["resolution"] == "dynamic"
+    onnx, ref = load_bundle(tmp_path / "x"), load_bundle(tiny_dir("lumina2"))
+    fam = ref.family
+    x, t, cond = fam.dummy_inputs(ref.transformer, 3, seed=1)
+    cond = _mixed_lengths(cond)
+    with torch.no_grad():
+        want = fam.predict(ref.transformer, x, t, cond)
+    got = fam.predict(onnx.transformer, x, t, cond)
+    assert float((got - want).abs().max()) < 1e-4
+    args = ["--embeddings", tiny_embeddings("lumina2"), "--num-images", 2, "--steps", 2, "--seed", 0, "--json"]
+    a, b = cli("generate", tiny_dir("lumina2"), "-o", tmp_path / "pt", *args), cli("generate", tmp_path / "x", "-o",
+                                                                                  tmp_path / "ox", *args)
+    assert a.code == b.code == 0, a.err + b.err
+    assert np.abs(read_images(tmp_path / "pt").astype(int) - read_images(tmp_path / "ox").astype(int)).max() <= 1
+
+
 @pytest.mark.parametrize("family", [f for f in FAMILY_NAMES if f not in ONNX])
 def test_onnx_refused_families_say_why_and_write_nothing(family, tiny_dir, cli, tmp_path):
     r = cli("export", tiny_dir(family), "-o", tmp_path / "x", "--format", "onnx")

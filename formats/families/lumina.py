@@ -82,23 +82,12 @@ def _rope(head_dim: int, linear_factor: float) -> torch.Tensor:
 class LuminaNextFamily(_Lumina):
     ffn_base, ffn_div = 8, 3  # int(4 x 2 x D / 3)
 
-    @contextlib.contextmanager
     def onnx_tracing(self):
         """LuminaAttnProcessor2_0 imports `apply_rotary_emb` from diffusers.models.embeddings at each call: while
         the graph is traced, a real-valued RoPE table (the complex input as view_as_real) goes to `_rope_real`."""
         import diffusers.models.embeddings as emb
 
-        real = emb.apply_rotary_emb
-
-        def apply(x, freqs_cis, use_real=True, **kw):
-            if not use_real and not freqs_cis.is_complex():
-                return _rope_real(x, freqs_cis)
-            return real(x, freqs_cis, use_real=use_real, **kw)
-        emb.apply_rotary_emb = apply
-        try:
-            yield
-        finally:
-            emb.apply_rotary_emb = real
+        return _real_rope(emb)
 
     def dummy_cond(self, transformer, batch, generator, tokens=8):
         return masked_text_cond(batch, tokens, transformer.config.cross_attention_dim, generator)
@@ -142,7 +131,81 @@ def _rope_real(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
     return torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1).flatten(3).type_as(x)
 
 
+@contextlib.contextmanager
+def _real_rope(module):
+    """`module.apply_rotary_emb` (a diffusers module's imported name) takes a real-valued table while the graph is
+    traced: the complex path goes to `_rope_real` when the table is not complex."""
+    real = module.apply_rotary_emb
+
+    def apply(x, freqs_cis, use_real=True, **kw):
+        if not use_real and not freqs_cis.is_complex():
+            return _rope_real(x, freqs_cis)
+        return real(x, freqs_cis, use_real=use_real, **kw)
+    module.apply_rotary_emb = apply
+    try:
+        yield
+    finally:
+        module.apply_rotary_emb = real
+
+
+def _lumina2_traceable(self, hidden_states, timestep, encoder_hidden_states, encoder_attention_mask,
+                       attention_kwargs=None, return_dict=True):
+    """Lumina2Transformer2DModel.forward without Python numbers from the data, for torch.export: diffusers moves
+    each row's image tokens right after its caption (lengths from `mask.sum(1).tolist()`); here the joint
+    sequence is [the whole caption, the image] with the caption's padding masked as keys, and every token keeps
+    the RoPE position diffusers gives it (image tokens at (caption length, row, column)), so each valid token
+    attends to the same keys at the same positions: the same output (checked against diffusers' forward by the
+    export's parity run). The RoPE tables travel real (view_as_real), rotated by `_rope_real`."""
+    from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+    B, _, H, W = hidden_states.shape
+    p = self.config.patch_size
+    h, w = H // p, W // p
+    L, dev = encoder_hidden_states.shape[1], hidden_states.device
+    temb, enc = self.time_caption_embed(hidden_states, timestep, encoder_hidden_states)
+    mask = encoder_attention_mask.bool()
+    tables = [torch.view_as_real(f).to(dev, torch.float32) for f in self.rope_embedder.freqs_cis]
+
+    def freqs(ids):  # (B, N, 3) positions -> (B, N, head_dim / 2, 2)
+        return torch.cat([t[ids[..., i]] for i, t in enumerate(tables)], dim=-2)
+
+    j = torch.arange(L, device=dev)
+    cap_ids = torch.stack([j, torch.zeros_like(j), torch.zeros_like(j)], -1).expand(B, L, 3)
+    cap_f = freqs(cap_ids) * mask[..., None, None]  # diffusers' zeros past each caption's length
+    rows = torch.arange(h, device=dev).view(-1, 1).expand(h, w).flatten()
+    cols = torch.arange(w, device=dev).view(1, -1).expand(h, w).flatten()
+    first = mask.sum(1).view(B, 1).expand(B, h * w)
+    img_f = freqs(torch.stack([first, rows.expand(B, -1), cols.expand(B, -1)], -1))
+    x = hidden_states.view(B, -1, h, p, w, p).permute(0, 2, 4, 3, 5, 1).flatten(3).flatten(1, 2)
+    x = self.x_embedder(x)
+    for layer in self.context_refiner:
+        enc = layer(enc, encoder_attention_mask, cap_f)
+    for layer in self.noise_refiner:
+        x = layer(x, None, img_f, temb)
+    joint = torch.cat([enc, x], dim=1)
+    joint_mask = torch.cat([mask, mask.new_ones(B, h * w)], dim=1)
+    joint_f = torch.cat([cap_f, img_f], dim=1)
+    for layer in self.layers:
+        joint = layer(joint, joint_mask, joint_f, temb)
+    joint = self.norm_out(joint, temb)
+    out = joint[:, L:].reshape(B, h, w, p, p, self.out_channels).permute(0, 5, 1, 3, 2, 4).flatten(4, 5).flatten(2, 3)
+    return (out,) if not return_dict else Transformer2DModelOutput(sample=out)
+
+
 class Lumina2Family(_Lumina):
+    @contextlib.contextmanager
+    def onnx_tracing(self):
+        """The traceable forward (`_lumina2_traceable`) and a real-valued RoPE rotation while the graph is traced."""
+        import diffusers.models.transformers.transformer_lumina2 as mod
+
+        cls, forward = mod.Lumina2Transformer2DModel, mod.Lumina2Transformer2DModel.forward
+        cls.forward = _lumina2_traceable
+        try:
+            with _real_rope(mod):
+                yield
+        finally:
+            cls.forward = forward
+
     def dummy_cond(self, transformer, batch, generator, tokens=8):
         return masked_text_cond(batch, tokens, transformer.config.cap_feat_dim, generator)
 
@@ -203,8 +266,7 @@ LUMINA2 = Lumina2Family(
     cache_probe="attn",  # Lumina2TransformerBlock's one attention reads the modulated hidden states
     full_precision=(r"^x_embedder$", r"^time_caption_embed\.", r"^norm_out\."),
     gguf_keep_float=("x_embedder.", "time_caption_embed.", "norm_out."),
-    # torch.export 2.13, fixed resolution too: "TypeError: unhashable type: non-nested SymInt" at
-    # transformer_lumina2.py `use_mask = len(set(seq_lengths)) > 1`: the lengths are data-dependent at any batch
-    onnx_unsupported="it reads the caption lengths from the mask as Python numbers (mask.sum(1).tolist()), puts "
-                     "them in a set and loops over the batch rows; torch.export cannot trace data-dependent lengths",
+    # diffusers' forward cannot be traced (torch.export 2.13: "TypeError: unhashable type: non-nested SymInt" at
+    # `use_mask = len(set(seq_lengths)) > 1`, the caption lengths from mask.sum(1).tolist()): the export traces
+    # `_lumina2_traceable` instead (Lumina2Family.onnx_tracing), the same output without data-dependent lengths
 )
