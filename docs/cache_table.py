@@ -29,6 +29,13 @@ def sh(args: list[str]) -> subprocess.CompletedProcess:
     return subprocess.run(args, capture_output=True, text=True)
 
 
+def _reason(stderr: str) -> str:
+    """The method's own reason from the command's one `Error:` line (inside its parentheses when it has them)."""
+    line = next((l for l in reversed(stderr.strip().splitlines()) if l.startswith("Error: ")), stderr.strip()[-200:])
+    inner = line[line.find("(") + 1:line.rfind(")")] if "(" in line and ")" in line else line
+    return inner.split(": ", 1)[1] if inner.startswith(tuple(METHODS)) and ": " in inner else inner
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", default="tiny-digits,tiny-digits-text")
@@ -59,7 +66,7 @@ def main() -> None:
                     doc = json.loads(r.stdout)
                     outs[m] = (out, doc["method"], doc["params"])
                 else:
-                    rows.append({"model": model, "target": target, "method": m, "error": r.stderr.strip()[-160:]})
+                    rows.append({"model": model, "target": target, "method": m, "error": _reason(r.stderr)})
             if not outs:
                 continue
             prompts = []  # text models: bench's quality images over the model's own prompts
@@ -86,7 +93,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         if "error" in r:
-            print(f"| {r['model']} | {r['target']}x | {r['method']} | not reached: {r['error'].splitlines()[-1]} | | | | |")
+            print(f"| {r['model']} | {r['target']}x | {r['method']} | not reached: {r['error']} | | | | |")
             continue
         f = lambda v, n=3: "-" if v is None else f"{v:.{n}f}"  # noqa: E731
         print(f"| {r['model']} | {r['target']}x | {r['method']} | {f(r['speedup'], 2)}x | {f(r['psnr'], 1)} | "
