@@ -12,6 +12,10 @@
     .venv/bin/python docs/quantize_figures.py latency BASE VARIANT [--rounds 5] [--batch 1]
         Per-step latency of two transformers in one process: one warm-up call each, then alternating
         rounds, medians and their ratio; and the output SQNR of VARIANT against BASE on that input.
+    .venv/bin/python docs/quantize_figures.py breakdown VARIANT [--batch 1]
+        Where a (quantized) transformer's step goes: torch.profiler's self CPU time per op for one call, one
+        thread; then what was measured to cut the fp32 remainder on DiT-XL/2 shapes (bf16 attention, GELU in
+        its sigmoid form, q/k/v fused into one int8 GEMM), each against the path it would replace.
 """
 from __future__ import annotations
 
@@ -176,6 +180,63 @@ def latency(base_path: str, variant_path: str, rounds: int, batch: int) -> None:
                       "rounds_s": times}), flush=True)
 
 
+def _cpu_ms(fn, n: int = 20) -> float:
+    fn(), fn()
+    t0 = time.process_time()
+    for _ in range(n):
+        fn()
+    return (time.process_time() - t0) / n * 1000
+
+
+def breakdown(variant_path: str, batch: int) -> None:
+    import torch
+    import torch.nn.functional as F
+    from torch.profiler import ProfilerActivity, profile
+
+    from ditkit.formats.layouts import load_bundle
+
+    torch.set_num_threads(1)
+    b = load_bundle(variant_path)
+    fam, tr = b.family, b.transformer
+    x, t, c = fam.dummy_inputs(tr, batch, seed=0)
+    with torch.no_grad():
+        fam.predict(tr, x, t, c)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            fam.predict(tr, x, t, c)
+    rows = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
+    total = sum(e.self_cpu_time_total for e in rows)
+    print(json.dumps({"model": variant_path, "batch": batch, "total_ms": round(total / 1000, 1), "ops": [
+        {"op": e.key, "ms": round(e.self_cpu_time_total / 1000, 1), "share": round(e.self_cpu_time_total / total, 3),
+         "calls": e.count} for e in rows[:8]]}), flush=True)
+    # the fp32 remainder, on DiT-XL/2's shapes at batch 1 with guidance (2 rows x 256 tokens)
+    q, k, v = (torch.randn(2, 16, 256, 72) for _ in range(3))
+    ref = F.scaled_dot_product_attention(q, k, v)
+    qb, kb, vb = q.bfloat16(), k.bfloat16(), v.bfloat16()
+    print(json.dumps({"attention_fp32_ms": round(_cpu_ms(lambda: F.scaled_dot_product_attention(q, k, v)), 2),
+                      "attention_bf16_ms": round(_cpu_ms(lambda: F.scaled_dot_product_attention(qb, kb, vb)), 2),
+                      "attention_bf16_sqnr_db": sqnr(ref, F.scaled_dot_product_attention(qb, kb, vb).float())}))
+    h = torch.randn(512, 4608)
+    a = 0.7978845608028654 * 2  # gelu_tanh(x) = x * sigmoid(2 sqrt(2/pi) (x + 0.044715 x^3)), exactly
+
+    def sigmoid_form():
+        u = h * h
+        return u.mul_(0.044715 * a).add_(a).mul_(h).sigmoid_().mul_(h)
+    print(json.dumps({"gelu_tanh_ms": round(_cpu_ms(lambda: F.gelu(h, approximate="tanh")), 2),
+                      "gelu_sigmoid_form_ms": round(_cpu_ms(sigmoid_form), 2),
+                      "gelu_max_abs_diff": float((F.gelu(h, approximate="tanh") - sigmoid_form()).abs().max())}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from torch.ao.quantization import quantize_dynamic
+    torch.backends.quantized.engine = "onednn"
+    seq = lambda o: quantize_dynamic(torch.nn.Sequential(torch.nn.Linear(1152, o)), {torch.nn.Linear},  # noqa: E731
+                                     dtype=torch.qint8)
+    three, one, x2 = [seq(1152) for _ in range(3)], seq(3456), torch.randn(512, 1152)
+    print(json.dumps({"qkv_three_int8_ms": round(_cpu_ms(lambda: [m(x2) for m in three]), 2),
+                      "qkv_fused_int8_ms": round(_cpu_ms(lambda: one(x2)), 2),
+                      "qkv_fused_fp32_ms": round(_cpu_ms(lambda: torch.nn.functional.linear(
+                          x2, torch.randn(3456, 1152))), 2)}), flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="what", required=True)
@@ -192,6 +253,9 @@ def main() -> None:
     lat.add_argument("variant")
     lat.add_argument("--rounds", type=int, default=5)
     lat.add_argument("--batch", type=int, default=1)
+    br = sub.add_parser("breakdown")
+    br.add_argument("variant")
+    br.add_argument("--batch", type=int, default=2)
     args = p.parse_args()
     if args.what == "kernels":
         kernels(args.rounds)
@@ -199,6 +263,8 @@ def main() -> None:
         engines(args.rounds)
     elif args.what == "tiny-digits":
         tiny_digits(args.n, args.variants, args.out)
+    elif args.what == "breakdown":
+        breakdown(args.variant, args.batch)
     else:
         latency(args.base, args.variant, args.rounds, args.batch)
 
