@@ -14,8 +14,8 @@
         rounds, medians and their ratio; and the output SQNR of VARIANT against BASE on that input.
     .venv/bin/python docs/quantize_figures.py breakdown VARIANT [--batch 1]
         Where a (quantized) transformer's step goes: torch.profiler's self CPU time per op for one call, one
-        thread; then what was measured to cut the fp32 remainder on DiT-XL/2 shapes (bf16 attention, GELU in
-        its sigmoid form, q/k/v fused into one int8 GEMM), each against the path it would replace.
+        thread; then what was measured to cut the rest on DiT-XL/2 shapes (bf16 attention, GELU in its sigmoid
+        form, static activation scales, q/k/v fused into one int8 GEMM), each against the path it would replace.
 """
 from __future__ import annotations
 
@@ -231,6 +231,14 @@ def breakdown(variant_path: str, batch: int) -> None:
     seq = lambda o: quantize_dynamic(torch.nn.Sequential(torch.nn.Linear(1152, o)), {torch.nn.Linear},  # noqa: E731
                                      dtype=torch.qint8)
     three, one, x2 = [seq(1152) for _ in range(3)], seq(3456), torch.randn(512, 1152)
+    # static activation scales: the input quantized once (calibrated scale), int8 in and out, against dynamic
+    w = torch.randn(4608, 1152)
+    qw = torch.quantize_per_channel(w, w.abs().amax(1) / 127, torch.zeros(4608, dtype=torch.long), 0, torch.qint8)
+    packed = torch.ops.quantized.linear_prepack(qw, torch.zeros(4608))
+    qx = torch.quantize_per_tensor(x2, float(x2.abs().max() / 127), 0, torch.quint8)
+    print(json.dumps({"ff_up_dynamic_int8_ms": round(_cpu_ms(lambda: torch.ops.quantized.linear_dynamic(
+                          x2, packed, True)), 2),
+                      "ff_up_static_int8_ms": round(_cpu_ms(lambda: torch.ops.quantized.linear(qx, packed, 0.05, 64)), 2)}))
     print(json.dumps({"qkv_three_int8_ms": round(_cpu_ms(lambda: [m(x2) for m in three]), 2),
                       "qkv_fused_int8_ms": round(_cpu_ms(lambda: one(x2)), 2),
                       "qkv_fused_fp32_ms": round(_cpu_ms(lambda: torch.nn.functional.linear(
