@@ -78,9 +78,9 @@ def distill_cmd(
     images: Annotated[Optional[Path], typer.Option(help="recover: image folder for a ground-truth loss (DIR/<class>/"
                                                         "*.png for class models).")] = None,
     gt_weight: Annotated[Optional[float], typer.Option(help="recover: weight of the ground-truth loss (1.0).")] = None,
-    embeddings: Annotated[Optional[Path], typer.Option(help="Text families: prompt embeddings (.safetensors) the "
-                                                            "teacher samples on (default: the model's own prompts through its text encoder; random "
-                                                            "embeddings for a model with neither).")] = None,
+    embeddings: Annotated[Optional[Path], typer.Option(help=(
+        "Text families: prompt embeddings (.safetensors) the teacher samples on (default: the model's own prompts "
+        "through its text encoder; random embeddings for a model with neither)."))] = None,
     steps: Annotated[Optional[int], typer.Option(help=f"Training steps ({_default('', 'steps')}).")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help=f"Global batch ({_default('', 'batch_size')}).")] = None,
     lr: Annotated[Optional[float], typer.Option(help=f"AdamW learning rate ({_default('', 'lr')}).")] = None,
