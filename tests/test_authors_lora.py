@@ -163,47 +163,66 @@ def comfyui_merge(orig: dict, lora: dict) -> dict:
     return state
 
 
+def original_case(family, root):
+    """A model of `family` in its authors' layout (`root/model.safetensors`), a random adapter on its diffusers
+    modules (`root/a.safetensors`, PEFT), and that adapter with --format original (`root/o.safetensors`)."""
+    from test_lora import random_adapter
+
+    from ditkit.formats.lora import save_adapter
+    from ditkit.ops.lora.targets import linear_modules
+
+    make, writer = WRITERS[family]
+    orig = writer(make())
+    ckpt = root / "model.safetensors"
+    save_file({k: v.contiguous() for k, v in orig.items()}, str(ckpt))
+    b = load_bundle(ckpt)
+    ad = random_adapter(b, targets=("attention", "mlp"))
+    save_adapter(root / "a.safetensors", ad)
+    save_adapter(root / "o.safetensors", ad, "original", modules=linear_modules(b.transformer))
+    return orig, ckpt, ad
+
+
+def original_outputs(orig, ckpt, ad, lora_path):
+    """(ComfyUI's merge of the file into the authors' weights, ditkit's adapter, the file read back by ditkit,
+    no adapter): one model output each on the same inputs."""
+    from safetensors.torch import load_file
+
+    _, conf, converted = authors.read(comfyui_merge(orig, load_file(lora_path)), "<merged>")
+    b = load_bundle(ckpt)
+    ref = type(b.transformer).from_config(conf)
+    ref.load_state_dict(converted)
+    fam = b.family
+    x, t, cond = fam.dummy_inputs(ref, 2, seed=1)
+    models = [ref.eval(), apply_lora(load_bundle(ckpt), ad).transformer,
+              apply_lora(load_bundle(ckpt), load_adapter(lora_path)).transformer, b.transformer]
+    with torch.no_grad():
+        return [fam.predict(m, x, t, cond, 3.5) for m in models]
+
+
 @pytest.mark.parametrize("family", WRITERS)
 def test_format_original_is_what_comfyui_merges_and_reads_back(family, tmp_path, cli):
     """`lora-train CKPT --lora A --format original`: the authors' module names (fused qkv / kv_linear / linear1 as
     one module, ranks stacked); merging it into the authors' weights as ComfyUI does equals ditkit's own adapter
     on the diffusers model, and ditkit reads the file back (mixed ranks padded) to the same output."""
     from safetensors.torch import load_file
-    from test_lora import random_adapter
 
-    from ditkit.formats.lora import save_adapter
-
-    make, writer = WRITERS[family]
-    model = make()
-    orig = writer(model)
-    ckpt = tmp_path / "model.safetensors"
-    save_file({k: v.contiguous() for k, v in orig.items()}, str(ckpt))
-    b = load_bundle(ckpt)
-    ad = random_adapter(b, targets=("attention", "mlp"))
-    save_adapter(tmp_path / "a.safetensors", ad)
+    orig, ckpt, ad = original_case(family, tmp_path)
     r = cli("lora-train", ckpt, "--lora", tmp_path / "a.safetensors", "--format", "original",
-            "-o", tmp_path / "o.safetensors", "--json")
+            "-o", tmp_path / "cli.safetensors", "--json")
     assert r.code == 0, r.err
-    lora = load_file(tmp_path / "o.safetensors")
+    lora = load_file(tmp_path / "cli.safetensors")
+    api = load_file(tmp_path / "o.safetensors")
+    assert lora.keys() == api.keys() and all(torch.equal(lora[k], api[k]) for k in lora)  # the CLI writes the same
     fused = {"pixart": "lora_unet_blocks_0_attn_qkv", "flux": "lora_unet_double_blocks_0_img_attn_qkv",
              "sd3": "lora_unet_joint_blocks_0_x_block_attn_qkv"}[family]
     assert lora[f"{fused}.lora_down.weight"].shape[0] == 3 * ad.rank and float(lora[f"{fused}.alpha"]) == 3 * ad.alpha
     assert all(k.startswith("lora_unet_") for k in lora)
-    _, conf, converted = authors.read(comfyui_merge(orig, lora), "<merged>")
-    ref = type(b.transformer).from_config(conf)
-    ref.load_state_dict(converted)
-    mine = apply_lora(load_bundle(ckpt), ad)
-    back_ad = load_adapter(tmp_path / "o.safetensors")
-    back = apply_lora(load_bundle(ckpt), back_ad)
-    fam = b.family
-    x, t, cond = fam.dummy_inputs(ref, 2, seed=1)
-    with torch.no_grad():
-        want, base = fam.predict(ref.eval(), x, t, cond, 3.5), fam.predict(b.transformer, x, t, cond, 3.5)
-        got, again = fam.predict(mine.transformer, x, t, cond, 3.5), fam.predict(back.transformer, x, t, cond, 3.5)
+    want, got, again, base = original_outputs(orig, ckpt, ad, tmp_path / "cli.safetensors")
     assert float((got - want).abs().max()) < 1e-5  # 4-6e-7 here
     assert float((again - got).abs().max()) < 1e-5 and float((base - got).abs().max()) > 0.05  # effect 0.18-0.45
+    back = load_adapter(tmp_path / "cli.safetensors")
     largest = max(v.shape[0] for k, v in lora.items() if k.endswith(".lora_down.weight"))  # flux linear1: 4 pieces
-    assert back_ad.rank == largest and "padded" in back_ad.info["alpha_source"]
+    assert back.rank == largest and "padded" in back.info["alpha_source"]
 
 
 def test_format_original_refuses_a_family_without_an_authors_layout(tiny_dir, tmp_path, cli):

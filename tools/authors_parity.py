@@ -60,32 +60,12 @@ def main() -> None:
 
     print("\n| ditkit `--format original` | max abs: merged as ComfyUI does vs ditkit's adapter | read back by ditkit | LoRA effect |")
     print("|---|---|---|---|")
-    from ditkit.formats.lora import save_adapter  # noqa: E402
-    from ditkit.ops.lora.targets import linear_modules  # noqa: E402
-    from safetensors.torch import load_file  # noqa: E402
-    from test_lora import random_adapter  # noqa: E402
-
-    for family, (make, writer) in TL.WRITERS.items():
-        model = make()
-        orig = writer(model)
-        ckpt = root / f"{family}-w.safetensors"
-        save_file({k: v.contiguous() for k, v in orig.items()}, str(ckpt))
-        b = load_bundle(ckpt)
-        ad = random_adapter(b, targets=("attention", "mlp"))
-        save_adapter(root / f"{family}-o.safetensors", ad, "original", modules=linear_modules(b.transformer))
-        _, conf, converted = TL.authors.read(TL.comfyui_merge(orig, load_file(root / f"{family}-o.safetensors")), "<m>")
-        ref = type(b.transformer).from_config(conf)
-        ref.load_state_dict(converted)
-        mine = apply_lora(load_bundle(ckpt), ad)
-        back = apply_lora(load_bundle(ckpt), load_adapter(root / f"{family}-o.safetensors"))
-        xx, tt, cond = b.family.dummy_inputs(ref, 2, seed=1)
-        with torch.no_grad():
-            want = b.family.predict(ref.eval(), xx, tt, cond, 3.5)
-            got, again = (b.family.predict(m.transformer, xx, tt, cond, 3.5) for m in (mine, back))
-            base = b.family.predict(b.transformer, xx, tt, cond, 3.5)
+    for family in TL.WRITERS:
+        (root / family).mkdir()
+        orig, ckpt, ad = TL.original_case(family, root / family)
+        want, got, again, base = TL.original_outputs(orig, ckpt, ad, root / family / "o.safetensors")
         print(f"| {family} | {float((got - want).abs().max()):.2e} | {float((again - got).abs().max()):.2e} | "
               f"{float((base - got).abs().max()):.3g} |")
-
 
 if __name__ == "__main__":
     main()
