@@ -154,8 +154,9 @@ def _lumina2_traceable(self, hidden_states, timestep, encoder_hidden_states, enc
     each row's image tokens right after its caption (lengths from `mask.sum(1).tolist()`); here the joint
     sequence is [the whole caption, the image] with the caption's padding masked as keys, and every token keeps
     the RoPE position diffusers gives it (image tokens at (caption length, row, column)), so each valid token
-    attends to the same keys at the same positions: the same output (checked against diffusers' forward by the
-    export's parity run). The RoPE tables travel real (view_as_real), rotated by `_rope_real`."""
+    attends to the same keys at the same positions: the same output (tests/test_export.py compares it with
+    diffusers' forward on captions of different lengths; the export's parity run compares the graph with
+    diffusers' forward). The RoPE tables travel real (view_as_real), rotated by `_rope_real`."""
     from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
     B, _, H, W = hidden_states.shape
