@@ -227,14 +227,8 @@ def test_lumina2_onnx_graph_is_dynamic_and_equals_diffusers(tiny_dir, tiny_embed
     assert_generate_matches(cli, tiny_dir("lumina2"), tmp_path / "x", tiny_embeddings("lumina2"), tmp_path)
 
 
-@pytest.mark.parametrize("family", [f for f in FAMILY_NAMES if f not in ONNX] or ["dit"])
-def test_onnx_refused_families_say_why_and_write_nothing(family, tiny_dir, cli, tmp_path, monkeypatch):
-    """A family declaring `onnx_unsupported` is refused with its reason (every family exports today, so the
-    dit adapter stands in with a declared reason)."""
-    import dataclasses
-
-    if FAMILIES[family].onnx_unsupported is None:
-        monkeypatch.setitem(FAMILIES, family, dataclasses.replace(FAMILIES[family], onnx_unsupported="a reason"))
+@pytest.mark.parametrize("family", [f for f in FAMILY_NAMES if f not in ONNX])
+def test_onnx_refused_families_say_why_and_write_nothing(family, tiny_dir, cli, tmp_path):
     r = cli("export", tiny_dir(family), "-o", tmp_path / "x", "--format", "onnx")
     assert r.code == 2 and r.error_line == (f"Error: --format onnx cannot trace the {family} family: "
                                             f"{FAMILIES[family].onnx_unsupported}; export --format diffusers or "
