@@ -413,8 +413,18 @@ def _audit(event, args):
 
 @pytest.fixture
 def deliver(monkeypatch):
-    """deliver(phase, signum, inputs, out) arms one signal for the next command, at that phase."""
+    """deliver(phase, signum, inputs, out) arms one signal for the next command, at that phase. The test process
+    starts each case with Python's default handlers: a handler some earlier in-process test left installed
+    would take the signal outside the command (a warning names it)."""
+    import warnings
+
     import torch.nn
+
+    for sig, default in ((signal.SIGINT, signal.default_int_handler), (signal.SIGTERM, signal.SIG_DFL)):
+        left = signal.getsignal(sig)
+        if left is not default:
+            warnings.warn(f"{signal.Signals(sig).name} handler left installed before this case: {left!r}")
+            signal.signal(sig, default)
 
     if not _armed.get("hooked"):
         sys.addaudithook(_audit)  # (cannot be removed: disarmed below)
