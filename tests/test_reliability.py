@@ -413,8 +413,9 @@ def _audit(event, args):
 
 @pytest.fixture
 def deliver(monkeypatch):
-    """deliver(phase, signum, inputs, out) arms one signal for the next command, at that phase. The test process
-    starts each case with Python's default handlers: a handler some earlier in-process test left installed
+    """deliver(phase, signum, inputs, out) arms one signal for the next command, at that phase. Each case starts
+    with Python's default handlers: an ignored SIGINT inherited from the environment (a shell starts its
+    background jobs so; seen when the suite ran as `sh -c '...' &`) or a handler an earlier in-process test left
     would take the signal outside the command (a warning names it)."""
     import warnings
 
@@ -423,7 +424,7 @@ def deliver(monkeypatch):
     for sig, default in ((signal.SIGINT, signal.default_int_handler), (signal.SIGTERM, signal.SIG_DFL)):
         left = signal.getsignal(sig)
         if left is not default:
-            warnings.warn(f"{signal.Signals(sig).name} handler left installed before this case: {left!r}")
+            warnings.warn(f"{signal.Signals(sig).name} handler before this case: {left!r} (reset to the default)")
             signal.signal(sig, default)
 
     if not _armed.get("hooked"):
