@@ -49,11 +49,11 @@ def test_cache_writes_policy_keeps_weights_and_generate_applies_it(tiny_dir, cli
     src = tiny_dir("dit")
     out = tmp_path / "cached"
     r = cli("cache", src, "-o", out, "--method", "blocks", "--target-speedup", 1.2, "--steps", STEPS, "--images", 4,
-            "--json")
+            "--no-timing", "--json")  # FLOP cost model: the timed search picks by the machine's load (0.022 once)
     assert r.code == 0, r.err
     doc = r.json()
     assert doc["predicted_speedup"] >= 1.2 and doc["skipped_block_steps"] > 0
-    assert 0 < doc["latent_rel_error"] < 0.01  # blocks were skipped (not 0), and the result stays close (3.6e-5 here)
+    assert 0 < doc["latent_rel_error"] < 0.01, doc  # blocks were skipped (not 0), and the result stays close
     manifest = json.loads((out / "ditkit.json").read_text())
     policy = manifest["cache"]
     assert manifest["op"] == "cache" and policy["steps"] == STEPS and policy["skip"][0] is None
