@@ -7,7 +7,8 @@ Identical noise is not enough for identical pixels: CPU kernels pick other code 
 counts (MKL's GEMM for fewer than 12 rows that are not a multiple of 4; oneDNN's convolutions per batch
 size), which moves results by an ulp that 25 steps can carry into a pixel. So the transformer always
 sees a multiple of BATCH_QUANTUM images (the last batch padded with a repeat, then dropped) and the VAE
-always decodes exactly BATCH_QUANTUM latents per call; per-row results are then bit-identical for any
+always decodes the same number of latents per call (`vae_quantum`: one on CPU, where one latent alone is also the
+cheapest per image, BATCH_QUANTUM elsewhere); per-row results are then bit-identical for any
 --batch-size (tests/test_generate.py checks 1, 7 and 8 against each other). The per-image conditioning
 layers (timestep, class and pooled-text embeddings, adaLN modulation) multiply only one row per image, and
 MKL takes another code path for few rows (measured: fewer than 16 rows on an AVX512 Xeon, fewer than 12 on
@@ -70,6 +71,12 @@ MIN_ROWS = 16  # rows below which MKL's GEMM changes code path (see the module n
 def padded(n: int) -> int:
     """`n` rounded up to a multiple of BATCH_QUANTUM."""
     return -(-n // BATCH_QUANTUM) * BATCH_QUANTUM
+
+
+def vae_quantum(device: torch.device | str) -> int:
+    """Latents per VAE call. CPU: one (tiny-digits' decoder without oneDNN: 2.9 ms for one latent alone, 13.5 ms
+    for four in one call, so a single image no longer pays for three padding rows); elsewhere BATCH_QUANTUM."""
+    return 1 if torch.device(device).type == "cpu" else BATCH_QUANTUM
 
 
 def pad_rows(x: torch.Tensor, n: int) -> torch.Tensor:
@@ -193,11 +200,12 @@ def denoise(family: Family, transformer, sched, noise: torch.Tensor, cond: dict,
 
 @torch.no_grad()
 def decode(vae, latents: torch.Tensor) -> np.ndarray:
-    """Latents -> uint8 images (N, H, W, 3), BATCH_QUANTUM latents per VAE call (see the module note).
+    """Latents -> uint8 images (N, H, W, 3), `vae_quantum` latents per VAE call (see the module note).
     Without a VAE, the first latent channels are shown."""
-    if vae is not None and latents.shape[0] != BATCH_QUANTUM:
+    q = vae_quantum(latents.device)
+    if vae is not None and latents.shape[0] != q:
         n = latents.shape[0]
-        chunks = [pad_rows(latents[i:i + BATCH_QUANTUM], BATCH_QUANTUM) for i in range(0, n, BATCH_QUANTUM)]
+        chunks = [pad_rows(latents[i:i + q], q) for i in range(0, n, q)]
         return np.concatenate([decode(vae, c) for c in chunks])[:n]
     if vae is None:
         x = latents[:, :3] if latents.shape[1] >= 3 else latents[:, :1].repeat(1, 3, 1, 1)
