@@ -74,8 +74,8 @@ def padded(n: int) -> int:
 
 
 def vae_quantum(device: torch.device | str) -> int:
-    """Latents per VAE call. CPU: one (tiny-digits' decoder without oneDNN: 2.9 ms for one latent alone, 13.5 ms
-    for four in one call, so a single image no longer pays for three padding rows); elsewhere BATCH_QUANTUM."""
+    """Latents per VAE call. CPU: one (tiny-digits' decoder without oneDNN: 2.9 ms for one latent alone, 12.2 ms
+    for four in one call, tools/sampler_costs.py; a single image no longer pays for three padding rows); elsewhere BATCH_QUANTUM."""
     return 1 if torch.device(device).type == "cpu" else BATCH_QUANTUM
 
 
