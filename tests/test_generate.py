@@ -121,3 +121,29 @@ def test_row_floor_makes_a_linear_layer_batch_invariant():
                 out = torch.cat([model(x[i:i + m]) for i in range(0, 48, m)])
             assert torch.equal(out, ref), f"{m} rows per call: {(out != ref).sum().item()} values differ"
     assert not model[0]._forward_hooks and not model[0]._forward_pre_hooks  # the context removes its hooks
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "dpm++", "euler"])
+def test_make_scheduler_gives_a_fresh_scheduler_per_call(sampler):
+    # make_scheduler copies one prototype per (class, config) instead of calling diffusers' from_config each time;
+    # every copy must start unused, share no state with the others, and equal what from_config builds
+    import diffusers
+
+    from ditkit.ops.sample import SAMPLERS, make_scheduler
+
+    b = load_bundle("tiny-digits")
+    first = make_scheduler(b.family, b.scheduler, sampler)
+    first.set_timesteps(3)
+    first.step(torch.zeros(1, 4, 8, 8), first.timesteps[0], torch.ones(1, 4, 8, 8))
+    second = make_scheduler(b.family, b.scheduler, sampler)
+    assert second is not first and second.num_inference_steps is None
+    cls_name, overrides, _ = SAMPLERS[sampler]
+    ref = getattr(diffusers, cls_name).from_config(
+        dict(b.scheduler.config) if type(b.scheduler).__name__ == cls_name else {**b.scheduler.config, **overrides})
+    assert dict(second.config) == dict(ref.config)
+    for s in (second, ref):
+        s.set_timesteps(5)
+    assert torch.equal(second.timesteps, ref.timesteps)
+    x, e = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.ones(1, 4, 8, 8)
+    for t in ref.timesteps:
+        assert torch.equal(second.step(e, t, x, return_dict=False)[0], ref.step(e, t, x, return_dict=False)[0])
