@@ -47,7 +47,8 @@ def distill_cmd(
     out: OptionalOutOpt = None,
     mode: Annotated[Optional[str], typer.Option(help=f"What to distill. {MODE_HELP}.")] = None,
     teacher: Annotated[Optional[str], typer.Option(help="Teacher checkpoint (default: recover: the parent recorded in "
-                                                        "the student's ditkit.json; steps: SRC itself).")] = None,
+                                                        "the student's ditkit.json; steps: SRC itself, or a base that "
+                                                        "teaches a smaller SRC, e.g. a depth-pruned one).")] = None,
     student_steps: Annotated[Optional[int], typer.Option(help="steps: sampler steps of the student (4).")] = None,
     teacher_substeps: Annotated[Optional[int], typer.Option(help="steps: teacher steps per student step (default: "
                                                                  "teacher's steps / student steps, rounded up).")] = None,

@@ -99,6 +99,25 @@ def test_steps_every_family(family, tiny_dir, tiny_embeddings):
     assert torch.isfinite(torch.tensor(report.final_loss))
 
 
+def test_steps_teaches_a_depth_pruned_student_from_its_base(tiny_dir):
+    # prune then distill steps with --teacher BASE: the student keeps its pruned depth (fewer blocks per call as well
+    # as fewer calls), the pool is the base's guided trajectories, the base is untouched; --as-lora is refused
+    base = load_bundle(tiny_dir("dit"))
+    before = {k: v.clone() for k, v in base.transformer.state_dict().items()}
+    student = _pruned(base)
+    n_blocks = len(student.transformer.transformer_blocks)
+    assert n_blocks == len(base.transformer.transformer_blocks) - 1
+    out, report = distill(student, DistillConfig(mode="steps", student_steps=2, **FAST), base)
+    assert len(out.transformer.transformer_blocks) == n_blocks
+    assert report.teacher["sha256"] == base.parent_record()["sha256"]
+    assert report.details["pool"]["guidance"] == base.defaults()["guidance"] and report.details["pool"]["cfg"]
+    assert out.defaults()["steps"] == 2 and out.defaults()["guidance"] == 1.0
+    assert "taught by" in report.plan["trains"]
+    assert all(torch.equal(before[k], v) for k, v in base.transformer.state_dict().items())
+    with pytest.raises(ConfigError, match="--as-lora writes a LoRA over SRC"):
+        distill(student, DistillConfig(mode="steps", student_steps=2, as_lora=True, **FAST), base)
+
+
 @pytest.mark.parametrize("family", ["dit", "sd3"])
 def test_steps_grid_is_the_students_sampler(family, tiny_dir, tiny_embeddings):
     """Feeding the sampler the output the loss asks for lands exactly on the teacher's states."""

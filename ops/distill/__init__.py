@@ -231,6 +231,10 @@ def check_resume(stored: dict, cfg: DistillConfig, teacher_sha) -> None:
                           "rerun with the original options, or start over with --force")
 
 
+def _shapes(model):
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
 def distill(student_bundle, cfg: DistillConfig, teacher_bundle=None, store=None, resume: bool = False,
             progress: Callable[[int, float], None] | None = None, *, embeddings=None, images=None,
             log: Callable[[str], None] | None = None, on_plan: Callable[[dict], None] | None = None,
@@ -252,6 +256,11 @@ def distill(student_bundle, cfg: DistillConfig, teacher_bundle=None, store=None,
     common.check_pair(student_bundle, teacher_bundle)
     device = cfg.device
     teacher_sha = teacher_bundle.parent_record()["sha256"]
+    if cfg.as_lora and teacher_bundle is not student_bundle and (
+            student_bundle.parent_record()["sha256"] != teacher_sha
+            or _shapes(student_bundle.transformer) != _shapes(teacher_bundle.transformer)):
+        raise ConfigError("--as-lora writes a LoRA over SRC, so SRC must be its own teacher; with --teacher BASE "
+                          "drop --as-lora and distill the full student")
     if resume and store is not None and store.exists():
         from ditkit.formats.safetensors_check import read_json
 

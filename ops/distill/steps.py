@@ -15,7 +15,9 @@ stage (as TRACT does with its large jumps), which works without data because the
      must produce the output whose sampler step lands on the teacher's state at point i+1. The sampler update is
      linear in the output (x' = A x + B out), so the loss is the squared distance of the landing points.
 
-The student keeps the teacher's architecture and is initialized from it. It samples at guidance 1 (one call
+The student is a copy of SRC, which is its own teacher by default; with `--teacher BASE` SRC may be a smaller
+model of the same family (a depth-pruned BASE: fewer blocks per call as well as fewer calls), which keeps its
+own architecture and learns BASE's guided trajectories. It samples at guidance 1 (one call
 per step instead of two) in K steps: at 25 -> 4 steps that is 12.5x fewer transformer rows per image. Flux
 embeds guidance instead of doubling the batch: its student keeps the teacher's guidance value.
 Data: labels (class families) or prompt embeddings (text families) only; no images.
@@ -232,7 +234,8 @@ def prepare(ctx):
 
     defaults = {**ctx.student.defaults(), "sampler": grid.sampler, "steps": k, "guidance": student_guidance}
     n_params = sum(p.numel() for p in student.parameters())
-    plan = {"trains": f"all {n_params:,} parameters of a copy of the teacher",
+    whose = "the teacher" if ctx.teacher is ctx.student else f"{ctx.student.name} (taught by {ctx.teacher.name})"
+    plan = {"trains": f"all {n_params:,} parameters of a copy of {whose}",
             "data": (f"data-free: {cfg.pool_size} teacher trajectories ({grid.describe()['teacher_steps']} guided "
                      f"steps, guidance {guidance}) on {pool.conds.kind}"),
             "student": f"{k} {grid.sampler} steps ({prediction} output) at guidance {student_guidance} "
